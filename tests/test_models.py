@@ -1,0 +1,193 @@
+"""The model: variants, parameter counts and names, dtypes, dropout, scan and remat."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models
+
+
+def analytic_params(d, mlp, layers, patch, image_size, classes, rep=None):
+  """Parameter count from the architecture, written out term by term."""
+  tokens = (image_size // patch) ** 2 + 1
+  embed = patch * patch * 3 * d + d + d + tokens * d  # conv, conv bias, cls, posemb
+  block = 2 * 2 * d + 4 * (d * d + d) + (d * mlp + mlp) + (mlp * d + d)  # 2 LN, q/k/v/out, MLP
+  head_in = rep or d
+  pre = (d * rep + rep) if rep else 0
+  return embed + layers * block + 2 * d + pre + head_in * classes + classes
+
+
+def test_vit_b16_has_86_567_656_parameters():
+  model = models.create_model("ViT-B_16", num_classes=1000, image_size=224)
+  assert models.count_params(models.param_shapes(model)) == 86_567_656
+
+
+@pytest.mark.parametrize("name", list(models.VARIANTS))
+def test_variant_parameter_counts_match_the_architecture(name):
+  v = models.VARIANTS[name]
+  model = models.create_model(name, num_classes=1000, image_size=224)
+  want = analytic_params(v.hidden_size, v.mlp_dim, v.num_layers, v.patch_size, 224, 1000)
+  assert models.count_params(models.param_shapes(model)) == want
+
+
+def test_representation_size_adds_pre_logits():
+  model = models.create_model("ViT-B_16", num_classes=21843, representation_size=768)
+  shapes = models.param_shapes(model)
+  assert shapes["pre_logits"]["kernel"].shape == (768, 768)
+  assert models.count_params(shapes) == analytic_params(768, 3072, 12, 16, 224, 21843, rep=768)
+
+
+@pytest.mark.parametrize("alias", ["B/16", "ViT-B/16", "vit_b16", "b_16", "ViT-B_16", "vit-b-16"])
+def test_aliases(alias):
+  assert models.canonical_name(alias) == "ViT-B_16"
+
+
+def test_ti_alias_and_unknown_names():
+  assert models.canonical_name("Ti/16") == "ViT-Ti_16"
+  with pytest.raises(ValueError, match="unknown model 'ViT-Q_16'"):
+    models.create_model("ViT-Q_16")
+  with pytest.raises(ValueError, match="unknown model"):
+    models.create_model("B/8")  # not a variant this project defines
+
+
+def test_unknown_override_and_bad_image_size():
+  with pytest.raises(TypeError, match="unknown model field"):
+    models.create_model("B/16", hiden_size=3)
+  with pytest.raises(ValueError, match="not divisible by the patch size 16"):
+    models.create_model("B/16", image_size=225)
+
+
+def test_param_names_are_the_linen_checkpoint_names():
+  model = models.create_model("Ti/16", num_classes=10, image_size=32, num_layers=2,
+                              representation_size=8)
+  leaves = jax.tree_util.tree_flatten_with_path(models.param_shapes(model))[0]
+  names = {"/".join(k.key for k in path) for path, _ in leaves}
+  block = ["LayerNorm_0/scale", "LayerNorm_0/bias", "LayerNorm_1/scale", "LayerNorm_1/bias",
+           "MlpBlock_0/Dense_0/kernel", "MlpBlock_0/Dense_0/bias", "MlpBlock_0/Dense_1/kernel",
+           "MlpBlock_0/Dense_1/bias"] + [
+               f"MultiHeadDotProductAttention_0/{p}/{k}" for p in ("query", "key", "value", "out")
+               for k in ("kernel", "bias")]
+  want = {"cls", "embedding/kernel", "embedding/bias", "Transformer/posembed_input/pos_embedding",
+          "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias", "pre_logits/kernel",
+          "pre_logits/bias", "head/kernel", "head/bias"}
+  want |= {f"Transformer/encoderblock_{i}/{b}" for i in range(2) for b in block}
+  assert names == want
+
+
+def _tiny(**kw):
+  kw = dict(num_classes=5, image_size=32, num_layers=2, **kw)
+  return models.create_model("Ti/16", **kw)
+
+
+def _randomize(params, seed=0):
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def test_input_shape_is_checked():
+  model = _tiny()
+  params = models.init_params(model)
+  with pytest.raises(ValueError, match=r"images must be \[N, 32, 32, 3\], got \(1, 48, 48, 3\)"):
+    model.apply({"params": params}, jnp.zeros((1, 48, 48, 3)))
+
+
+def test_bf16_compute_with_fp32_params():
+  model = _tiny()
+  params = _randomize(models.init_params(model))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  ref = model.apply({"params": params}, x)
+  bf = model.clone(dtype=jnp.bfloat16)
+  out = bf.apply({"params": params}, x)
+  assert out.dtype == jnp.bfloat16
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(models.init_params(bf)))
+  # bf16 keeps 8 mantissa bits: ~0.4% relative error per op, a few % after 2 blocks.
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1 * float(jnp.abs(ref).max()))
+  assert not np.allclose(np.asarray(out, np.float32), ref, atol=1e-6)
+
+
+def test_bf16_params():
+  model = _tiny(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+  params = models.init_params(model)
+  assert {p.dtype for p in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  assert model.apply({"params": params}, jnp.zeros((1, 32, 32, 3))).dtype == jnp.bfloat16
+
+
+def test_dropout_only_in_training():
+  model = _tiny(dropout_rate=0.3, attention_dropout_rate=0.3)
+  params = _randomize(models.init_params(model))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  a = model.apply({"params": params}, x, train=False)
+  b = model.apply({"params": params}, x, train=False)
+  np.testing.assert_array_equal(a, b)
+  t1 = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+  t2 = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  assert not np.allclose(t1, t2)
+  assert not np.allclose(t1, a)
+
+
+def test_embedding_is_what_the_head_sees():
+  model = _tiny(representation_size=16)
+  params = _randomize(models.init_params(model))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (3, 32, 32, 3), minval=-1, maxval=1)
+  emb = model.apply({"params": params}, x, return_embedding=True)
+  assert emb.shape == (3, 16)
+  assert float(jnp.abs(emb).max()) <= 1.0  # pre_logits ends in tanh
+  logits = model.apply({"params": params}, x)
+  np.testing.assert_allclose(emb @ params["head"]["kernel"] + params["head"]["bias"], logits,
+                             rtol=1e-5, atol=1e-6)
+  headless = model.clone(num_classes=None)
+  no_head = {k: v for k, v in params.items() if k != "head"}
+  np.testing.assert_allclose(headless.apply({"params": no_head}, x), emb, rtol=1e-6)
+
+
+def _stack(params, n):
+  blocks = [params["Transformer"].pop(f"encoderblock_{i}") for i in range(n)]
+  params["Transformer"]["encoderblock"] = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *blocks)
+  return params
+
+
+def test_scan_and_remat_give_the_same_outputs_and_gradients():
+  model = _tiny()
+  params = _randomize(models.init_params(model))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+
+  def loss(m, p):
+    return jnp.sum(m.apply({"params": p}, x) ** 2)
+
+  ref, ref_grad = jax.value_and_grad(lambda p: loss(model, p))(params)
+  stacked = _stack(jax.tree_util.tree_map(lambda a: a, params), 2)
+  for variant in (model.clone(scan=True), model.clone(scan=True, remat=True)):
+    val, grad = jax.value_and_grad(lambda p, m=variant: loss(m, p))(stacked)
+    np.testing.assert_allclose(val, ref, rtol=1e-5)
+    np.testing.assert_allclose(grad["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"][1],
+                               ref_grad["Transformer"]["encoderblock_1"]["MlpBlock_0"]["Dense_0"]["kernel"],
+                               rtol=1e-4, atol=1e-6)
+  val, grad = jax.value_and_grad(lambda p: loss(model.clone(remat=True), p))(params)
+  np.testing.assert_allclose(val, ref, rtol=1e-6)
+  # Recomputation reorders float32 sums: differences are ulps of the largest gradients.
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), grad, ref_grad)
+
+
+def test_params_carry_logical_axis_names():
+  model = _tiny(scan=True)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"])
+  specs = nn.get_partition_spec(boxed)
+  assert specs["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"] == \
+      jax.sharding.PartitionSpec("layers", "embed", "mlp")
+  assert specs["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]["query"]["kernel"] == \
+      jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
+  assert specs["head"]["kernel"] == jax.sharding.PartitionSpec(None, "classes")
+
+
+def test_gap_classifier_has_no_class_token():
+  model = _tiny(classifier="gap")
+  shapes = models.param_shapes(model)
+  assert "cls" not in shapes
+  assert shapes["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 4, 192)
+
+
+def test_default_gelu_is_the_tanh_approximation():
+  assert models.create_model("B/16").gelu_approximate is True

@@ -1,0 +1,280 @@
+"""The Vision Transformer (Dosovitskiy et al., 2020) in Flax Linen.
+
+Module names follow the Linen form of the original checkpoint names, so that
+loading a `gs://vit_models/...` file is a rename (see `checkpoint.py`).
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, ...)
+that `sharding.py` maps onto a device mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """Width, depth and patch size of one ViT variant."""
+  hidden_size: int
+  mlp_dim: int
+  num_heads: int
+  num_layers: int
+  patch_size: int
+
+
+# Table 1 of the ViT paper, plus Ti/S from "How to train your ViT" (AugReg).
+VARIANTS: dict[str, Variant] = {
+    "ViT-Ti_16": Variant(192, 768, 3, 12, 16),
+    "ViT-S_16": Variant(384, 1536, 6, 12, 16),
+    "ViT-S_32": Variant(384, 1536, 6, 12, 32),
+    "ViT-B_16": Variant(768, 3072, 12, 12, 16),
+    "ViT-B_32": Variant(768, 3072, 12, 12, 32),
+    "ViT-L_16": Variant(1024, 4096, 16, 24, 16),
+    "ViT-L_32": Variant(1024, 4096, 16, 24, 32),
+    "ViT-H_14": Variant(1280, 5120, 16, 32, 14),
+}
+
+
+def canonical_name(name: str) -> str:
+  """Maps `B/16`, `ViT-B/16`, `vit_b16`, `b_16` ... to `ViT-B_16`."""
+  m = re.fullmatch(r"(?:vit[-_]?)?(ti|s|b|l|h)[-_/]?(\d+)", name.strip(), re.I)
+  if m:
+    size = "Ti" if m.group(1).lower() == "ti" else m.group(1).upper()
+    canon = f"ViT-{size}_{m.group(2)}"
+    if canon in VARIANTS:
+      return canon
+  raise ValueError(
+      f"unknown model {name!r}; known: {', '.join(VARIANTS)} (or B/16-style aliases)")
+
+
+def _init(init: Callable, names: tuple[str | None, ...]) -> Callable:
+  """An initializer whose parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init, names)
+
+
+class MlpBlock(nn.Module):
+  """Dense, GELU, dropout, Dense, dropout."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    out_dim = x.shape[-1]
+    dense = lambda features, names: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=_init(nn.initializers.xavier_uniform(), names),
+        bias_init=_init(nn.initializers.normal(stddev=1e-6), names[1:]))
+    x = dense(self.mlp_dim, ("embed", "mlp"))(x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_mlp"))
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(out_dim, ("mlp", "embed"))(x)
+    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  scan_carry: bool = False  # return (x, None), the signature nn.scan wants
+
+  @nn.compact
+  def __call__(self, inputs: Array, deterministic: bool) -> Any:
+    # eps 1e-6 is what the original checkpoints were trained with.
+    norm = lambda: nn.LayerNorm(
+        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+        scale_init=_init(nn.initializers.ones, ("embed",)),
+        bias_init=_init(nn.initializers.zeros, ("embed",)))
+    x = norm()(inputs)
+    x = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=_init(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+        bias_init=_init(nn.initializers.zeros, ("heads", "kv")),
+        out_kernel_init=_init(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+        out_bias_init=_init(nn.initializers.zeros, ("embed",)),
+        broadcast_dropout=False, dropout_rate=self.attention_dropout_rate,
+        deterministic=deterministic)(x, x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = x + inputs
+    y = norm()(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 dropout_rate=self.dropout_rate,
+                 gelu_approximate=self.gelu_approximate)(y, deterministic=deterministic)
+    out = nn.with_logical_constraint(x + y, ("batch", "length", "act_embed"))
+    return (out, None) if self.scan_carry else out
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds a learned position embedding over all tokens (class token included)."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    shape = (1, inputs.shape[1], inputs.shape[2])
+    pe = self.param("pos_embedding",
+                    _init(nn.initializers.normal(stddev=0.02), (None, "length", "embed")),
+                    shape, self.param_dtype)
+    return inputs + pe.astype(inputs.dtype)
+
+
+class Encoder(nn.Module):
+  """Position embedding, the stack of blocks, and the final LayerNorm."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
+              param_dtype=self.param_dtype, dropout_rate=self.dropout_rate,
+              attention_dropout_rate=self.attention_dropout_rate,
+              gelu_approximate=self.gelu_approximate)
+    block = Encoder1DBlock
+    if self.remat:
+      # Recompute each block's activations in the backward pass: memory per
+      # block drops to its input, at the cost of about one more forward.
+      block = nn.remat(block, policy=getattr(jax.checkpoint_policies, self.remat_policy),
+                       prevent_cse=not self.scan, static_argnums=(2,))
+    if self.scan:
+      # One compiled block for all layers: params are stacked on a leading
+      # `layers` axis under `encoderblock` (checkpoint.py stacks and unstacks).
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=nn.broadcast, length=self.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(name="encoderblock", scan_carry=True, **kw)(x, not train)
+    else:
+      for i in range(self.num_layers):
+        x = block(name=f"encoderblock_{i}", **kw)(x, not train)
+    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                        scale_init=_init(nn.initializers.ones, ("embed",)),
+                        bias_init=_init(nn.initializers.zeros, ("embed",)),
+                        name="encoder_norm")(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier: images [N, H, W, 3] in [-1, 1] to logits [N, num_classes]."""
+  num_classes: int | None
+  patch_size: int
+  hidden_size: int
+  mlp_dim: int
+  num_heads: int
+  num_layers: int
+  image_size: int = 224
+  representation_size: int | None = None
+  classifier: str = "token"  # "token" (class token) or "gap" (mean of patch tokens)
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan: bool = False
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False,
+               return_embedding: bool = False) -> Array:
+    """Logits, or with `return_embedding` the representation the head sees."""
+    if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(f"images must be [N, {self.image_size}, {self.image_size}, 3], "
+                       f"got {tuple(images.shape)}")
+    x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                bias_init=_init(nn.initializers.zeros, ("embed",)),
+                name="embedding")(images.astype(self.dtype))
+    n, h, w, c = x.shape
+    x = jnp.reshape(x, (n, h * w, c))
+    if self.classifier == "token":
+      cls = self.param("cls", _init(nn.initializers.zeros, (None, None, "embed")),
+                       (1, 1, c), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+    elif self.classifier != "gap":
+      raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                dtype=self.dtype, param_dtype=self.param_dtype,
+                dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                gelu_approximate=self.gelu_approximate, remat=self.remat,
+                remat_policy=self.remat_policy, scan=self.scan,
+                name="Transformer")(x, train=train)
+    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                   bias_init=_init(nn.initializers.zeros, ("mlp",)),
+                   name="pre_logits")(x)
+      x = jnp.tanh(x)
+    if return_embedding or self.num_classes is None:
+      return x
+    # A zero head makes the first fine-tuning steps start from uniform predictions.
+    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=_init(nn.initializers.zeros, (None, "classes")),
+                    bias_init=_init(nn.initializers.zeros, ("classes",)),
+                    name="head")(x)
+
+
+def create_model(name: str, num_classes: int | None = 1000, image_size: int = 224,
+                 **overrides: Any) -> VisionTransformer:
+  """A VisionTransformer by variant name; keyword overrides of any model field."""
+  canon = canonical_name(name)
+  v = VARIANTS[canon]
+  fields = dict(patch_size=v.patch_size, hidden_size=v.hidden_size, mlp_dim=v.mlp_dim,
+                num_heads=v.num_heads, num_layers=v.num_layers)
+  known = {f.name for f in dataclasses.fields(VisionTransformer)} - {"parent", "name"}
+  unknown = set(overrides) - known
+  if unknown:
+    raise TypeError(f"unknown model field(s) {sorted(unknown)}; known: {sorted(known)}")
+  fields.update(overrides)
+  if image_size % fields["patch_size"]:
+    raise ValueError(f"image_size {image_size} is not divisible by the patch size "
+                     f"{fields['patch_size']} of {canon}")
+  return VisionTransformer(num_classes=num_classes, image_size=image_size, **fields)
+
+
+def init_params(model: VisionTransformer, rng: Array | int = 0) -> dict:
+  """Freshly initialised params as a plain pytree (logical-axis boxes removed)."""
+  if isinstance(rng, int):
+    rng = jax.random.PRNGKey(rng)
+  dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  return nn.meta.unbox(model.init(rng, dummy, train=False)["params"])
+
+
+def param_shapes(model: VisionTransformer) -> dict:
+  """The params' shapes and dtypes (jax.ShapeDtypeStruct), without computing anything."""
+  return jax.eval_shape(lambda: init_params(model))
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a params pytree (arrays or ShapeDtypeStructs)."""
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
