@@ -1,0 +1,274 @@
+"""The original .npz checkpoints: strict loading, adaptation, saving, and bad files."""
+import os
+import pickle
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ckpt_fixtures as cf
+from vit_jax import checkpoint
+from vit_jax import models
+
+SPEC = cf.Spec()  # Ti-width, 2 blocks, patch 16, 32 px, 10 classes
+
+
+def _model(**kw):
+  args = dict(num_classes=10, image_size=32, num_layers=2, mlp_dim=384)
+  args.update(kw)
+  return models.create_model("Ti/16", **args)
+
+
+@pytest.fixture
+def original(tmp_path):
+  path = tmp_path / "orig.npz"
+  return str(path), cf.write_original(path, SPEC)
+
+
+def test_load_renames_pre_linen_and_keeps_arrays(original):
+  path, arrays = original
+  tree = checkpoint.load(path)
+  for key, value in arrays.items():
+    np.testing.assert_array_equal(cf.get(tree, cf.linen_key(key)), value)
+  assert "MlpBlock_3" not in tree["Transformer"]["encoderblock_0"]
+  assert set(tree["Transformer"]["encoderblock_1"]) == {
+      "LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"}
+
+
+def test_opt_target_prefix_is_stripped(tmp_path):
+  arrays = cf.write_original(tmp_path / "opt.npz", SPEC, prefix="opt/target/")
+  tree = checkpoint.load(str(tmp_path / "opt.npz"))
+  np.testing.assert_array_equal(tree["embedding"]["kernel"], arrays["opt/target/embedding/kernel"])
+
+
+def test_linen_named_files_load_too(tmp_path):
+  arrays = {cf.linen_key(k): v for k, v in cf.original_arrays(SPEC).items()}
+  np.savez(tmp_path / "linen.npz", **arrays)
+  params = checkpoint.load_pretrained(str(tmp_path / "linen.npz"), _model())
+  for key, value in arrays.items():
+    np.testing.assert_array_equal(cf.get(params, key), value)
+
+
+def test_load_pretrained_is_exact_and_runs(original):
+  path, arrays = original
+  model = _model()
+  params = checkpoint.load_pretrained(path, model, image_size=32)
+  for key, value in arrays.items():
+    np.testing.assert_array_equal(cf.get(params, cf.linen_key(key)), value)
+  assert models.count_params(params) == sum(v.size for v in arrays.values())
+  out = model.apply({"params": params}, jnp.zeros((2, 32, 32, 3)))
+  assert out.shape == (2, 10) and np.all(np.isfinite(out))
+
+
+def test_save_round_trip_gives_the_original_names_and_arrays(original, tmp_path):
+  path, arrays = original
+  params = checkpoint.load_pretrained(path, _model())
+  out = tmp_path / "saved.npz"
+  checkpoint.save(params, str(out))
+  with np.load(out, allow_pickle=False) as saved:
+    assert set(saved.files) == set(arrays)
+    for key in arrays:
+      assert saved[key].dtype == np.float32
+      np.testing.assert_array_equal(saved[key], arrays[key])
+
+
+def test_scanned_model_loads_and_saves(original, tmp_path):
+  path, arrays = original
+  plain = _model()
+  scanned = _model(scan=True)
+  p_plain = checkpoint.load_pretrained(path, plain)
+  p_scan = checkpoint.load_pretrained(path, scanned)
+  assert p_scan["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"].shape == (2, 192, 384)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  np.testing.assert_allclose(scanned.apply({"params": p_scan}, x), plain.apply({"params": p_plain}, x),
+                             rtol=1e-5, atol=1e-6)
+  checkpoint.save(p_scan, str(tmp_path / "scan.npz"))
+  with np.load(tmp_path / "scan.npz") as saved:
+    assert set(saved.files) == set(arrays)
+    np.testing.assert_array_equal(saved["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"],
+                                  arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"])
+
+
+def test_head_is_reset_when_classes_differ_or_when_asked(original):
+  path, arrays = original
+  params = checkpoint.load_pretrained(path, _model(num_classes=3))
+  assert params["head"]["kernel"].shape == (192, 3)
+  assert not params["head"]["kernel"].any() and not params["head"]["bias"].any()
+  np.testing.assert_array_equal(params["cls"], arrays["cls"])
+  reset = checkpoint.load_pretrained(path, _model(), reset_head=True)
+  assert reset["head"]["kernel"].shape == (192, 10) and not reset["head"]["kernel"].any()
+  kept = checkpoint.load_pretrained(path, _model())
+  np.testing.assert_array_equal(kept["head"]["kernel"], arrays["head/kernel"])
+
+
+def test_pre_logits_kept_or_dropped(tmp_path):
+  spec = cf.Spec(pre_logits=192, classes=21843 // 100)
+  arrays = cf.write_original(tmp_path / "i21k.npz", spec)
+  path = str(tmp_path / "i21k.npz")
+  kept = checkpoint.load_pretrained(path, _model(num_classes=218, representation_size=192))
+  np.testing.assert_array_equal(kept["pre_logits"]["kernel"], arrays["pre_logits/kernel"])
+  dropped = checkpoint.load_pretrained(path, _model(num_classes=10))
+  assert "pre_logits" not in dropped and not dropped["head"]["kernel"].any()
+  with pytest.raises(checkpoint.CheckpointError, match="missing key 'pre_logits/"):
+    checkpoint.load_pretrained(str(_write(tmp_path, cf.Spec())), _model(representation_size=192))
+
+
+def _write(tmp_path, spec, name="x.npz", **kw):
+  path = tmp_path / name
+  cf.write_original(path, spec, **kw)
+  return path
+
+
+def test_posemb_is_resized_keeping_the_class_token(tmp_path):
+  spec = cf.Spec(image_size=64)  # a 4x4 grid
+  arrays = cf.original_arrays(spec)
+  d = spec.hidden
+  # A grid that is linear in (row, col): bilinear resizing must keep it linear,
+  # with the corners fixed (first-order zoom aligns the corners).
+  r, c = np.meshgrid(np.arange(4.0), np.arange(4.0), indexing="ij")
+  slope = np.linspace(-1, 1, d)
+  grid = (r[..., None] * slope + c[..., None] * 0.5).reshape(1, 16, d).astype(np.float32)
+  arrays["Transformer/posembed_input/pos_embedding"] = np.concatenate(
+      [np.full((1, 1, d), 7.0, np.float32), grid], axis=1)
+  np.savez(tmp_path / "g4.npz", **arrays)
+  params = checkpoint.load_pretrained(str(tmp_path / "g4.npz"), _model(image_size=112))  # 7x7 grid
+  pe = params["Transformer"]["posembed_input"]["pos_embedding"]
+  assert pe.shape == (1, 50, d)
+  np.testing.assert_array_equal(pe[0, 0], 7.0)
+  r7, c7 = np.meshgrid(np.linspace(0, 3, 7), np.linspace(0, 3, 7), indexing="ij")
+  want = (r7[..., None] * slope + c7[..., None] * 0.5).reshape(49, d)
+  np.testing.assert_allclose(pe[0, 1:], want, atol=1e-5)
+
+
+def test_vit_b16_posemb_224_to_384(tmp_path):
+  grid14 = np.random.default_rng(0).normal(size=(1, 197, 8)).astype(np.float32)
+  out = checkpoint.resize_posemb(grid14, 577, has_cls=True)
+  assert out.shape == (1, 577, 8)
+  np.testing.assert_array_equal(out[:, 0], grid14[:, 0])
+  # Corner-aligned zoom keeps the four corner embeddings exactly.
+  g_old, g_new = grid14[0, 1:].reshape(14, 14, 8), out[0, 1:].reshape(24, 24, 8)
+  for (a, b), (c, d) in (((0, 0), (0, 0)), ((13, 13), (23, 23)), ((0, 13), (0, 23))):
+    np.testing.assert_allclose(g_new[c, d], g_old[a, b], atol=1e-6)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+  path = _write(tmp_path, cf.Spec(mlp=256))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias has shape \(256,\), "
+                           r"expected \(384,\)"):
+    checkpoint.load_pretrained(str(path), _model())
+
+
+def test_missing_and_unexpected_keys(tmp_path):
+  arrays = cf.original_arrays(SPEC)
+  del arrays["Transformer/encoderblock_1/LayerNorm_2/scale"]
+  np.savez(tmp_path / "missing.npz", **arrays)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"missing key 'Transformer/encoderblock_1/LayerNorm_1/scale' \(shape \(192,\)\)"):
+    checkpoint.load_pretrained(str(tmp_path / "missing.npz"), _model())
+  arrays = cf.original_arrays(SPEC)
+  arrays["Transformer/extra/kernel"] = np.zeros((3,), np.float32)
+  np.savez(tmp_path / "extra.npz", **arrays)
+  with pytest.raises(checkpoint.CheckpointError, match="unexpected key 'Transformer/extra/kernel'"):
+    checkpoint.load_pretrained(str(tmp_path / "extra.npz"), _model())
+  # A deeper file does not silently load into a shallower model.
+  with pytest.raises(checkpoint.CheckpointError, match="unexpected key 'Transformer/encoderblock_2/"):
+    checkpoint.load_pretrained(str(_write(tmp_path, cf.Spec(layers=3), "deep.npz")), _model())
+
+
+def test_non_square_grid_and_wrong_width(tmp_path):
+  arrays = cf.original_arrays(SPEC)
+  arrays["Transformer/posembed_input/pos_embedding"] = np.zeros((1, 1 + 6, 192), np.float32)
+  np.savez(tmp_path / "rect.npz", **arrays)
+  with pytest.raises(checkpoint.CheckpointError, match="6 patch positions do not form a square grid"):
+    checkpoint.load_pretrained(str(tmp_path / "rect.npz"), _model(image_size=48))
+  arrays["Transformer/posembed_input/pos_embedding"] = np.zeros((1, 5, 64), np.float32)
+  np.savez(tmp_path / "narrow.npz", **arrays)
+  with pytest.raises(checkpoint.CheckpointError, match=r"has shape \(1, 5, 64\), expected \(1, 5, 192\)"):
+    checkpoint.load_pretrained(str(tmp_path / "narrow.npz"), _model())
+
+
+def _one_line_error(path, match):
+  with pytest.raises(checkpoint.CheckpointError, match=match) as info:
+    checkpoint.load(str(path))
+  assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_bad_files_give_one_line_errors(tmp_path, original):
+  path, _ = original
+  data = open(path, "rb").read()
+  (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])
+  _one_line_error(tmp_path / "trunc.npz", "truncated or corrupt")
+  (tmp_path / "pickle.npz").write_bytes(pickle.dumps({"embedding/kernel": np.zeros(3)}))
+  _one_line_error(tmp_path / "pickle.npz", "is a pickle")
+  np.save(tmp_path / "single.npy", np.zeros(3))
+  _one_line_error(tmp_path / "single.npy", "a single .npy array")
+  (tmp_path / "text.npz").write_text("hello")
+  _one_line_error(tmp_path / "text.npz", "not an .npz")
+  np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object))
+  _one_line_error(tmp_path / "objects.npz", "pickled")
+  np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+  _one_line_error(tmp_path / "other.npz", "not a ViT checkpoint")
+  _one_line_error(tmp_path / "absent.npz", "no such file")
+  # A zip whose member is damaged after the directory is read.
+  with zipfile.ZipFile(tmp_path / "bad_member.npz", "w") as z:
+    z.writestr("embedding/kernel.npy", b"\x93NUMPY garbage")
+  _one_line_error(tmp_path / "bad_member.npz", "corrupt")
+
+
+def test_non_float_arrays_are_refused(tmp_path):
+  arrays = cf.original_arrays(SPEC)
+  arrays["cls"] = np.zeros((1, 1, 192), np.int32)
+  np.savez(tmp_path / "int.npz", **arrays)
+  with pytest.raises(checkpoint.CheckpointError, match="cls has dtype int32"):
+    checkpoint.load_pretrained(str(tmp_path / "int.npz"), _model())
+
+
+def test_remote_paths_go_through_gfile(original):
+  # tf.io.gfile's in-memory filesystem stands in for gs:// (same code path).
+  path, arrays = original
+  from vit_jax import tf_setup
+  tf = tf_setup.tf()
+  url = "ram://ckpt/orig.npz"
+  with tf.io.gfile.GFile(url, "wb") as f:
+    f.write(open(path, "rb").read())
+  tree = checkpoint.load(url)
+  np.testing.assert_array_equal(tree["cls"], arrays["cls"])
+  checkpoint.save(checkpoint.load_pretrained(url, _model()), "ram://ckpt/out.npz")
+  assert tf.io.gfile.exists("ram://ckpt/out.npz")
+  with pytest.raises(checkpoint.CheckpointError, match="ram://ckpt/none.npz: no such file"):
+    checkpoint.load("ram://ckpt/none.npz")
+
+
+def test_failed_save_leaves_the_old_file(tmp_path, original):
+  path, _ = original
+  target = tmp_path / "keep.npz"
+  target.write_bytes(b"previous contents")
+  bad = {"a": {"kernel": np.zeros(3)}, "b": object()}
+  with pytest.raises(Exception):
+    checkpoint.save(bad, str(target))
+  assert target.read_bytes() == b"previous contents"
+  assert os.listdir(tmp_path).count("keep.npz") == 1 and len(os.listdir(tmp_path)) == 2
+
+
+def test_infer_model(tmp_path):
+  path = _write(tmp_path, cf.Spec(**cf.B16, image_size=384, classes=1000, pre_logits=None))
+  assert checkpoint.infer_model(checkpoint.load(str(path))) == dict(
+      name="ViT-B_16", num_classes=1000, image_size=384, representation_size=None, classifier="token",
+      hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12, patch_size=16)
+  # A non-standard width still builds the model the file fits, and loads.
+  path = _write(tmp_path, cf.Spec(hidden=48, heads=2, mlp=64, layers=3, pre_logits=8), "odd.npz")
+  tree = checkpoint.load(str(path))
+  assert checkpoint.infer_model(tree)["name"] is None
+  model = checkpoint.model_for(tree)
+  assert (model.hidden_size, model.num_heads, model.num_layers, model.representation_size) == (48, 2, 3, 8)
+  params = checkpoint.load_pretrained(tree, model)
+  assert model.apply({"params": params}, jnp.zeros((1, 32, 32, 3))).shape == (1, 10)
+
+
+def test_image_size_argument_must_match_the_model(original):
+  path, _ = original
+  with pytest.raises(checkpoint.CheckpointError, match="image_size=64 differs"):
+    checkpoint.load_pretrained(path, _model(), image_size=64)

@@ -1,0 +1,289 @@
+"""The original ViT `.npz` checkpoints: strict loading, adaptation, and saving.
+
+The files in `gs://vit_models/` are flat `np.savez` archives keyed by
+`/`-joined paths in the pre-Linen naming. Inside each encoder block the
+pre-Linen names number submodules by position in the block, Linen by type:
+
+    pre-Linen (file)                  Linen (our modules)
+    LayerNorm_0                       LayerNorm_0
+    MultiHeadDotProductAttention_1    MultiHeadDotProductAttention_0
+    LayerNorm_2                       LayerNorm_1
+    MlpBlock_3                        MlpBlock_0
+
+Every other name is the same in both. All kernels are stored in the layout
+Flax uses, so no array is transposed or reshaped on the way in or out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import re
+import zipfile
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+import scipy.ndimage
+
+from vit_jax import files
+from vit_jax import models
+
+log = logging.getLogger(__name__)
+
+# Block-level submodule names: file (pre-Linen) -> model (Linen).
+PRE_LINEN_TO_LINEN = {
+    "LayerNorm_0": "LayerNorm_0",
+    "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+    "LayerNorm_2": "LayerNorm_1",
+    "MlpBlock_3": "MlpBlock_0",
+}
+LINEN_TO_PRE_LINEN = {v: k for k, v in PRE_LINEN_TO_LINEN.items()}
+
+POSEMB = "Transformer/posembed_input/pos_embedding"
+_BLOCK = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$")
+_PREFIXES = ("opt/target/",)  # checkpoints saved with the optimizer wrap params like this
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file that cannot be read, or does not fit the model."""
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+  return tuple(int(d) for d in x.shape)
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update({f"{k}/{kk}": vv for kk, vv in flatten(v).items()})
+    else:
+      out[k] = v
+  return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  tree: dict[str, Any] = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """Every array of an .npz file, or a CheckpointError that says what is wrong."""
+  try:
+    data = files.read_bytes(path)
+  except FileNotFoundError as e:
+    raise CheckpointError(str(e)) from None
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read ({e})") from None
+  if data[:2] == b"\x80\x02" or data[:1] == b"\x80":
+    raise CheckpointError(f"{path}: is a pickle, not an .npz archive; pickles are never loaded")
+  if not data.startswith(b"PK"):
+    kind = "a single .npy array" if data.startswith(b"\x93NUMPY") else "not an .npz (zip) archive"
+    raise CheckpointError(f"{path}: {kind}; expected an np.savez checkpoint")
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+      return {k: npz[k] for k in npz.files}
+  except ValueError as e:
+    if "pickle" in str(e):
+      raise CheckpointError(f"{path}: holds pickled (object) arrays; pickles are never loaded") from None
+    raise CheckpointError(f"{path}: corrupt .npz archive ({e})") from None
+  except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+    raise CheckpointError(f"{path}: truncated or corrupt .npz archive ({e})") from None
+
+
+def _to_linen(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+  """Strips `opt/target/` and renames pre-Linen block submodules to Linen names."""
+  out: dict[str, np.ndarray] = {}
+  pre_linen_blocks = {m.group(1) for k in flat if (m := _BLOCK.match(k))
+                      and m.group(2) in ("MlpBlock_3", "MultiHeadDotProductAttention_1", "LayerNorm_2")}
+  for key, value in flat.items():
+    for prefix in _PREFIXES:
+      if key.startswith(prefix):
+        key = key[len(prefix):]
+    m = _BLOCK.match(key)
+    if m and m.group(1) in pre_linen_blocks and m.group(2) in PRE_LINEN_TO_LINEN:
+      key = f"{m.group(1)}/{PRE_LINEN_TO_LINEN[m.group(2)]}{m.group(3)}"
+    if key in out:
+      raise CheckpointError(f"{path}: key {key!r} appears twice (mixed pre-Linen and Linen names)")
+    out[key] = value
+  if "embedding/kernel" not in out or not any(k.startswith("Transformer/") for k in out):
+    raise CheckpointError(f"{path}: not a ViT checkpoint (no 'embedding/kernel' and "
+                          f"'Transformer/...' keys; found {sorted(out)[:5]}...)")
+  return out
+
+
+def load(path: str) -> dict[str, Any]:
+  """The raw nested tree of an original `.npz` checkpoint, with Linen names."""
+  return unflatten(_to_linen(_read_npz(path), path))
+
+
+def resize_posemb(posemb: np.ndarray, num_tokens: int, has_cls: bool) -> np.ndarray:
+  """Resizes [1, (1+)g*g, D] position embeddings to `num_tokens` tokens.
+
+  The class-token row is kept as is; the square grid of patch embeddings is
+  resized with first-order (bilinear, corner-aligned) zoom, as the original does.
+  """
+  n_extra = 1 if has_cls else 0
+  tok, grid = posemb[:, :n_extra], posemb[0, n_extra:]
+  g_old, g_new = int(round(np.sqrt(len(grid)))), int(round(np.sqrt(num_tokens - n_extra)))
+  if g_old * g_old != len(grid):
+    raise CheckpointError(f"{POSEMB}: {len(grid)} patch positions do not form a square grid")
+  if g_new * g_new != num_tokens - n_extra:
+    raise CheckpointError(f"{POSEMB}: cannot resize to {num_tokens - n_extra} patch positions "
+                          "(not a square grid)")
+  grid = grid.reshape(g_old, g_old, -1)
+  grid = scipy.ndimage.zoom(grid, (g_new / g_old, g_new / g_old, 1), order=1)
+  return np.concatenate([tok, grid.reshape(1, g_new * g_new, -1)], axis=1).astype(posemb.dtype)
+
+
+def _stack_blocks(flat: dict[str, Any], num_layers: int) -> dict[str, Any]:
+  """encoderblock_{i}/... -> encoderblock/... stacked on a leading axis (nn.scan layout)."""
+  out = {k: v for k, v in flat.items() if not k.startswith("Transformer/encoderblock_")}
+  suffixes = {k.split("/", 2)[2] for k in flat if k.startswith("Transformer/encoderblock_0/")}
+  for s in suffixes:
+    out[f"Transformer/encoderblock/{s}"] = np.stack(
+        [flat[f"Transformer/encoderblock_{i}/{s}"] for i in range(num_layers)])
+  return out
+
+
+def _unstack_blocks(flat: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of _stack_blocks."""
+  out = {}
+  for k, v in flat.items():
+    if k.startswith("Transformer/encoderblock/"):
+      suffix = k[len("Transformer/encoderblock/"):]
+      for i in range(v.shape[0]):
+        out[f"Transformer/encoderblock_{i}/{suffix}"] = v[i]
+    else:
+      out[k] = v
+  return out
+
+
+def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransformer,
+                    image_size: int | None = None, *, reset_head: bool = False) -> dict[str, Any]:
+  """Params for `model` from an original checkpoint, adapted and strictly checked.
+
+  Position embeddings are resized when the grid differs; the head is kept when
+  its shape matches and zeroed when the class count differs (or `reset_head`);
+  `pre_logits` is dropped when the model has no `representation_size`. Every
+  file key is used or dropped for a logged reason, every model parameter is
+  filled, every shape checked. Returns host (numpy) arrays in the model's
+  `param_dtype`, ready for `model.apply` or for placement with shardings.
+  `path` may also be a tree that `load` returned, to avoid reading a file twice.
+  """
+  if image_size is not None and image_size != model.image_size:
+    raise CheckpointError(f"image_size={image_size} differs from the model's image_size="
+                          f"{model.image_size}; create the model at the size you want")
+  if isinstance(path, Mapping):
+    path, have = "checkpoint", _to_linen(flatten(path), "checkpoint")
+  else:
+    have = _to_linen(_read_npz(path), path)
+  want = flatten(models.param_shapes(model.clone(scan=False)))
+  out: dict[str, np.ndarray] = {}
+  for key, spec in want.items():
+    expected = _shape(spec)
+    if key.startswith("head/") and (reset_head or key not in have or _shape(have[key]) != expected):
+      why = ("asked to" if reset_head else "not in the file" if key not in have else
+             f"class count differs: file {_shape(have[key])}, model {expected}")
+      log.info("checkpoint: %s re-initialised to zeros (%s)", key, why)
+      out[key] = np.zeros(expected, np.float32)
+      continue
+    if key not in have:
+      raise CheckpointError(f"{path}: missing key {key!r} (shape {expected}) that the model needs")
+    value = have[key]
+    if key == POSEMB and _shape(value) != expected:
+      if value.ndim != 3 or value.shape[-1] != expected[-1]:
+        raise CheckpointError(f"{path}: {key} has shape {_shape(value)}, expected {expected}")
+      log.info("checkpoint: resizing %s from %s to %s", key, _shape(value), expected)
+      value = resize_posemb(value, expected[1], has_cls=model.classifier == "token")
+    if _shape(value) != expected:
+      raise CheckpointError(f"{path}: {key} has shape {_shape(value)}, expected {expected}")
+    if not np.issubdtype(value.dtype, np.floating):
+      raise CheckpointError(f"{path}: {key} has dtype {value.dtype}, expected a float array")
+    out[key] = value
+  for key in sorted(set(have) - set(want)):
+    if key.startswith("pre_logits/") and model.representation_size is None:
+      log.info("checkpoint: dropping %s (the model has no representation_size)", key)
+      if key == "pre_logits/kernel" and "head/kernel" in have and not reset_head and \
+          _shape(have["head/kernel"]) == _shape(want.get("head/kernel", ())):
+        log.warning("checkpoint: keeping a head trained on pre_logits features without them; "
+                    "pass reset_head=True to fine-tune from a fresh head")
+    elif key.startswith("head/") and model.num_classes is None:
+      log.info("checkpoint: dropping %s (the model has no head: num_classes=None)", key)
+    else:
+      raise CheckpointError(f"{path}: unexpected key {key!r} (shape {_shape(have[key])}) "
+                            "that the model has no place for")
+  dtype = np.dtype(model.param_dtype)
+  out = {k: np.asarray(v, dtype=dtype) for k, v in out.items()}
+  if model.scan:
+    out = _stack_blocks(out, model.num_layers)
+  return unflatten(out)
+
+
+def save(params: Mapping[str, Any], path: str) -> None:
+  """Writes params in the original flat pre-Linen `.npz` layout (float32).
+
+  The file loads in the original vision_transformer code, in timm, and here.
+  The write is atomic: a failure leaves any existing file at `path` intact.
+  """
+  flat = _unstack_blocks(flatten(nn.meta.unbox(params)))
+  out = {}
+  for key, value in flat.items():
+    m = _BLOCK.match(key)
+    if m and m.group(2) in LINEN_TO_PRE_LINEN:
+      key = f"{m.group(1)}/{LINEN_TO_PRE_LINEN[m.group(2)]}{m.group(3)}"
+    out[key] = np.asarray(jax.device_get(value), dtype=np.float32)
+  buf = io.BytesIO()  # gfile writers cannot seek, which zipfile needs
+  np.savez(buf, **out)
+  with files.atomic_write(path) as f:
+    f.write(buf.getvalue())
+
+
+
+def infer_model(tree: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]:
+  """The model a raw tree (from `load`) fits, read off its shapes.
+
+  Returns every architecture field, plus `name`: the variant these fields are,
+  or None for a non-standard width or depth. `model_for` builds the model.
+  """
+  flat = flatten(tree)
+  try:
+    patch, _, _, hidden = _shape(flat["embedding/kernel"])
+    blocks = {k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")}
+    _, heads, _ = _shape(flat["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"])
+    mlp = _shape(flat["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"])[1]
+    tokens = _shape(flat[POSEMB])[1]
+  except (KeyError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot tell the model from the file (missing or odd {e})") from None
+  has_cls = "cls" in flat
+  grid = int(round(np.sqrt(tokens - has_cls)))
+  if grid * grid != tokens - has_cls:
+    raise CheckpointError(f"{path}: {POSEMB} has {tokens} tokens, not a square grid"
+                          f"{' plus a class token' if has_cls else ''}")
+  fields = dict(hidden_size=hidden, mlp_dim=mlp, num_heads=heads, num_layers=len(blocks),
+                patch_size=patch)
+  name = next((n for n, v in models.VARIANTS.items() if dataclasses.asdict(v) == fields), None)
+  head = flat.get("head/kernel")
+  pre = flat.get("pre_logits/kernel")
+  return dict(name=name, num_classes=None if head is None else _shape(head)[1],
+              image_size=grid * patch, representation_size=None if pre is None else _shape(pre)[1],
+              classifier="token" if has_cls else "gap", **fields)
+
+
+def model_for(tree: Mapping[str, Any], path: str = "checkpoint", **overrides: Any
+              ) -> models.VisionTransformer:
+  """The VisionTransformer a raw tree fits; keyword overrides of any model field."""
+  found = infer_model(tree, path)
+  name = found.pop("name") or "ViT-B_16"  # every field is given, so the name is only a base
+  found.update(overrides)
+  return models.create_model(name, **found)

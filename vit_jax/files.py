@@ -1,0 +1,65 @@
+"""Reading and writing files on local disk or on `gs://` (through tf.io.gfile)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import IO, Iterator
+
+
+def is_remote(path: str) -> bool:
+  """True for `gs://...` and other URL-style paths that tf.io.gfile serves."""
+  return "://" in str(path)
+
+
+def _gfile():
+  from vit_jax import tf_setup  # pylint: disable=import-outside-toplevel
+  return tf_setup.tf().io.gfile
+
+
+def read_bytes(path: str) -> bytes:
+  """The whole file; FileNotFoundError names the path when it is missing."""
+  path = str(path)
+  if is_remote(path):
+    gfile = _gfile()
+    if not gfile.exists(path):
+      raise FileNotFoundError(f"{path}: no such file")
+    with gfile.GFile(path, "rb") as f:
+      return f.read()
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file" if not os.path.exists(path)
+                            else f"{path}: not a regular file")
+  with open(path, "rb") as f:
+    return f.read()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str) -> Iterator[IO[bytes]]:
+  """Writes to a temporary file beside `path`, renamed over it only on success.
+
+  An interrupted or failed write leaves whatever was at `path` untouched.
+  """
+  path = str(path)
+  if is_remote(path):
+    gfile = _gfile()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+      with gfile.GFile(tmp, "wb") as f:
+        yield f
+      gfile.rename(tmp, path, overwrite=True)
+    finally:
+      if gfile.exists(tmp):
+        gfile.remove(tmp)
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
