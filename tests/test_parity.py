@@ -1,0 +1,147 @@
+"""Parity with PyTorch (Hugging Face transformers ViTForImageClassification) on the same weights.
+
+Weights are random, written in the original `.npz` layout, loaded by our loader,
+converted, saved as a transformers directory, and loaded back by transformers.
+Tolerances: both sides compute in float32 with matched GELU and LayerNorm eps;
+what remains is summation order, ~1e-6 relative per layer, so 1e-4 on logits
+of order 1 leaves a wide margin while any wrong transpose or name is O(1).
+"""
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+import ckpt_fixtures as cf
+from vit_jax import checkpoint
+from vit_jax import convert
+from vit_jax import models
+
+torch.set_num_threads(2)
+
+
+def _images(n, size, seed=0):
+  return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def _torch(pt, x, hidden=False):
+  with torch.no_grad():
+    out = pt(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+             output_hidden_states=hidden)
+  return out
+
+
+def _our_hidden_states(model, params, x):
+  """Embeddings (after position embedding) and the output of every block."""
+  _, state = model.apply({"params": params}, x, capture_intermediates=True, mutable=["intermediates"])
+  inter = state["intermediates"]["Transformer"]
+  blocks = [inter[f"encoderblock_{i}"]["__call__"][0] for i in range(model.num_layers)]
+  emb = inter["posembed_input"]["__call__"][0]
+  return [np.asarray(emb)] + [np.asarray(b) for b in blocks]
+
+
+def _check_parity(tmp_path, spec, gelu_approximate, n=2, seed=0):
+  path = tmp_path / "orig.npz"
+  cf.write_original(path, spec, seed=seed)
+  model = models.create_model("ViT-B_16", num_classes=spec.classes, image_size=spec.image_size,
+                              hidden_size=spec.hidden, mlp_dim=spec.mlp, num_heads=spec.heads,
+                              num_layers=spec.layers, patch_size=spec.patch,
+                              gelu_approximate=gelu_approximate)
+  params = checkpoint.load_pretrained(str(path), model)
+  convert.to_transformers(params, model, str(tmp_path / "hf"))
+  pt = ViTForImageClassification.from_pretrained(str(tmp_path / "hf")).eval()
+  assert pt.config.hidden_act == ("gelu_pytorch_tanh" if gelu_approximate else "gelu")
+  assert pt.config.layer_norm_eps == 1e-6
+  x = _images(n, spec.image_size, seed)
+  ours = np.asarray(model.apply({"params": params}, x))
+  theirs = _torch(pt, x, hidden=True)
+  assert np.abs(ours).max() > 0.3  # logits of order 1, so 1e-4 is a real bound
+  np.testing.assert_allclose(ours, theirs.logits.numpy(), atol=1e-4, rtol=1e-4)
+  for i, (a, b) in enumerate(zip(_our_hidden_states(model, params, x), theirs.hidden_states)):
+    scale = max(1.0, float(np.abs(b.numpy()).max()))
+    np.testing.assert_allclose(a, b.numpy(), atol=1e-5 * scale, rtol=1e-4,
+                               err_msg=f"hidden state {i}")
+  assert len(theirs.hidden_states) == spec.layers + 1
+  return model, params, pt, x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gelu_approximate", [True, False])
+def test_full_size_vit_b16_matches_pytorch(tmp_path, gelu_approximate):
+  spec = cf.Spec(**cf.B16, image_size=224, classes=1000)
+  _check_parity(tmp_path, spec, gelu_approximate)
+
+
+@pytest.mark.parametrize("name", ["ViT-Ti_16", "ViT-S_32"])
+def test_small_variants_match_pytorch(tmp_path, name):
+  v = models.VARIANTS[name]
+  spec = cf.Spec(hidden=v.hidden_size, mlp=v.mlp_dim, heads=v.num_heads, layers=v.num_layers,
+                 patch=v.patch_size, image_size=224 if v.patch_size == 32 else 96, classes=100)
+  _check_parity(tmp_path, spec, gelu_approximate=True, n=3)
+
+
+def test_384_and_resized_checkpoint_match_pytorch(tmp_path):
+  # A 224 checkpoint loaded at 384 (resized position embeddings) still converts exactly.
+  spec = cf.Spec(hidden=192, mlp=768, heads=3, layers=2, patch=32, image_size=224, classes=10)
+  cf.write_original(tmp_path / "224.npz", spec)
+  model = models.create_model("ViT-Ti_16", num_classes=10, image_size=384, num_layers=2, patch_size=32)
+  params = checkpoint.load_pretrained(str(tmp_path / "224.npz"), model)
+  pt = convert.to_transformers(params, model, str(tmp_path / "hf"))
+  x = _images(2, 384)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x)),
+                             _torch(pt, x).logits.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_stock_pytorch_vit_matches_our_exact_gelu_model_and_not_the_default(tmp_path):
+  """A stock transformers ViT (exact GELU, eps 1e-12) against our model, both directions."""
+  torch.manual_seed(0)
+  config = ViTConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
+                     intermediate_size=768, image_size=64, patch_size=16, num_labels=10,
+                     initializer_range=0.2)  # wide init: activations far enough from 0 to tell GELUs apart
+  assert config.hidden_act == "gelu" and config.layer_norm_eps == 1e-12
+  pt = ViTForImageClassification(config).eval()
+  with torch.no_grad():
+    for p in pt.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  pt.save_pretrained(str(tmp_path / "stock"))
+  model, params, _ = convert.from_transformers(str(tmp_path / "stock"))
+  assert model.gelu_approximate is False
+  x = _images(4, 64)
+  theirs = _torch(pt, x).logits.numpy()
+  ours_exact = np.asarray(model.apply({"params": params}, x))
+  # eps 1e-6 vs 1e-12 is the only difference left: ~1e-6 relative on unit-variance rows.
+  np.testing.assert_allclose(ours_exact, theirs, atol=1e-3, rtol=1e-3)
+  default = model.clone(gelu_approximate=True)  # what create_model gives by default
+  ours_tanh = np.asarray(default.apply({"params": params}, x))
+  assert np.abs(ours_tanh - theirs).max() > 1e-3, "default model should use tanh GELU"
+
+
+def test_round_trip_through_transformers_is_exact(tmp_path):
+  spec = cf.Spec(hidden=192, mlp=384, heads=3, layers=2, image_size=32, classes=7)
+  arrays = cf.write_original(tmp_path / "a.npz", spec)
+  model = models.create_model("Ti/16", num_classes=7, image_size=32, num_layers=2, mlp_dim=384)
+  params = checkpoint.load_pretrained(str(tmp_path / "a.npz"), model)
+  convert.to_transformers(params, model, str(tmp_path / "hf"), labels=[f"c{i}" for i in range(7)])
+  back_model, back, labels = convert.from_transformers(str(tmp_path / "hf"))
+  assert labels == [f"c{i}" for i in range(7)]
+  assert (back_model.num_layers, back_model.mlp_dim, back_model.image_size) == (2, 384, 32)
+  checkpoint.save(back, str(tmp_path / "b.npz"))
+  with np.load(tmp_path / "b.npz") as saved:
+    assert set(saved.files) == set(arrays)
+    for k in arrays:
+      np.testing.assert_array_equal(saved[k], arrays[k])
+
+
+def test_pre_logits_have_no_transformers_counterpart(tmp_path):
+  model = models.create_model("Ti/16", num_classes=5, image_size=32, num_layers=1,
+                              representation_size=16)
+  params = models.init_params(model)
+  with pytest.raises(convert.ConversionError, match="pre_logits"):
+    convert.to_torch_state_dict(params, model.num_heads)
+  with pytest.raises(convert.ConversionError, match="without pre_logits"):
+    convert.hf_config(model)
+
+
+def test_state_dict_mismatch_is_named():
+  with pytest.raises(convert.ConversionError, match="missing"):
+    convert.from_torch_state_dict({"vit.layers.0.attention.q_proj.weight": np.zeros((4, 4))}, 1)

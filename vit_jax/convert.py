@@ -1,0 +1,192 @@
+"""Conversion between our params and Hugging Face `transformers` ViTForImageClassification.
+
+The PyTorch parameter names are those of the pinned transformers (5.23; names
+changed in 5.9). Older Hub directories still load: transformers renames their
+keys itself in `from_pretrained`, and we read the model's own `state_dict`.
+
+Transposes, explicitly (D = hidden size, H = heads, d = head size, p = patch):
+
+    ours (Flax)                             PyTorch                     op
+    embedding/kernel        [p, p, 3, D]    projection.weight [D,3,p,p]  permute(3, 2, 0, 1)
+    .../{query,key,value}/kernel [D, H, d]  {q,k,v}_proj.weight [H*d, D] reshape(D, H*d).T
+    .../{query,key,value}/bias   [H, d]     {q,k,v}_proj.bias [H*d]      reshape(H*d)
+    .../out/kernel          [H, d, D]       o_proj.weight [D, H*d]       reshape(H*d, D).T
+    Dense kernels           [in, out]       Linear.weight [out, in]      .T
+    LayerNorm scale/bias, cls, pos_embedding, other biases               as is
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from vit_jax import checkpoint
+from vit_jax import models
+
+log = logging.getLogger(__name__)
+
+# Per-parameter transforms between our layout and PyTorch's: (to_torch, from_torch).
+# `h` is the number of heads, needed to split [H*d] back into [H, d].
+_Op = tuple[Callable[[np.ndarray, int], np.ndarray], Callable[[np.ndarray, int], np.ndarray]]
+_COPY: _Op = (lambda x, h: x, lambda x, h: x)
+_LINEAR: _Op = (lambda x, h: x.T, lambda x, h: x.T)
+_CONV: _Op = (lambda x, h: x.transpose(3, 2, 0, 1), lambda x, h: x.transpose(2, 3, 1, 0))
+_QKV_KERNEL: _Op = (lambda x, h: x.reshape(x.shape[0], -1).T,
+                    lambda x, h: x.T.reshape(x.shape[1], h, -1))
+_QKV_BIAS: _Op = (lambda x, h: x.reshape(-1), lambda x, h: x.reshape(h, -1))
+_OUT_KERNEL: _Op = (lambda x, h: x.reshape(-1, x.shape[-1]).T,
+                    lambda x, h: x.T.reshape(h, -1, x.shape[0]))
+
+# The name-mapping table: our key, PyTorch key, transform. `{i}` is the block.
+MODEL_KEYS: list[tuple[str, str, _Op]] = [
+    ("cls", "vit.embeddings.cls_token", _COPY),
+    ("Transformer/posembed_input/pos_embedding", "vit.embeddings.position_embeddings", _COPY),
+    ("embedding/kernel", "vit.embeddings.patch_embeddings.projection.weight", _CONV),
+    ("embedding/bias", "vit.embeddings.patch_embeddings.projection.bias", _COPY),
+    ("Transformer/encoder_norm/scale", "vit.layernorm.weight", _COPY),
+    ("Transformer/encoder_norm/bias", "vit.layernorm.bias", _COPY),
+    ("head/kernel", "classifier.weight", _LINEAR),
+    ("head/bias", "classifier.bias", _COPY),
+]
+BLOCK_KEYS: list[tuple[str, str, _Op]] = [
+    ("LayerNorm_0/scale", "layernorm_before.weight", _COPY),
+    ("LayerNorm_0/bias", "layernorm_before.bias", _COPY),
+    *[(f"MultiHeadDotProductAttention_0/{ours}/{kind}", f"attention.{pt}_proj.{pt_kind}", op)
+      for ours, pt in (("query", "q"), ("key", "k"), ("value", "v"))
+      for kind, pt_kind, op in (("kernel", "weight", _QKV_KERNEL), ("bias", "bias", _QKV_BIAS))],
+    ("MultiHeadDotProductAttention_0/out/kernel", "attention.o_proj.weight", _OUT_KERNEL),
+    ("MultiHeadDotProductAttention_0/out/bias", "attention.o_proj.bias", _COPY),
+    ("LayerNorm_1/scale", "layernorm_after.weight", _COPY),
+    ("LayerNorm_1/bias", "layernorm_after.bias", _COPY),
+    ("MlpBlock_0/Dense_0/kernel", "mlp.fc1.weight", _LINEAR),
+    ("MlpBlock_0/Dense_0/bias", "mlp.fc1.bias", _COPY),
+    ("MlpBlock_0/Dense_1/kernel", "mlp.fc2.weight", _LINEAR),
+    ("MlpBlock_0/Dense_1/bias", "mlp.fc2.bias", _COPY),
+]
+
+_GELU = {True: "gelu_pytorch_tanh", False: "gelu"}
+_GELU_FROM_HF = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast": True, "gelu": False}
+
+
+class ConversionError(ValueError):
+  """Params or a model that have no counterpart on the other side."""
+
+
+def key_table(num_layers: int) -> list[tuple[str, str, _Op]]:
+  """Every (ours, PyTorch, transform) row for a model with `num_layers` blocks."""
+  rows = list(MODEL_KEYS)
+  for i in range(num_layers):
+    rows += [(f"Transformer/encoderblock_{i}/{a}", f"vit.layers.{i}.{b}", op)
+             for a, b, op in BLOCK_KEYS]
+  return rows
+
+
+def to_torch_state_dict(params: dict[str, Any], num_heads: int) -> dict[str, np.ndarray]:
+  """Our params (unscanned) to a ViTForImageClassification state dict of numpy arrays."""
+  flat = checkpoint._unstack_blocks(checkpoint.flatten(params))  # pylint: disable=protected-access
+  if any(k.startswith("pre_logits/") for k in flat):
+    raise ConversionError("the params have pre_logits (a representation layer), which "
+                          "ViTForImageClassification has no place for; load the checkpoint "
+                          "into a model without representation_size (it is dropped) first")
+  num_layers = len({k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")})
+  rows = key_table(num_layers)
+  missing = [ours for ours, _, _ in rows if ours not in flat]
+  extra = sorted(set(flat) - {ours for ours, _, _ in rows})
+  if missing or extra:
+    raise ConversionError(f"params do not form a ViT classifier: missing {missing[:5]}, "
+                          f"unexpected {extra[:5]}")
+  return {pt: np.ascontiguousarray(op[0](np.asarray(flat[ours], np.float32), num_heads))
+          for ours, pt, op in rows}
+
+
+def from_torch_state_dict(state: dict[str, np.ndarray], num_heads: int) -> dict[str, Any]:
+  """A ViTForImageClassification state dict (numpy arrays) to our nested params."""
+  num_layers = len({k.split(".")[2] for k in state if k.startswith("vit.layers.")})
+  rows = key_table(num_layers)
+  missing = [pt for _, pt, _ in rows if pt not in state]
+  extra = sorted(set(state) - {pt for _, pt, _ in rows})
+  if missing or extra:
+    raise ConversionError(f"not a ViTForImageClassification state dict of this transformers "
+                          f"version: missing {missing[:5]}, unexpected {extra[:5]}")
+  return checkpoint.unflatten({ours: np.asarray(op[1](np.asarray(state[pt], np.float32), num_heads))
+                               for ours, pt, op in rows})
+
+
+def hf_config(model: models.VisionTransformer, labels: list[str] | None = None):
+  """The transformers ViTConfig of `model` (GELU and LayerNorm eps matched)."""
+  from transformers import ViTConfig  # pylint: disable=import-outside-toplevel
+  if model.representation_size is not None or model.classifier != "token" or model.num_classes is None:
+    raise ConversionError("only class-token classifiers without pre_logits have a "
+                          "ViTForImageClassification counterpart")
+  kw = {}
+  if labels is not None:
+    if len(labels) != model.num_classes:
+      raise ConversionError(f"{len(labels)} labels for {model.num_classes} classes")
+    kw = dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+  return ViTConfig(hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
+                   num_attention_heads=model.num_heads, intermediate_size=model.mlp_dim,
+                   hidden_act=_GELU[model.gelu_approximate], layer_norm_eps=1e-6,
+                   image_size=model.image_size, patch_size=model.patch_size, num_channels=3,
+                   qkv_bias=True, num_labels=model.num_classes, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0, **kw)
+
+
+def to_transformers(params: dict[str, Any], model: models.VisionTransformer, out_dir: str,
+                    labels: list[str] | None = None):
+  """Writes a directory that ViTForImageClassification.from_pretrained loads; returns the model."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import ViTForImageClassification  # pylint: disable=import-outside-toplevel
+  config = hf_config(model, labels)
+  state = to_torch_state_dict(params, model.num_heads)
+  pt = ViTForImageClassification(config)
+  pt.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+  pt.eval()
+  pt.save_pretrained(out_dir, safe_serialization=True)
+  return pt
+
+
+def model_from_hf_config(config) -> models.VisionTransformer:
+  """Our VisionTransformer for a transformers ViTConfig."""
+  if config.hidden_act not in _GELU_FROM_HF:
+    raise ConversionError(f"hidden_act {config.hidden_act!r} has no counterpart here "
+                          f"(supported: {sorted(_GELU_FROM_HF)})")
+  if config.num_channels != 3 or not config.qkv_bias:
+    raise ConversionError("only 3-channel ViTs with qkv biases are supported")
+  if abs(config.layer_norm_eps - 1e-6) > 1e-9:
+    log.warning("layer_norm_eps %g differs from this model's 1e-6; outputs differ slightly",
+                config.layer_norm_eps)
+  name = next((n for n, v in models.VARIANTS.items()
+               if (v.hidden_size, v.mlp_dim, v.num_heads, v.num_layers, v.patch_size) ==
+               (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                config.num_hidden_layers, config.patch_size)), "ViT-B_16")
+  # Fields given explicitly, so that non-standard widths and depths work too.
+  return models.create_model(
+      name, num_classes=config.num_labels, image_size=config.image_size,
+      hidden_size=config.hidden_size, mlp_dim=config.intermediate_size,
+      num_heads=config.num_attention_heads, num_layers=config.num_hidden_layers,
+      patch_size=config.patch_size, gelu_approximate=_GELU_FROM_HF[config.hidden_act])
+
+
+def from_transformers(src: str) -> tuple[models.VisionTransformer, dict[str, Any], list[str] | None]:
+  """A transformers ViTForImageClassification directory to (our model, params, labels)."""
+  from transformers import ViTForImageClassification  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(os.path.join(src, "config.json")):
+    raise ConversionError(f"{src}: not a transformers model directory (no config.json)")
+  pt = ViTForImageClassification.from_pretrained(src)
+  model = model_from_hf_config(pt.config)
+  state = {k: v.detach().cpu().numpy() for k, v in pt.state_dict().items()}
+  params = from_torch_state_dict(state, model.num_heads)
+  id2label = pt.config.id2label or {}
+  labels = [id2label[i] for i in range(len(id2label))] if id2label else None
+  if labels and all(l == f"LABEL_{i}" for i, l in enumerate(labels)):
+    labels = None
+  return model, params, labels
+
+
+def write_labels(labels: list[str], path: str) -> None:
+  """One class name per line, in index order (what `--labels` reads)."""
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(labels) + "\n")
+
