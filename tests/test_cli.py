@@ -1,0 +1,167 @@
+"""The `vit-jax` command line: predict and convert, and the shipped class names."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import ckpt_fixtures as cf
+from vit_jax import checkpoint
+from vit_jax import cli
+from vit_jax import labels
+from vit_jax import models
+from vit_jax import preprocess
+
+
+@pytest.fixture(scope="module")
+def imagenet_ckpt(tmp_path_factory):
+  """A tiny model with a 1000-class head, in the original layout."""
+  path = tmp_path_factory.mktemp("ckpt") / "tiny1000.npz"
+  cf.write_original(path, cf.Spec(classes=1000, image_size=32))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+  d = tmp_path_factory.mktemp("img")
+  rng = np.random.default_rng(0)
+  rgb = (rng.uniform(0, 255, (50, 70, 3))).astype(np.uint8)
+  out = {}
+  for name, im in {
+      "rgb.jpg": Image.fromarray(rgb),
+      "gray.png": Image.fromarray(rgb[..., 0]),
+      "palette.png": Image.fromarray(rgb).convert("P"),
+      "alpha.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
+      "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+      "pic.bmp": Image.fromarray(rgb),
+  }.items():
+    im.save(d / name)
+    out[name] = str(d / name)
+  (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+  out["broken.jpg"] = str(d / "broken.jpg")
+  return out
+
+
+def _run(capsys, *argv):
+  code = cli.main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_predict_json_matches_the_model(capsys, imagenet_ckpt, images):
+  code, out, err = _run(capsys, "predict", "--checkpoint", imagenet_ckpt, "--json", "--top-k", "3",
+                        "--batch-size", "4", *[images[k] for k in ("rgb.jpg", "gray.png", "pic.bmp")])
+  assert code == 0, err
+  rows = [json.loads(line) for line in out.splitlines()]
+  assert [r["image"] for r in rows] == [images["rgb.jpg"], images["gray.png"], images["pic.bmp"]]
+  # The same numbers computed directly: decode, resize, scale, model, softmax.
+  model = models.create_model("Ti/16", num_classes=1000, image_size=32, num_layers=2, mlp_dim=384)
+  params = checkpoint.load_pretrained(imagenet_ckpt, model)
+  names = labels.imagenet2012()
+  for row in rows:
+    x = preprocess.eval_resize(np.asarray(Image.open(row["image"]).convert("RGB")), 32)[None]
+    probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, x)[0]))
+    best = np.argsort(-probs)[:3]
+    assert [p["index"] for p in row["predictions"]] == best.tolist()
+    assert [p["label"] for p in row["predictions"]] == [names[i] for i in best]
+    np.testing.assert_allclose([p["score"] for p in row["predictions"]], probs[best], rtol=1e-4)
+
+
+def test_predict_human_output_and_unreadable_files(capsys, imagenet_ckpt, images):
+  paths = [images[k] for k in ("broken.jpg", "palette.png", "alpha.png", "cmyk.jpg")]
+  code, out, err = _run(capsys, "predict", "--checkpoint", imagenet_ckpt, "--top-k", "2", *paths)
+  assert code == 1  # something failed, and the rest were still classified
+  (line,) = err.strip().splitlines()
+  assert line.startswith(f"vit-jax predict: {images['broken.jpg']}: not a readable image (")
+  lines = out.splitlines()
+  assert lines[0::3] == paths[1:]
+  assert all(line.startswith("  ") and "%" in line for i, line in enumerate(lines) if i % 3)
+  missing = "/nonexistent/x.jpg"
+  code, out, err = _run(capsys, "predict", "--checkpoint", imagenet_ckpt, missing, images["rgb.jpg"])
+  assert code == 1 and missing in err and images["rgb.jpg"] in out
+
+
+def test_predict_with_a_labels_file_and_wrong_count(capsys, tmp_path, images):
+  ckpt = tmp_path / "c3.npz"
+  cf.write_original(ckpt, cf.Spec(classes=3))
+  (tmp_path / "names.txt").write_text("cat\ndog\nbird\n")
+  code, out, _ = _run(capsys, "predict", "--checkpoint", str(ckpt), "--labels",
+                      str(tmp_path / "names.txt"), "--json", images["rgb.jpg"])
+  assert code == 0
+  assert {p["label"] for p in json.loads(out)["predictions"]} == {"cat", "dog", "bird"}
+  (tmp_path / "two.txt").write_text("cat\ndog\n")
+  code, _, err = _run(capsys, "predict", "--checkpoint", str(ckpt), "--labels", str(tmp_path / "two.txt"),
+                      images["rgb.jpg"])
+  assert code == 2 and err.strip() == f"vit-jax predict: error: {tmp_path / 'two.txt'}: 2 labels for " \
+                                      "a model with 3 classes"
+
+
+def test_predict_at_another_size_and_bad_checkpoint(capsys, tmp_path, imagenet_ckpt, images):
+  code, out, _ = _run(capsys, "predict", "--checkpoint", imagenet_ckpt, "--image-size", "48",
+                      "--json", images["rgb.jpg"])
+  assert code == 0 and len(json.loads(out)["predictions"]) == 5
+  # The fixture is narrower than a real Ti/16 (mlp 384, not 768): naming the variant is strict.
+  code, out, err = _run(capsys, "predict", "--checkpoint", imagenet_ckpt, "--model", "Ti/16",
+                        images["rgb.jpg"])
+  assert code == 2 and "MlpBlock_0/Dense_0/bias has shape (384,), expected (768,)" in err
+  (tmp_path / "junk.npz").write_bytes(b"junk")
+  code, out, err = _run(capsys, "predict", "--checkpoint", str(tmp_path / "junk.npz"), images["rgb.jpg"])
+  assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "junk.npz" in err
+
+
+def test_convert_both_ways(capsys, tmp_path):
+  arrays = cf.write_original(tmp_path / "m.npz", cf.Spec(classes=1000))
+  code, out, err = _run(capsys, "convert", str(tmp_path / "m.npz"), str(tmp_path / "hf"))
+  assert code == 0, err
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert config["id2label"]["1"] == "goldfish, Carassius auratus"
+  assert config["hidden_act"] == "gelu_pytorch_tanh"
+  code, out, err = _run(capsys, "convert", str(tmp_path / "hf"), str(tmp_path / "back.npz"))
+  assert code == 0, err
+  with np.load(tmp_path / "back.npz") as back:
+    assert set(back.files) == set(arrays)
+    for k in arrays:
+      np.testing.assert_array_equal(back[k], arrays[k])
+  assert (tmp_path / "back.labels.txt").read_text().splitlines()[0] == "tench, Tinca tinca"
+
+
+def test_convert_refuses_pre_logits_unless_dropped(capsys, tmp_path):
+  cf.write_original(tmp_path / "p.npz", cf.Spec(classes=4, pre_logits=192))
+  code, _, err = _run(capsys, "convert", str(tmp_path / "p.npz"), str(tmp_path / "hf"))
+  assert code == 2 and "--drop-pre-logits" in err and not (tmp_path / "hf").exists()
+  code, _, err = _run(capsys, "convert", "--drop-pre-logits", str(tmp_path / "p.npz"), str(tmp_path / "hf"))
+  assert code == 0, err
+
+
+def test_shipped_imagenet_names_are_the_tfds_list():
+  from tensorflow_datasets.datasets.siscore import labels as tfds_labels
+  assert list(labels.imagenet2012()) == list(tfds_labels.IMAGENET_LABELS_LIST)
+  assert len(set(labels.imagenet2012())) == 1000
+
+
+def test_console_script_is_installed():
+  exe = os.path.join(os.path.dirname(sys.executable), "vit-jax")
+  out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120, check=True).stdout
+  assert "predict" in out and "convert" in out
+
+
+def test_decode_rgb_modes_and_limits(images):
+  for name in ("gray.png", "palette.png", "alpha.png", "cmyk.jpg"):
+    arr = preprocess.read_rgb(images[name])
+    assert arr.shape == (50, 70, 3) and arr.dtype == np.uint8
+  with pytest.raises(preprocess.ImageError, match="over the limit of 100"):
+    preprocess.decode_rgb(open(images["rgb.jpg"], "rb").read(), max_pixels=100)
+
+
+def test_eval_resize_is_a_plain_bilinear_resize_to_unit_range():
+  img = np.zeros((10, 30, 3), np.uint8)
+  img[:, 15:] = 255
+  out = preprocess.eval_resize(img, 6)
+  assert out.shape == (6, 6, 3) and out.dtype == np.float32
+  np.testing.assert_allclose(out[:, 0], -1.0)
+  np.testing.assert_allclose(out[:, -1], 1.0)
+  np.testing.assert_allclose(preprocess.eval_resize(np.full((8, 8, 3), 127, np.uint8), 4), -0.5 / 127.5)

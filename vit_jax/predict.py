@@ -1,0 +1,111 @@
+"""Classifying image files with a checkpoint: what `vit-jax predict` runs."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import checkpoint
+from vit_jax import labels as labels_lib
+from vit_jax import models
+from vit_jax import preprocess
+
+
+@dataclasses.dataclass
+class Classifier:
+  """A model with its params and class names, and a jitted batch call."""
+  model: models.VisionTransformer
+  params: Any
+  class_names: list[str]
+  model_name: str
+  batch_size: int = 32
+
+  def __post_init__(self):
+    # One compiled shape: the last partial batch is padded, never recompiled.
+    self._logits = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False))
+
+  @property
+  def image_size(self) -> int:
+    return self.model.image_size
+
+  def logits(self, images: np.ndarray) -> np.ndarray:
+    """Logits [N, C] for preprocessed images [N, S, S, 3], in fixed-size batches."""
+    out = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      n = len(chunk)
+      if n < self.batch_size:
+        chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+      out.append(np.asarray(self._logits(self.params, chunk))[:n])
+    return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+  def top_k(self, images: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
+    """For each image, the k best classes as {"label", "score", "index"}, best first."""
+    logits = self.logits(images)
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+    k = min(k, probs.shape[-1])
+    result = []
+    for row in probs:
+      idx = np.argsort(-row, kind="stable")[:k]
+      result.append([{"label": self.class_names[i], "score": float(row[i]), "index": int(i)}
+                     for i in idx])
+    return result
+
+
+def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
+                    image_size: int | None = None, labels_path: str | None = None,
+                    batch_size: int = 32, **model_overrides: Any) -> Classifier:
+  """A Classifier for an original-layout checkpoint; the model is read off the file by default."""
+  tree = checkpoint.load(checkpoint_path)
+  found = checkpoint.model_for(tree, checkpoint_path)
+  if found.num_classes is None:
+    raise checkpoint.CheckpointError(f"{checkpoint_path}: has no head; it cannot classify")
+  if model_name:  # the named variant; a file of another shape then fails with the key and shapes
+    model = models.create_model(model_name, num_classes=found.num_classes,
+                                image_size=image_size or found.image_size,
+                                representation_size=found.representation_size,
+                                classifier=found.classifier, **model_overrides)
+  else:
+    model = found.clone(image_size=image_size or found.image_size, **model_overrides)
+    if model.image_size % model.patch_size:
+      raise ValueError(f"image size {model.image_size} is not divisible by the patch size "
+                       f"{model.patch_size}")
+  name = models.canonical_name(model_name) if model_name else \
+      checkpoint.infer_model(tree, checkpoint_path)["name"] or "custom"
+  params = checkpoint.load_pretrained(tree, model)
+  names = labels_lib.for_classes(model.num_classes, labels_path)
+  return Classifier(model=model, params=jax.device_put(params), class_names=names,
+                    model_name=name, batch_size=batch_size)
+
+
+@dataclasses.dataclass
+class Result:
+  """The predictions for one input, or why there are none."""
+  image: str
+  predictions: list[dict[str, Any]] | None = None
+  error: str | None = None
+
+
+def classify_files(clf: Classifier, paths: Sequence[str], k: int = 5) -> Iterator[Result]:
+  """Results for every path, in order; an unreadable file gets an error, the rest go on."""
+  for chunk in _chunks(paths, clf.batch_size):
+    images, ok, results = [], [], []
+    for path in chunk:
+      try:
+        images.append(preprocess.eval_resize(preprocess.read_rgb(path), clf.image_size))
+        ok.append(len(results))
+        results.append(Result(path))
+      except preprocess.ImageError as e:
+        results.append(Result(path, error=str(e)))
+    if images:
+      for i, preds in zip(ok, clf.top_k(np.stack(images), k)):
+        results[i].predictions = preds
+    yield from results
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+  for start in range(0, len(items), size):
+    yield items[start:start + size]
