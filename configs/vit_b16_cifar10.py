@@ -1,0 +1,23 @@
+"""Fine-tune ViT-B/16 (ImageNet-21k) on CIFAR-10 at 384: the paper's fine-tuning recipe.
+
+SGD momentum 0.9, batch 512, base lr 0.03, 500 warmup steps, cosine decay over
+10k steps, global-norm clipping at 1, no weight decay, head re-initialised to zeros.
+
+  vit-jax train --config configs/vit_b16_cifar10.py --workdir gs://BUCKET/runs/cifar10 \
+    --config.pretrained=gs://vit_models/imagenet21k/ViT-B_16.npz
+"""
+from vit_jax import configs
+
+
+def get_config():
+  c = configs.base()
+  c.dataset = "cifar10"
+  c.image_size = 384
+  c.model.name = "ViT-B_16"
+  c.pretrained = "gs://vit_models/imagenet21k/ViT-B_16.npz"
+  c.batch_size = 512
+  c.base_lr = 0.03
+  c.warmup_steps = 500
+  c.total_steps = 10_000
+  c.shuffle_buffer = 50_000
+  return c

@@ -1,0 +1,43 @@
+"""Pre-train ViT-B/16 from scratch on ImageNet-21k at 224: the paper's TPUv3 setup.
+
+Adam (b1 0.9, b2 0.999), batch 4096, base lr 1e-3, 10k warmup steps then linear
+decay, weight decay 0.1 (decoupled, on kernels), clipping at 1, dropout 0.1,
+a pre_logits layer (representation_size 768) as in the released checkpoints.
+
+Memory: 512 images per v3 core at 224 do not fit in 16 GiB with float32
+activations. Two levers, both on: bfloat16 compute (params and optimizer state
+stay float32; halves activation memory, no extra FLOPs) and rematerialised
+blocks (keeps only each block's input; costs about one more forward pass, i.e.
+roughly 4/3 of the FLOPs of a plain step). `vit-jax aot --topology v3-8`
+reports the fit. accum_steps is the third lever if a model still does not fit.
+
+  vit-jax train --config configs/vit_b16_pretrain_i21k.py --workdir gs://BUCKET/runs/i21k \
+    --config.tfds_data_dir=gs://BUCKET/tensorflow_datasets
+"""
+from vit_jax import configs
+
+
+def get_config():
+  c = configs.base()
+  c.dataset = "imagenet21k"
+  c.train_split = "full[:99%]"
+  c.eval_split = "full[99%:]"
+  c.image_size = 224
+  c.model.name = "ViT-B_16"
+  c.model.representation_size = 768
+  c.model.dropout_rate = 0.1
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.pretrained = None
+  c.batch_size = 4096
+  c.eval_batch_size = 4096
+  c.optimizer = "adam"
+  c.base_lr = 1e-3
+  c.weight_decay = 0.1
+  c.warmup_steps = 10_000
+  c.decay_type = "linear"
+  c.total_steps = 300_000  # about 90 epochs of ImageNet-21k's 14M images
+  c.shuffle_buffer = 250_000
+  c.eval_every = 10_000
+  c.checkpoint_every = 2_000
+  return c

@@ -1,0 +1,52 @@
+"""Optimizers and learning-rate schedules from optax, as the paper's recipes use them.
+
+Fine-tuning: SGD with momentum 0.9, linear warmup then cosine decay, global-norm
+clipping at 1. Pre-training: Adam (b1 0.9, b2 0.999) with decoupled weight
+decay 0.1 on the kernels, 10k warmup steps then linear decay, clipping at 1.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+
+def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 to `base_lr`, then `decay_type` ('cosine', 'linear' or 'constant') to 0."""
+  base, warmup, total = config.base_lr, config.warmup_steps, config.total_steps
+  if warmup >= total:
+    raise ValueError(f"warmup_steps {warmup} must be below total_steps {total}")
+  decay_type = config.get("decay_type", "cosine")
+  if decay_type == "cosine":
+    decay = optax.cosine_decay_schedule(base, total - warmup)
+  elif decay_type == "linear":
+    decay = optax.linear_schedule(base, 0.0, total - warmup)
+  elif decay_type == "constant":
+    decay = optax.constant_schedule(base)
+  else:
+    raise ValueError(f"decay_type must be cosine, linear or constant, got {decay_type!r}")
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), decay], [warmup])
+
+
+def _kernels_only(params: Any) -> Any:
+  """Weight decay on matrices and conv kernels, not on biases, norms or embeddings' scales."""
+  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer named by `config.optimizer` ('sgd' or 'adam'), with clipping and schedule."""
+  lr = schedule(config)
+  name = config.optimizer
+  if name == "sgd":
+    opt = optax.sgd(lr, momentum=config.get("momentum", 0.9), nesterov=False,
+                    accumulator_dtype=config.get("accumulator_dtype", None))
+  elif name == "adam":
+    opt = optax.adamw(lr, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
+                      weight_decay=config.get("weight_decay", 0.0), mask=_kernels_only)
+  else:
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+  clip = config.get("grad_clip_norm", 1.0)
+  chain = [optax.clip_by_global_norm(clip)] if clip else []
+  return optax.chain(*chain, opt), lr
