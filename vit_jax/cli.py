@@ -92,7 +92,121 @@ def _run_convert(args: argparse.Namespace) -> int:
   return 0
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_predict, _add_convert]
+def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
+  """A config from `--config FILE [--config.key=value ...]`, the ml_collections convention."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  if not any(a == "--config" or a.startswith("--config=") for a in argv):
+    raise ValueError("--config FILE is required (a file in configs/, e.g. configs/vit_b16_cifar10.py)")
+  stray = [a for a in argv if a.startswith("-") and not a.startswith("--config")]
+  if stray:
+    raise ValueError(f"unknown option(s) {' '.join(stray)}")
+  path = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else "")
+              for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+  if not os.path.isfile(path.split(":", 1)[0]):
+    raise ValueError(f"--config {path}: no such config file")
+  fv = flags.FlagValues()
+  argv = ["vit-jax", *argv]
+  # sys_argv: the override flags are registered from this list, not from sys.argv.
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  try:
+    fv(argv)
+    return fv.config
+  except KeyError as e:
+    field = str(e.args[0] if e.args else e).strip("'\"")
+    raise ValueError(f"config {path}: no field {field!r} to override") from None
+  except (flags.Error, AttributeError, TypeError) as e:
+    raise ValueError(f"config {path}: {str(e).splitlines()[0]}") from None
+
+
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("multi-host (TPU pod slices are detected without these)")
+  g.add_argument("--coordinator", default=None, help="host:port of process 0, for jax.distributed")
+  g.add_argument("--num-processes", type=int, default=None)
+  g.add_argument("--process-id", type=int, default=None)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("train", help="fine-tune or train as a config says; rerun to resume",
+                     description="vit-jax train --config configs/X.py --workdir DIR [--config.key=value ...]")
+  p.add_argument("--workdir", required=True, help="checkpoints, logs and exports (local or gs://)")
+  _add_distributed(p)
+  p.set_defaults(run=_run_train, wants_config=True)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+  from vit_jax import sharding  # pylint: disable=import-outside-toplevel
+  sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  from vit_jax import train  # pylint: disable=import-outside-toplevel
+  result = train.train_and_evaluate(args.config, args.workdir)
+  _print_result(result)
+  return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split",
+                     description="vit-jax eval --config configs/X.py --checkpoint CKPT [--split test]")
+  p.add_argument("--checkpoint", required=True,
+                 help="original-layout .npz, or a training workdir / Orbax checkpoint directory")
+  p.add_argument("--split", default="eval", help="'eval', 'test', or a split string")
+  _add_distributed(p)
+  p.set_defaults(run=_run_eval, wants_config=True)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+  from vit_jax import sharding  # pylint: disable=import-outside-toplevel
+  sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  from vit_jax import train  # pylint: disable=import-outside-toplevel
+  _print_result({args.split: train.evaluate(args.config, args.checkpoint, args.split)})
+  return 0
+
+
+def _print_result(result: dict) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    for split, values in result.items():
+      scalars = {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()
+                 if not isinstance(v, list)}
+      print(json.dumps({"split": split, **scalars}))
+
+
+def _add_aot(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("aot", help="compile a config's steps for a TPU topology, without a TPU",
+                     description="vit-jax aot --config configs/X.py --topology v3-8 [--config.key=value ...]: "
+                                 "HBM per device, fit, FLOPs and estimated step time, from the TPU compiler.")
+  p.add_argument("--topology", required=True,
+                 help="v3-8, v3-32, v4-8, v4-32, v5e-8, v5e-16, v5p-8 or v6e-8")
+  p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
+  p.add_argument("--json-only", action="store_true", help="print only the JSON line")
+  p.set_defaults(run=_run_aot, wants_config=True, cpu_only=True)
+
+
+def _run_aot(args: argparse.Namespace) -> int:
+  from vit_jax import aot  # pylint: disable=import-outside-toplevel
+  report = aot.check(args.config, args.topology, args.num_classes)
+  if not args.json_only:
+    print(aot.table(report))
+  print(aot.to_json(report))
+  return 0
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_predict, _add_convert, _add_train, _add_eval, _add_aot]
+
+
+def _keep_jax_off_absent_tpus(force_cpu: bool = False) -> None:
+  """With libtpu installed but no TPU attached, JAX would probe for one and stall: use the CPU."""
+  if "JAX_PLATFORMS" in os.environ and not force_cpu:
+    return
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  has_tpu = any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0", "/dev/vfio/vfio"))
+  if force_cpu or (importlib.util.find_spec("libtpu") is not None and not has_tpu):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  if force_cpu:
+    # Compile-only use of libtpu touches no TPU: let several such processes run at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,11 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  if rest and not getattr(args, "wants_config", False):
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  _keep_jax_off_absent_tpus(force_cpu=getattr(args, "cpu_only", False))
   from vit_jax import checkpoint, convert, preprocess  # pylint: disable=import-outside-toplevel
   errors = _USER_ERRORS + (checkpoint.CheckpointError, convert.ConversionError,
                            preprocess.ImageError, OSError)
   try:
+    if getattr(args, "wants_config", False):
+      args.config = load_config(rest)
     return args.run(args)
   except errors as e:
     if os.environ.get("VIT_JAX_DEBUG"):

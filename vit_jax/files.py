@@ -33,6 +33,11 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
+def exists(path: str) -> bool:
+  path = str(path)
+  return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str) -> Iterator[IO[bytes]]:
   """Writes to a temporary file beside `path`, renamed over it only on success.

@@ -1,0 +1,74 @@
+"""`vit-jax aot`: the real TPU compiler, through libtpu, on this CPU machine."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vit_jax import aot
+from vit_jax import models
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+
+
+def _aot(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-m", "vit_jax.cli", "aot", *args], env=env,
+                        capture_output=True, text=True, timeout=600)
+  return proc
+
+
+def test_tiny_config_compiles_for_v3_8():
+  proc = _aot("--config", os.path.join(CONFIGS, "tiny.py"), "--topology", "v3-8",
+              "--config.batch_size=64", "--num-classes", "10")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  report = json.loads(lines[-1])
+  for key in ("topology", "devices", "global_batch", "per_device_batch", "hbm_peak_bytes",
+              "hbm_capacity_bytes", "fits", "flops_per_device", "model_flops_per_image",
+              "estimated_step_seconds"):
+    assert key in report, key
+  assert report["topology"] == "v3-8" and report["devices"] == 8
+  assert report["global_batch"] == 64 and report["per_device_batch"] == 8
+  assert report["hbm_capacity_bytes"] == 16 * 1024 ** 3
+  assert report["fits"] is True and 0 < report["hbm_peak_bytes"] < report["hbm_capacity_bytes"]
+  breakdown = report["train"]["hbm_breakdown"]
+  assert report["hbm_peak_bytes"] == (breakdown["arguments"] + breakdown["temporaries"] + breakdown["outputs"]
+                                      - breakdown["aliased"] + breakdown["code"])
+  # The compiler's FLOPs per device cover at least the model's own training FLOPs
+  # for the device's 8 images, and not wildly more (optimizer and norms are small).
+  model_flops = report["per_device_batch"] * report["model_flops_per_image"]
+  assert 0.9 * model_flops < report["flops_per_device"] < 2.0 * model_flops
+  assert report["estimated_step_seconds"] > 0
+  assert report["inference"]["fits"] is True
+  assert any(line.startswith("train step HBM") for line in lines[:-1])
+
+
+def test_a_step_too_big_for_hbm_does_not_fit():
+  # 4096 images of 384 px in float32 are 1.8 GB per v3 core before the model even starts;
+  # a ViT-S at that batch without remat cannot fit in 16 GiB.
+  proc = _aot("--config", os.path.join(CONFIGS, "tiny.py"), "--topology", "v3-8", "--json-only",
+              "--config.image_size=384", "--config.batch_size=4096", "--config.model.name=ViT-S_16",
+              "--config.model.hidden_size=384", "--config.model.mlp_dim=1536",
+              "--config.model.num_heads=6", "--config.model.num_layers=4", "--config.model.patch_size=16")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["fits"] is False
+  # The compiler's own numbers: what it needed, over what a v3 core offers (~15.48 GiB usable).
+  assert report["train"]["hbm_limit_bytes"] == pytest.approx(15.48 * 1024 ** 3, rel=0.01)
+  assert report["hbm_peak_bytes"] > report["train"]["hbm_limit_bytes"]
+
+
+def test_unknown_topology_is_a_one_line_error():
+  proc = _aot("--config", os.path.join(CONFIGS, "tiny.py"), "--topology", "v9-8")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("vit-jax aot: error: unknown topology 'v9-8'")
+
+
+def test_model_flops_of_vit_b16():
+  # 17.6 GMACs = 35.2 GFLOP per image forward at 224 (the commonly quoted figure).
+  model = models.create_model("ViT-B_16", num_classes=1000)
+  assert aot.model_flops_per_image(model, train=False) == pytest.approx(35.2e9, rel=0.01)
+  assert aot.model_flops_per_image(model, train=True) == pytest.approx(3 * 35.2e9, rel=0.01)
