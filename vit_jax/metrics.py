@@ -1,6 +1,6 @@
 """Losses, and evaluation metrics accumulated over masked batches.
 
-On device, each batch reduces to sums (loss, correct, confusion matrix), so
+On device, each batch reduces to sums (loss, correct, per-class counts), so
 padded examples count for nothing and no per-example array leaves the mesh.
 Multi-label mAP needs every score: those are gathered per batch on the host.
 """
@@ -17,14 +17,15 @@ import optax
 
 def loss_fn(logits: jax.Array, labels: jax.Array, *, multilabel: bool,
             label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example loss: softmax cross-entropy (int labels) or sigmoid (multi-hot labels)."""
+  """Per-example loss: softmax cross-entropy (int or soft labels) or sigmoid (multi-hot labels)."""
   logits = logits.astype(jnp.float32)
   if multilabel:
     targets = labels.astype(jnp.float32)
     if label_smoothing:
       targets = targets * (1 - label_smoothing) + 0.5 * label_smoothing
     return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1)
-  onehot = jax.nn.one_hot(labels, logits.shape[-1])
+  # Soft targets [N, C] (e.g. from mixup) are used as they are.
+  onehot = labels.astype(jnp.float32) if labels.ndim == logits.ndim else jax.nn.one_hot(labels, logits.shape[-1])
   if label_smoothing:
     onehot = optax.smooth_labels(onehot, label_smoothing)
   return optax.softmax_cross_entropy(logits, onehot)
@@ -45,9 +46,12 @@ def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, multila
             "fn": jnp.sum((1 - pred) * y * m, 0)}
   else:
     pred = jnp.argmax(logits, -1)
-    out["correct"] = jnp.sum((pred == labels) * mask_f)
-    # confusion[true, predicted]: per-class accuracy, precision, recall, F1.
-    out["confusion"] = jnp.zeros((num_classes, num_classes), jnp.float32).at[labels, pred].add(mask_f)
+    hit = (pred == labels) * mask_f
+    out["correct"] = jnp.sum(hit)
+    # Per-class vectors, not a confusion matrix: C x C would be 1.9 GB for ImageNet-21k.
+    out["support"] = jnp.zeros((num_classes,), jnp.float32).at[labels].add(mask_f)
+    out["predicted"] = jnp.zeros((num_classes,), jnp.float32).at[pred].add(mask_f)
+    out["true_positive"] = jnp.zeros((num_classes,), jnp.float32).at[labels].add(hit)
   return out
 
 
@@ -79,9 +83,8 @@ class Accumulator:
       if self.scores:
         out["mAP"] = mean_average_precision(np.concatenate(self.scores), np.concatenate(self.targets))
       return out
-    conf = s["confusion"]
     out["accuracy"] = float(s["correct"]) / max(count, 1)
-    support, predicted, tp = conf.sum(1), conf.sum(0), np.diag(conf)
+    support, predicted, tp = s["support"], s["predicted"], s["true_positive"]
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     f1 = np.divide(2 * precision * recall, precision + recall,

@@ -148,19 +148,23 @@ class Setup:
                    out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
   def eval_step_fn(self) -> Callable:
-    """(params, batch) -> (sums, logits); sums over the valid (mask) examples only."""
+    """(params, batch) -> (sums, logits or None); sums over the valid (mask) examples only.
+
+    Logits leave the step only for multi-label data, whose mAP needs every score.
+    """
     model, multilabel = self.model, self.multilabel
 
     def step(params, batch):
       logits = model.apply({"params": params}, batch["image"], train=False)
-      return metrics.batch_sums(logits, batch["label"], batch["mask"], multilabel=multilabel), logits
+      sums = metrics.batch_sums(logits, batch["label"], batch["mask"], multilabel=multilabel)
+      return sums, (logits if multilabel else None)
 
     return step
 
   def jit_eval_step(self) -> Callable:
     rep = sharding.replicated(self.mesh)
     return jax.jit(self.eval_step_fn(), in_shardings=(self.param_shardings, self.batch_sharding),
-                   out_shardings=(rep, self.batch_sharding))
+                   out_shardings=(rep, self.batch_sharding if self.multilabel else None))
 
   def jit_predict(self, embedding: bool = False) -> Callable:
     """(params, images) -> logits or embeddings, sharded like the batch."""
