@@ -110,7 +110,9 @@ def _report(compiled, error: str | None, capacity: int) -> dict[str, Any]:
                             "aliased": int(mem.alias_size_in_bytes),
                             "code": int(mem.generated_code_size_in_bytes)},
           "flops_per_device": float(cost.get("flops", 0.0)),
-          "estimated_step_seconds": float(cost.get("optimal_seconds", 0.0)) or None}
+          # Multi-host slices get no usable estimate (the compiler returns a negative number).
+          "estimated_step_seconds": seconds if (seconds := float(cost.get("optimal_seconds", 0.0))) > 0
+                                    else None}
 
 
 def check(config: ml_collections.ConfigDict, topology: str, num_classes: int | None = None
