@@ -191,8 +191,28 @@ def _run_aot(args: argparse.Namespace) -> int:
   return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("demo", help="the whole pipeline offline in a few minutes: pre-train, save, "
+                                  "fine-tune at a new size, evaluate, predict",
+                     description="Transfer learning on scikit-learn's handwritten digits, on CPU.")
+  p.add_argument("--workdir", default="demo-run")
+  p.add_argument("--devices", type=int, default=4, help="CPU devices to shard batches over")
+  p.add_argument("--pretrain-steps", type=int, default=300)
+  p.add_argument("--finetune-steps", type=int, default=200)
+  p.set_defaults(run=_run_demo, cpu_only=True)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  # Several CPU devices, so that the demo runs the same sharded step as a TPU slice.
+  jax.config.update("jax_num_cpu_devices", args.devices)
+  from vit_jax import demo  # pylint: disable=import-outside-toplevel
+  demo.run(args.workdir, args.pretrain_steps, args.finetune_steps)
+  return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_predict, _add_convert, _add_train, _add_eval, _add_aot]
+    _add_predict, _add_convert, _add_train, _add_eval, _add_aot, _add_demo]
 
 
 def _keep_jax_off_absent_tpus(force_cpu: bool = False) -> None:
