@@ -1,0 +1,160 @@
+"""Small real datasets for input tests: encoded image files in folders, and a locally built TFDS dataset.
+
+Images are colour-coded by class (class c has channel c bright, the others
+dark, plus texture), so a test can tell an image's class from its pixels after
+any crop, flip or resize, and check that images and labels stay together.
+"""
+from __future__ import annotations
+
+import io
+import os
+import zlib
+from typing import Mapping
+
+import numpy as np
+from PIL import Image
+
+CLASS_COLOURS = ("red", "green", "blue")
+
+
+def class_image(label: int, seed: int, height: int = 24, width: int = 32) -> np.ndarray:
+  """uint8 [h, w, 3]: channel `label % 3` around 200, the others around 50, with smooth texture."""
+  rng = np.random.default_rng(seed)
+  base = np.full((height, width, 3), 50.0)
+  base[..., label % 3] = 200.0
+  coarse = rng.normal(0.0, 25.0, (max(height // 6, 2), max(width // 6, 2), 3)).astype(np.float32)
+  texture = np.stack([np.asarray(Image.fromarray(coarse[..., c], "F").resize((width, height), Image.BILINEAR))
+                      for c in range(3)], axis=-1)
+  return np.clip(base + texture, 0, 255).astype(np.uint8)
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None, **kw) -> bytes:
+  """Encoded image bytes; `mode` converts first ('L', 'P', 'RGBA', 'CMYK', ...)."""
+  im = Image.fromarray(array)
+  if mode:
+    im = im.convert(mode)
+  buf = io.BytesIO()
+  im.save(buf, fmt, **kw)
+  return buf.getvalue()
+
+
+def write_file(path: str, data: bytes) -> str:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data)
+  return path
+
+
+def write_folder(root: str, counts: Mapping[str, Mapping[str, int]], *, ext: str = "png",
+                 size: tuple[int, int] = (24, 32), seed: int = 0) -> dict[str, list[str]]:
+  """ROOT/{split}/{class}/{i}.{ext}; counts = {split: {class_name: n}}; returns paths per split.
+
+  The class index (for the colour) is the class name's place in sorted order.
+  """
+  fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "webp": "WEBP"}[ext]
+  names = sorted({c for per in counts.values() for c in per})
+  out: dict[str, list[str]] = {}
+  k = seed
+  for split, per in counts.items():
+    for cls, n in per.items():
+      for i in range(n):
+        k += 1
+        data = encode(class_image(names.index(cls), k, *size), fmt)
+        out.setdefault(split, []).append(write_file(os.path.join(root, split, cls, f"{i:04d}.{ext}"), data))
+  return out
+
+
+def odd_images(label: int = 0, seed: int = 0) -> dict[str, bytes]:
+  """The awkward inputs: grayscale, palette, RGBA and LA PNGs, CMYK and grayscale JPEGs, palette BMP."""
+  a = class_image(label, seed, 28, 20)
+  return {"gray.png": encode(a, "PNG", "L"), "palette.png": encode(a, "PNG", "P"),
+          "rgba.png": encode(a, "PNG", "RGBA"), "la.png": encode(a, "PNG", "LA"),
+          "cmyk.jpg": encode(a, "JPEG", "CMYK"), "gray.jpg": encode(a, "JPEG", "L"),
+          "palette.bmp": encode(a, "BMP", "P"), "rgb.webp": encode(a, "WEBP", lossless=True)}
+
+
+def corrupt_images() -> dict[str, bytes]:
+  """Files with image names that no decoder can read."""
+  jpeg = encode(class_image(0, 1), "JPEG")
+  return {"truncated.jpg": jpeg[: len(jpeg) // 3], "garbage.png": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
+          "empty.jpg": b"", "text.jpeg": b"this is not an image\n"}
+
+
+# -- TFDS --------------------------------------------------------------------------
+
+TFDS_NAME = "vit_jax_test_images"
+TFDS_MULTILABEL_NAME = "vit_jax_test_tags"
+TFDS_SPLITS = {"train": 50, "test": 13}
+
+
+def tfds_tags(i: int) -> list[int]:
+  """The multi-label test dataset's labels of example i: its colour, and 'even' (3) for even i."""
+  return [i % 3] + ([3] if i % 2 == 0 else [])
+
+
+def _builder_class(multilabel: bool):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  # Not registered: the pipeline must find it by name in the data_dir, as it finds prepared datasets.
+  class VitJaxTestImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Colour-coded JPEGs of varied sizes in three classes (multi-label: plus 'even')."""
+    VERSION = tfds.core.Version("1.0.0")
+    name = TFDS_MULTILABEL_NAME if multilabel else TFDS_NAME
+
+    def _info(self):
+      if multilabel:
+        label = tfds.features.Sequence(tfds.features.ClassLabel(names=[*CLASS_COLOURS, "even"]))
+      else:
+        label = tfds.features.ClassLabel(names=list(CLASS_COLOURS))
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "label": label, "id": tfds.features.Scalar(np.int64)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(split, n) for split, n in TFDS_SPLITS.items()}
+
+    def _generate_examples(self, split, n):
+      offset = 0 if split == "train" else 1000
+      for i in range(n):
+        h, w = 20 + (i * 7) % 21, 24 + (i * 5) % 17
+        yield f"{split}-{i}", {"image": class_image(i % 3, offset + i, h, w),
+                               "label": tfds_tags(i) if multilabel else i % 3, "id": offset + i}
+
+  return VitJaxTestImages
+
+
+def build_tfds(data_dir: str, num_shards: int = 4, multilabel: bool = False) -> str:
+  """Prepares a test dataset in `data_dir` (no network); returns its name."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  builder = _builder_class(multilabel)(data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+  return builder.name
+
+
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def build_small_cifar10(data_dir: str, train: int = 100, test: int = 20) -> str:
+  """A few colour-coded 32x32 images in the layout of TFDS's cifar10 3.0.2, prepared in `data_dir`.
+
+  `tfds.builder('cifar10', data_dir=...)` then loads it with the real cifar10
+  builder, so the cifar10 split presets are exercised without a download.
+  """
+  from tensorflow_datasets.image_classification import cifar  # pylint: disable=import-outside-toplevel
+
+  class SmallCifar10(cifar.Cifar10, skip_registration=True):
+    name = "cifar10"
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      self.info.features["label"].names = list(CIFAR10_NAMES)
+      return {"train": self._small("train", train), "test": self._small("test", test)}
+
+    def _small(self, split, n):
+      for i in range(n):
+        key = f"{split}_{i:05d}"
+        yield key, {"id": key, "image": class_image(i % 10, zlib.crc32(key.encode()), 32, 32), "label": i % 10}
+
+  SmallCifar10(data_dir=data_dir).download_and_prepare()
+  return "cifar10"

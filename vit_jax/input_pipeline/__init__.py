@@ -1,0 +1,57 @@
+"""The tf.data input pipeline: TFDS datasets, image folders and multi-label lists, sharded over hosts.
+
+Sources (`config.dataset`):
+  * a TFDS name ('cifar10', 'imagenet2012', 'oxford_iiit_pet', 'name:1.0.0/config', ...),
+    prepared in `config.tfds_data_dir` (local or gs://; never downloaded). cifar10
+    and cifar100 default to train 'train[:98%]', eval 'train[98%:]', test 'test';
+    imagenet2012 to 'train[:99%]', 'train[99%:]', 'validation'. Other datasets:
+    'train', then 'validation' (or 'test') for eval, 'test'. Features
+    `config.tfds_image_key`/`tfds_label_key` ('image'/'label'); a Sequence of
+    ClassLabel gives multi-hot targets.
+  * 'folder': `config.folder` = ROOT/{train,val,test}/{class_name}/*.{jpg,jpeg,png,bmp,webp};
+    classes are train's folder names, sorted; `write_class_names` saves them.
+  * 'multilabel': `config.multilabel_file`, a CSV (`path,labels[,split]`, labels
+    separated by ';' or '|') or JSON list; multi-hot float targets. See ListSource.
+  Split strings may slice: 'train[:90%]', 'val[100:]' (for folders and lists the
+  slice is over a fixed hash order of the file names, so it mixes classes).
+
+Training (`train_iterator`): every host reads its own share (`jax.process_index()`
+of `jax.process_count()`) and yields per-host batches of batch_size / processes,
+assembled into global jax.Arrays sharded over the mesh's batch axes and kept
+`config.prefetch` batches ahead on the devices. Folders and lists are permuted
+completely every epoch; TFDS datasets read their shards in a per-epoch order
+through a `config.shuffle_buffer` shuffle. Augmentation: Inception crop (area
+5-100%, aspect 3/4-4/3; JPEGs decode only the crop), resize, flips, quarter
+turns, random-resized-crop, mixup (`config.augment`), scale to [-1, 1];
+`config.balance_classes` repeats minority classes until every class has as
+many examples per epoch as the largest. The stream is a function of
+`config.seed` and the step: `start_step=k` resumes exactly where step k was.
+
+Evaluation (`eval_iterator`): each example once; the last batches are padded
+and carry `mask` (False on padding), with the same number of batches on every
+host. `config.eval_crop`: False for the original plain resize, True (or a crop
+fraction such as 0.875) to resize the short side and cut out the centre.
+
+Undecodable images are skipped, never fatal: `decode_errors()` is the number
+skipped by this process so far; each one is logged (the first few by name) and
+each epoch's or evaluation pass's total is logged when it ends. Images are
+decoded as RGB (grayscale, palette, CMYK and alpha converted). Resuming a
+training stream that had skipped images before the resume point can shift the
+batches by that many examples.
+
+Other config fields read: image_size, batch_size, eval_batch_size, seed,
+shuffle_buffer, prefetch, data_threads (tf.data threads; default: the CPUs this
+process may use), tfds_cycle_length (shards read at once, default 16),
+class_names / num_classes (lists).
+"""
+from vit_jax.input_pipeline.pipeline import decode_errors
+from vit_jax.input_pipeline.pipeline import eval_iterator
+from vit_jax.input_pipeline.pipeline import host_batches
+from vit_jax.input_pipeline.pipeline import train_iterator
+from vit_jax.input_pipeline.sources import DatasetInfo
+from vit_jax.input_pipeline.sources import get_info
+from vit_jax.input_pipeline.sources import LABELS_FILE
+from vit_jax.input_pipeline.sources import write_class_names
+
+__all__ = ["DatasetInfo", "LABELS_FILE", "decode_errors", "eval_iterator", "get_info", "host_batches",
+           "train_iterator", "write_class_names"]

@@ -1,0 +1,449 @@
+"""The per-host tf.data streams, and their delivery as globally sharded, prefetched jax.Arrays.
+
+Positions. Every example a host draws has a stream position: for training,
+epoch * epoch_length + place in the epoch; for evaluation, its place in this
+host's share. The epoch order, the augmentation seeds and the mixup seeds are
+functions of (config.seed, position) only, so a run restarted at step k sees
+exactly the batches an uninterrupted run saw from step k: it starts the
+position counter at k * per-host batch instead of replaying the stream.
+Positions also reveal undecodable images: decoding errors drop the element
+(`ignore_errors`), leaving a gap in the otherwise consecutive positions.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import threading
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from vit_jax import tf_setup
+from vit_jax.input_pipeline import sources
+from vit_jax.input_pipeline import transforms
+
+log = logging.getLogger("vit_jax.input_pipeline")
+
+_END = 2**62  # the training stream has no end
+# Independent random streams of one run, each keyed by (seed, salt).
+_SALT_ORDER, _SALT_AUG, _SALT_MIX, _SALT_BALANCE = 1, 2, 3, 4
+_NAMED_SKIPS = 10  # undecodable files named in the log per process; the rest are only counted
+
+
+def _key(seed: int, salt: int) -> int:
+  """A 63-bit key for one of the run's random streams."""
+  return int(np.random.SeedSequence([int(seed) % 2**63, salt]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# -- undecodable images ------------------------------------------------------------
+
+_lock = threading.Lock()
+_skipped = 0
+_named = 0
+
+
+def decode_errors() -> int:
+  """Images skipped as undecodable by this process so far, training and evaluation together."""
+  with _lock:
+    return _skipped
+
+
+class _SkipCounter:
+  """Counts the positions missing from an ordered position stream: the images that failed to decode."""
+
+  def __init__(self, start: int, what: str, epoch_length: int | None = None,
+               describe: Callable[[int], str] | None = None):
+    self.next, self.what, self.epoch_length, self.describe = start, what, epoch_length, describe
+    self.per_epoch: collections.Counter[int] = collections.Counter()
+    self.epoch = start // epoch_length if epoch_length else 0
+
+  def see(self, positions: np.ndarray) -> None:
+    pos = positions[positions >= 0]
+    if not len(pos):
+      return
+    prev = np.concatenate([[self.next - 1], pos[:-1]])
+    for p, gap in zip(pos, pos - prev - 1):
+      if gap > 0:
+        self._missing(int(p) - int(gap), int(p))
+    self.next = int(pos[-1]) + 1
+    if self.epoch_length:
+      done = (self.next - 1) // self.epoch_length
+      for e in range(self.epoch, done):
+        if self.per_epoch.get(e):
+          log.warning("%s epoch %d: %d undecodable images skipped (%d in this process so far)",
+                      self.what, e, self.per_epoch.pop(e), decode_errors())
+      self.epoch = max(self.epoch, done)
+
+  def finish(self, end: int) -> None:
+    """The stream ended; positions up to `end` (exclusive) were due."""
+    if end > self.next:
+      self._missing(self.next, end)
+    total = sum(self.per_epoch.values())
+    if total:
+      log.warning("%s: %d undecodable images skipped", self.what, total)
+
+  def _missing(self, lo: int, hi: int) -> None:
+    global _skipped, _named
+    with _lock:
+      _skipped += hi - lo
+      to_name = max(0, min(hi - lo, _NAMED_SKIPS - _named))
+      _named += to_name
+    for p in range(lo, lo + to_name):
+      log.warning("%s: skipped an undecodable image%s", self.what,
+                  f" ({self.describe(p)})" if self.describe else f" (position {p})")
+    if self.epoch_length:
+      for e in range(lo // self.epoch_length, (hi - 1) // self.epoch_length + 1):
+        a, b = max(lo, e * self.epoch_length), min(hi, (e + 1) * self.epoch_length)
+        self.per_epoch[e] += b - a
+    else:
+      self.per_epoch[0] += hi - lo
+
+
+# -- config ------------------------------------------------------------------------
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  count = jax.process_count() if process_count is None else int(process_count)
+  index = jax.process_index() if process_index is None else int(process_index)
+  if count < 1 or not 0 <= index < count:
+    raise ValueError(f"process_index {index} is not in [0, process_count={count})")
+  return index, count
+
+
+def _host_batch(global_batch: Any, count: int, what: str) -> int:
+  if not global_batch or int(global_batch) < 1:
+    raise ValueError(f"config.{what} must be a positive integer, not {global_batch!r}")
+  if int(global_batch) % count:
+    raise ValueError(f"config.{what} {global_batch} does not divide over {count} processes")
+  return int(global_batch) // count
+
+
+def _image_size(config: Any) -> int:
+  size = config.get("image_size", None)
+  if not size or int(size) < 1:
+    raise ValueError(f"config.image_size must be a positive integer, not {size!r}")
+  return int(size)
+
+
+def _crop_ratio(config: Any) -> float | None:
+  """config.eval_crop: False -> plain resize; True -> short side to size; r in (0, 1] -> to size / r."""
+  v = config.get("eval_crop", False)
+  if v is True:
+    return 1.0
+  if not v:
+    return None
+  if not 0.0 < float(v) <= 1.0:
+    raise ValueError(f"config.eval_crop {v!r} is not a bool or a crop fraction in (0, 1]")
+  return float(v)
+
+
+def _threads(config: Any) -> int:
+  n = config.get("data_threads", None)
+  return int(n) if n else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+      else (os.cpu_count() or 1)
+
+
+def _options(config: Any):
+  tf = tf_setup.tf()
+  options = tf.data.Options()
+  options.deterministic = True
+  # Parallelism comes from many images at once; one thread per op avoids oversubscription.
+  options.threading.private_threadpool_size = _threads(config)
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+# -- streams -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Stream:
+  """A tf.data dataset of per-host batches (each with positions), and its skip counter."""
+  dataset: Any
+  counter: _SkipCounter
+  end: int | None = None  # evaluation: the positions due on this host
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    for batch in self.dataset.as_numpy_iterator():
+      self.counter.see(batch.pop("pos"))
+      yield batch
+    if self.end is not None:
+      self.counter.finish(self.end)
+
+
+def _balanced_order(labels: np.ndarray, seed: int) -> np.ndarray:
+  """Indices with every class repeated up to the largest class's count (extra picks seeded)."""
+  rng = np.random.default_rng(_key(seed, _SALT_BALANCE))
+  groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+  most = max(len(g) for g in groups)
+  return np.concatenate([np.concatenate([np.tile(g, most // len(g)), rng.permutation(g)[:most % len(g)]])
+                         for g in groups])
+
+
+def _indexed_train(records: sources.Records, index: int, count: int, seed: int, start: int,
+                   balance: bool):
+  """Epoch e is a full permutation (keyed by seed and e) of the records; host i takes every count-th."""
+  tf = tf_setup.tf()
+  order = _balanced_order(records.labels, seed) if balance else np.arange(len(records))
+  total = len(order)
+  length = total // count
+  if length == 0:
+    raise ValueError(f"the training split has {total} examples, fewer than the {count} processes")
+  order_t = tf.constant(order, tf.int64)
+  paths, labels = tf.constant(records.paths), tf.constant(records.labels)
+  key = tf.constant(_key(seed, _SALT_ORDER), tf.int64)
+  max_index = tf.constant(total - 1, tf.int64)
+
+  def pick(pos):
+    epoch, k = pos // length, pos % length
+    j = k * count + index
+    idx = tf.gather(order_t, tf.random.experimental.index_shuffle(j, tf.stack([key, epoch]), max_index))
+    return {"pos": pos, "index": idx, "path": tf.gather(paths, idx), "label": tf.gather(labels, idx)}
+
+  def describe(pos: int) -> str:
+    return pick(tf.constant(pos, tf.int64))["path"].numpy().decode()
+
+  ds = tf.data.Dataset.range(start, _END).map(tf.autograph.experimental.do_not_convert(pick),
+                                              num_parallel_calls=tf.data.AUTOTUNE)
+  return ds, length, describe
+
+
+def _oversample(ds, counts: np.ndarray):
+  """Repeats each example so every present class reaches the largest count; ranks pick the extras."""
+  tf = tf_setup.tf()
+  most = int(counts.max())
+  per_class = tf.constant(np.maximum(counts, 1), tf.int64)
+
+  def step(seen, x):
+    c = tf.cast(x["label"], tf.int64)
+    reps = most // per_class[c] + tf.cast(seen[c] < most % per_class[c], tf.int64)
+    return tf.tensor_scatter_nd_add(seen, [[c]], [1]), (x, reps)
+
+  ds = ds.scan(tf.zeros([len(counts)], tf.int64), tf.autograph.experimental.do_not_convert(step))
+  return ds.flat_map(lambda x, reps: tf.data.Dataset.from_tensors(x).repeat(reps))
+
+
+def _tfds_train(source: sources.TfdsSource, spec: str, index: int, count: int, seed: int, start: int,
+                balance: bool, buffer: int, cycle: int):
+  """Epoch e reads this host's shards in an e-keyed order, interleaved, through an e-keyed shuffle."""
+  tf = tf_setup.tf()
+  host = source.host_split(spec, index, count)
+  counts = None
+  if balance:
+    counts = np.bincount(source.labels(host), minlength=source.num_classes)
+    length = int((counts > 0).sum() * counts.max())
+  else:
+    length = source.num_examples(host)
+  if length == 0:
+    raise ValueError(f"{source.name}: process {index} of {count} has no examples of {spec!r}")
+  first_epoch, skip = divmod(start, length)
+  key = tf.constant(_key(seed, _SALT_ORDER), tf.int64)
+  buffer = min(int(buffer), length)
+
+  def epoch(e):
+    s = tf.stack([key, e])
+    ds = source.stream(host, shard_seed=s, cycle_length=cycle)
+    if counts is not None:
+      ds = _oversample(ds, counts)
+    if buffer > 1:
+      ds = ds.shuffle(buffer, seed=tf.random.stateless_uniform([], s, minval=None, maxval=None,
+                                                               dtype=tf.int64))
+    return ds.enumerate().map(lambda k, x: {**x, "pos": e * length + k})
+
+  # Whole epochs are skipped by arithmetic; within the first one, skipped records are read, not decoded.
+  ds = tf.data.Dataset.range(first_epoch, _END).flat_map(epoch).skip(skip)
+  return ds, length
+
+
+def _encoded(x: dict):
+  """An element's encoded image: read from its path (folders, lists) or carried along (TFDS)."""
+  return tf_setup.tf().io.read_file(x["path"]) if "path" in x else x["encoded"]
+
+
+_CHECKED = 32
+
+
+def _check_decodable(ds, describe: Callable[[int], str] | None) -> None:
+  """Fails fast when none of the first training images decodes.
+
+  Undecodable images are dropped, so a dataset of nothing but unreadable files
+  (say, Git LFS pointers named .jpg) would otherwise make training wait forever.
+  """
+  tf = tf_setup.tf()
+  sample = ds.take(_CHECKED).map(lambda x: tf.shape(transforms.decode(_encoded(x)))[0],
+                                 num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+  if next(iter(sample), None) is None:
+    first = int(next(iter(ds.take(1)))["pos"])
+    example = f" (the first: {describe(first)})" if describe else ""
+    raise ValueError(f"none of the first {_CHECKED} training images could be decoded{example}; "
+                     "are these image files?")
+
+
+def _train_stream(config: Any, start_step: int, index: int, count: int) -> _Stream:
+  tf = tf_setup.tf()
+  host_batch = _host_batch(config.get("batch_size", None), count, "batch_size")
+  size = _image_size(config)
+  aug = transforms.Augment.from_config(config.get("augment", None))
+  seed = int(config.get("seed", 0) or 0)
+  balance = bool(config.get("balance_classes", False))
+  source = sources.make_source(config)
+  if balance and source.multilabel:
+    raise ValueError("config.balance_classes needs single-label data; this dataset is multi-label")
+  spec = sources.split_spec(source, config, "train")
+  start = int(start_step) * host_batch
+  if start < 0:
+    raise ValueError(f"start_step {start_step} is negative")
+  describe = None
+  if source.indexed:
+    ds, length, describe = _indexed_train(source.records(spec), index, count, seed, start, balance)
+  else:
+    ds, length = _tfds_train(source, spec, index, count, seed, start, balance,
+                             int(config.get("shuffle_buffer", 10_000) or 1),
+                             int(config.get("tfds_cycle_length", 16)))
+  _check_decodable(ds, describe)
+  aug_key = tf.constant(_key(seed, _SALT_AUG), tf.int64)
+
+  def example(x):
+    image = transforms.train_image(_encoded(x), tf.stack([aug_key, x["pos"]]), size, aug)
+    return {"image": image, "label": x["label"], "index": x["index"], "pos": x["pos"]}
+
+  ds = ds.map(tf.autograph.experimental.do_not_convert(example), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.ignore_errors().batch(host_batch, drop_remainder=True)
+  if aug.mixup_alpha:
+    mix_key = tf.constant(_key(seed, _SALT_MIX), tf.int64)
+    num_classes, multilabel = source.num_classes, source.multilabel
+
+    def mix(batch):
+      targets = batch["label"] if multilabel else tf.one_hot(batch["label"], num_classes)
+      images, targets = transforms.mixup(batch["image"], targets, tf.stack([mix_key, batch["pos"][0]]),
+                                         aug.mixup_alpha)
+      return {**batch, "image": images, "label": targets}
+
+    ds = ds.map(tf.autograph.experimental.do_not_convert(mix))
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(config))
+  return _Stream(ds, _SkipCounter(start, "train", length, describe))
+
+
+def _eval_stream(config: Any, split: str, index: int, count: int) -> tuple[_Stream, int]:
+  """This host's share of `split`, padded with masked examples to the same batch count on every host."""
+  tf = tf_setup.tf()
+  host_batch = _host_batch(config.get("eval_batch_size", None) or config.get("batch_size", None),
+                           count, "eval_batch_size")
+  size, crop = _image_size(config), _crop_ratio(config)
+  source = sources.make_source(config)
+  spec = sources.split_spec(source, config, split)
+  describe = None
+  if source.indexed:
+    records = source.records(spec)
+    mine = np.arange(index, len(records), count)
+    n_host, n_max = len(mine), -(-len(records) // count)
+    ds = tf.data.Dataset.from_tensor_slices(
+        {"path": records.paths[mine], "label": records.labels[mine], "index": mine.astype(np.int64),
+         "pos": np.arange(n_host, dtype=np.int64)})
+    describe = lambda pos: records.paths[mine[pos]].decode()  # noqa: E731
+  else:
+    shares = [source.host_split(spec, k, count) for k in range(count)]
+    sizes = [source.num_examples(s) for s in shares]
+    n_host, n_max = sizes[index], max(sizes)
+    ds = source.stream(shares[index]).enumerate().map(lambda k, x: {**x, "pos": k})
+  batches = -(-n_max // host_batch)
+
+  def example(x):
+    image = transforms.eval_image(transforms.decode(_encoded(x)), size, crop)
+    return {"image": image, "label": x["label"], "index": x["index"], "pos": x["pos"],
+            "mask": tf.constant(True)}
+
+  ds = ds.map(tf.autograph.experimental.do_not_convert(example), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.ignore_errors()
+  label_spec = ds.element_spec["label"]
+  padding = {"image": tf.zeros([size, size, 3], tf.float32),
+             "label": tf.zeros(label_spec.shape, label_spec.dtype),
+             "index": tf.constant(-1, tf.int64), "pos": tf.constant(-1, tf.int64),
+             "mask": tf.constant(False)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+  ds = ds.take(batches * host_batch).batch(host_batch).prefetch(tf.data.AUTOTUNE)
+  ds = ds.with_options(_options(config))
+  return _Stream(ds, _SkipCounter(0, f"{split} split {spec!r}", describe=describe), n_host), batches
+
+
+def host_batches(config: Any, split: str | None = None, *, start_step: int = 0,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """This host's batches as numpy: the endless training stream (split None) or one pass over a split.
+
+  Keys: 'image', 'label', 'index' (the example's index in its split, -1 for
+  padding) and, for evaluation, 'mask'. The batch is the per-host share of the
+  global batch size. `process_index`/`process_count` default to JAX's.
+  """
+  index, count = _processes(process_index, process_count)
+  if split is None:
+    return iter(_train_stream(config, start_step, index, count))
+  return iter(_eval_stream(config, split, index, count)[0])
+
+
+# -- devices -----------------------------------------------------------------------
+
+def _batch_shards(sharding: jax.sharding.NamedSharding) -> int:
+  """Into how many pieces `sharding` cuts dimension 0."""
+  spec = sharding.spec
+  axes = spec[0] if len(spec) else None
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
+def _global_rows(config_batch: int, host_batch: int, count: int, sharding, what: str) -> int:
+  """Rows of the global array; with simulated processes (tests) this host's rows are the whole."""
+  rows = config_batch if count == jax.process_count() else host_batch
+  shards = _batch_shards(sharding)
+  if rows % shards:
+    raise ValueError(f"config.{what} {rows} does not divide over the {shards} devices of the batch "
+                     f"axes (mesh {dict(sharding.mesh.shape)})")
+  return rows
+
+
+def _to_devices(batches: Iterator[dict[str, np.ndarray]], keys: tuple[str, ...], sharding,
+                rows: int, depth: int) -> Iterator[dict[str, jax.Array]]:
+  """Global arrays, `depth` batches in flight, so host-to-device copies overlap the steps."""
+  def put(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(sharding, batch[k], (rows, *batch[k].shape[1:]))
+            for k in keys}
+
+  queue: collections.deque = collections.deque()
+
+  def fill(n: int) -> None:
+    for batch in itertools.islice(batches, n):
+      queue.append(put(batch))
+
+  fill(max(depth, 1))
+  while queue:
+    yield queue.popleft()
+    fill(1)
+
+
+def train_iterator(config: Any, sharding: jax.sharding.NamedSharding, *, start_step: int = 0,
+                   process_index: int | None = None, process_count: int | None = None
+                   ) -> Iterator[dict[str, jax.Array]]:
+  """Endless global training batches {'image', 'label'} placed with `sharding`, from step `start_step`."""
+  index, count = _processes(process_index, process_count)
+  host_batch = _host_batch(config.get("batch_size", None), count, "batch_size")
+  rows = _global_rows(int(config.batch_size), host_batch, count, sharding, "batch_size")
+  stream = iter(_train_stream(config, start_step, index, count))
+  return _to_devices(stream, ("image", "label"), sharding, rows, int(config.get("prefetch", 2)))
+
+
+def eval_iterator(config: Any, split: str, sharding: jax.sharding.NamedSharding, *,
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> Iterator[dict[str, jax.Array]]:
+  """One pass over `split` ('eval', 'test' or a split string) as global {'image', 'label', 'mask'} batches."""
+  index, count = _processes(process_index, process_count)
+  global_batch = config.get("eval_batch_size", None) or config.get("batch_size", None)
+  host_batch = _host_batch(global_batch, count, "eval_batch_size")
+  rows = _global_rows(int(global_batch), host_batch, count, sharding, "eval_batch_size")
+  stream, _ = _eval_stream(config, split, index, count)
+  return _to_devices(iter(stream), ("image", "label", "mask"), sharding, rows,
+                     int(config.get("prefetch", 2)))
