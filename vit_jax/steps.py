@@ -136,7 +136,7 @@ class Setup:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-      return new, {"loss": value, "grad_norm": optax.global_norm(grads),
+      return new, {"loss": value, "grad_norm": optax.tree.norm(grads),
                    "lr": self.lr_schedule(state.step)}
 
     return step

@@ -1,0 +1,229 @@
+"""Fine-tuning and evaluation: `train_and_evaluate(config, workdir)` and `evaluate(config, checkpoint)`.
+
+Every host runs this same program. Checkpoints (Orbax) hold the params, the
+optimizer state and the step, which is also the input pipeline's position, so
+rerunning the same command resumes where a run stopped. Saves are asynchronous
+and atomic: an interrupted save never replaces the last complete one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vit_jax import checkpoint
+from vit_jax import files
+from vit_jax import input_pipeline
+from vit_jax import metric_writer
+from vit_jax import metrics
+from vit_jax import sharding
+from vit_jax import steps
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or Inf loss."""
+
+
+def _setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+           ) -> tuple[steps.Setup, input_pipeline.DatasetInfo]:
+  info = input_pipeline.get_info(config)
+  mesh = mesh or sharding.make_mesh(config.get("mesh", None) and config.mesh.to_dict())
+  return steps.Setup(config, info.num_classes, info.multilabel, mesh), info
+
+
+def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.get("keep_checkpoints", 2), create=True,
+      save_interval_steps=config.get("checkpoint_every", 1000),
+      enable_async_checkpointing=config.get("async_checkpointing", True))
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir) if "://" not in workdir
+                                            else workdir, "checkpoints"), options=options)
+
+
+def _host_params(setup: steps.Setup, params: Any) -> Any:
+  """Params gathered to every host as numpy (a replicating jit works across hosts)."""
+  rep = sharding.replicated(setup.mesh)
+  gathered = jax.jit(lambda p: p, out_shardings=jax.tree_util.tree_map(lambda _: rep, params))(params)
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(gathered))
+
+
+def run_eval(setup: steps.Setup, params: Any, split: str, eval_step=None) -> dict[str, Any]:
+  """Metrics over every example of `split` exactly once (padded batches, masked)."""
+  eval_step = eval_step or setup.jit_eval_step()
+  acc = metrics.Accumulator(multilabel=setup.multilabel)
+  for batch in input_pipeline.eval_iterator(setup.config, split, setup.batch_sharding):
+    sums, logits = eval_step(params, batch)
+    if setup.multilabel:
+      acc.add(sums, *(_addressable(x) for x in (logits, batch["label"], batch["mask"])))
+    else:
+      acc.add(sums)
+  return acc.result()
+
+
+def _addressable(x: jax.Array) -> np.ndarray:
+  """This host's rows of a batch-sharded array."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for s in shards:
+    if (s.index[0].start, s.index[0].stop) not in seen:
+      seen.add((s.index[0].start, s.index[0].stop))
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
+
+
+def _better(metric: str, new: float, best: float | None) -> bool:
+  if best is None:
+    return True
+  return new < best if metric == "loss" else new > best
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+  """Trains as `config` says, evaluating and checkpointing on the way; returns the final metrics."""
+  setup, info = _setup(config, mesh)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with files.atomic_write(os.path.join(workdir, "config.json")) as f:
+      f.write(config.to_json_best_effort(indent=2).encode())
+    input_pipeline.write_class_names(info, workdir)
+  writer = metric_writer.MetricWriter(workdir)
+  mngr = _checkpoint_manager(workdir, config)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+
+  latest = mngr.latest_step()
+  if latest is not None:
+    state = _restore(mngr, latest, setup)
+    log.info("resumed from %s at step %d", mngr.directory, latest)
+  else:
+    pretrained = None
+    if config.get("pretrained"):
+      pretrained = checkpoint.load_pretrained(config.pretrained, setup.model,
+                                              reset_head=config.get("reset_head", True))
+    state = setup.init_state(init_rng, pretrained)
+  start = int(jax.device_get(state.step))
+  total = config.total_steps
+  train_step = setup.jit_train_step()
+  eval_step = setup.jit_eval_step()
+  best_metric = config.get("best_metric", "loss")
+  best_path = os.path.join(workdir, "best.json")
+  best = json.loads(files.read_bytes(best_path))["value"] if files.exists(best_path) else None
+
+  batches = input_pipeline.train_iterator(config, setup.batch_sharding, start_step=start)
+  progress = _progress(start, total, is_main)
+  log_every, eval_every = config.get("log_every", 50), config.get("eval_every", 1000)
+  pending, t0, seen = None, time.perf_counter(), 0
+  step = start
+  for step in range(start + 1, total + 1):
+    batch = next(batches)
+    state, m = train_step(state, batch, step_rng)
+    # Check the previous step's loss while this one runs: no stall per step.
+    if pending is not None:
+      _check_finite(pending, step - 1)
+    pending = m
+    seen += config.batch_size
+    if step % log_every == 0 or step == total:
+      vals = {k: float(v) for k, v in jax.device_get(m).items()}
+      _check_finite(m, step)
+      dt = time.perf_counter() - t0
+      vals["images_per_sec"] = seen / dt if dt > 0 else 0.0
+      writer.write(step, "train", vals)
+      progress.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}",
+                           img_s=f"{vals['images_per_sec']:.1f}")
+      t0, seen = time.perf_counter(), 0
+    progress.update(1)
+    if step % eval_every == 0 or step == total:
+      _check_finite(m, step)
+      result = run_eval(setup, state.params, "eval", eval_step)
+      writer.write(step, "eval", result)
+      # The metrics are the same on every host, so all hosts join the gather.
+      if _better(best_metric, result[best_metric], best):
+        best = result[best_metric]
+        host = _host_params(setup, state.params)
+        if is_main:
+          checkpoint.save(host, os.path.join(workdir, "best.npz"))
+          with files.atomic_write(best_path) as f:
+            f.write(json.dumps({"step": step, "metric": best_metric, "value": best}).encode())
+    preempted = mngr.reached_preemption(step)
+    if step % config.get("checkpoint_every", 1000) == 0 or preempted:
+      _check_finite(m, step)
+      mngr.save(step, args=ocp.args.StandardSave(state), force=preempted)
+      if preempted:
+        mngr.wait_until_finished()
+        log.warning("preempted at step %d: checkpoint saved, exiting", step)
+        return {}
+  progress.close()
+  if pending is not None:
+    _check_finite(pending, step)
+  if mngr.latest_step() != total:
+    mngr.save(total, args=ocp.args.StandardSave(state), force=True)
+  mngr.wait_until_finished()
+  final = _host_params(setup, state.params)
+  result = {"eval": run_eval(setup, state.params, "eval", eval_step)}
+  if info.num_examples.get("test"):
+    result["test"] = run_eval(setup, state.params, "test", eval_step)
+    writer.write(total, "test", result["test"])
+  if is_main:
+    checkpoint.save(final, os.path.join(workdir, "final.npz"))
+  skipped = input_pipeline.decode_errors()
+  if skipped:
+    log.warning("%d images could not be decoded and were skipped", skipped)
+  writer.close()
+  mngr.close()
+  return result
+
+
+def evaluate(config: ml_collections.ConfigDict, checkpoint_path: str, split: str = "eval",
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+  """Metrics of a checkpoint (original-layout .npz, or an Orbax training checkpoint dir) on a split."""
+  setup, _ = _setup(config, mesh)
+  params = load_params(setup, checkpoint_path)
+  return run_eval(setup, params, split)
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, setup: steps.Setup) -> steps.TrainState:
+  """The state at `step`; a clear error when the config no longer matches what was saved."""
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(setup.abstract_state()))
+  except ValueError as e:
+    raise ValueError(f"{mngr.directory}/{step}: this checkpoint was written with another model or "
+                     f"optimizer config ({str(e).splitlines()[0]}); use a new --workdir, or the "
+                     "config it was trained with") from None
+
+
+def load_params(setup: steps.Setup, path: str) -> Any:
+  """Sharded params from an .npz file or from a training workdir / Orbax checkpoint directory."""
+  if path.endswith(".npz"):
+    host = checkpoint.load_pretrained(path, setup.model)
+    return sharding.put_global(host, setup.param_shardings)
+  root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  mngr = ocp.CheckpointManager(os.path.abspath(root) if "://" not in root else root,
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{path}: no .npz file and no Orbax checkpoint in it")
+  return _restore(mngr, step, setup).params
+
+
+def _check_finite(m: dict[str, jax.Array], step: int) -> None:
+  loss = float(jax.device_get(m["loss"]))
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping. The last checkpoint "
+                             "saved before this step is intact; lower base_lr or check the data")
+
+
+def _progress(start: int, total: int, enabled: bool):
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step",
+              dynamic_ncols=True)
+
