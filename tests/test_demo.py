@@ -1,0 +1,24 @@
+"""The README's first command: `vit-jax demo` runs offline and fine-tunes well over 90%."""
+import os
+import re
+import subprocess
+import sys
+
+
+def test_demo_runs_offline_and_fine_tunes_above_90_percent(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-m", "vit_jax.cli", "demo", "--workdir", str(tmp_path / "run")],
+                        env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  last = proc.stdout.strip().splitlines()[-1]
+  m = re.fullmatch(r"fine-tuned accuracy (\d\.\d{3}) on (\d+) held-out images", last)
+  assert m, last
+  assert float(m.group(1)) > 0.9 and int(m.group(2)) > 200
+  assert "4 CPU devices" in proc.stdout
+  run = tmp_path / "run"
+  for f in ("learning_curves.png", "predictions.png", "pretrain/final.npz", "finetune/final.npz",
+            "finetune/labels.txt", "finetune/metrics.jsonl"):
+    assert (run / f).exists(), f
+  assert any(p.isdigit() for p in os.listdir(run / "finetune" / "checkpoints"))
+  assert open(run / "learning_curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
