@@ -156,3 +156,30 @@ def test_train_command_errors_are_one_line(tmp_path, capsys):
                    "--config.folder=/nonexistent/folder"])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "/nonexistent/folder" in err[0]
+
+
+def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp_path):
+  from vit_jax import infer
+  cfg = tiny_config(os.path.join(digits, "a"))
+  out = infer.predict_dataset(cfg, pretrained, str(tmp_path / "one.npz"), split="test", top_k=3)
+  n = len(glob.glob(os.path.join(digits, "a", "test", "*", "*.png")))
+  assert out["logits"].shape == (n, 5) and out["top_k"].shape == (n, 3) and len(out["labels"]) == n
+  accuracy = float((out["logits"].argmax(-1) == out["labels"]).mean())
+  assert accuracy == pytest.approx(train.evaluate(cfg, pretrained, "test")["accuracy"])
+  np.testing.assert_array_equal(out["top_k"][:, 0], out["logits"].argmax(-1))
+  emb = infer.predict_dataset(cfg, pretrained, str(tmp_path / "emb.npz"), split="test", embeddings=True)
+  assert emb["embeddings"].shape == (n, 48)
+  # The same split over 4 devices (batches sharded) gives the same rows, in the same order.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run(
+      [sys.executable, "-m", "vit_jax.cli", "predict", "--checkpoint", pretrained, "--output",
+       str(tmp_path / "four.npz"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+       f"--config.folder={os.path.join(digits, 'a')}", "--config.image_size=16",
+       "--config.model.hidden_size=48", "--config.model.mlp_dim=96", "--config.model.num_heads=3",
+       "--config.model.patch_size=4", "--config.eval_batch_size=32"],
+      env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  four = np.load(tmp_path / "four.npz")
+  np.testing.assert_array_equal(four["labels"], out["labels"])
+  np.testing.assert_allclose(four["logits"], out["logits"], rtol=1e-5, atol=1e-5)
+  assert list(four["class_names"]) == [f"digit_{i}" for i in range(5)]

@@ -15,7 +15,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("predict", help="classify image files with a checkpoint",
                      description="Prints the top-k labels of each image. The model is read off the "
                                  "checkpoint unless --model is given.")
-  p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local or gs://)")
+  p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (local or gs://)")
   p.add_argument("--checkpoint", required=True, help="original-layout .npz, local path or gs:// URL")
   p.add_argument("--model", default=None, help="variant, e.g. ViT-B_16 or B/16 (default: from the file)")
   p.add_argument("--image-size", type=int, default=None,
@@ -25,13 +25,28 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                                                 "for 1000-class heads)")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--json", action="store_true", help="one JSON object per image")
-  p.set_defaults(run=_run_predict)
+  g = p.add_argument_group("a whole dataset split, sharded over every device and host "
+                           "(with --config FILE [--config.key=value ...])")
+  g.add_argument("--split", default="test", help="'eval', 'test' or a split string")
+  g.add_argument("--output", default=None, help=".npz with logits (or embeddings), labels, top_k")
+  g.add_argument("--embeddings", action="store_true", help="write the representation the head sees")
+  p.set_defaults(run=_run_predict, wants_config=True, config_optional=True)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-  from vit_jax import predict  # pylint: disable=import-outside-toplevel
   if args.top_k < 1 or args.batch_size < 1:
     raise ValueError("--top-k and --batch-size must be at least 1")
+  if args.config is not None:
+    if args.images or not args.output:
+      raise ValueError("with --config, predict runs over a dataset split: give --output, no IMAGEs")
+    from vit_jax import infer  # pylint: disable=import-outside-toplevel
+    out = infer.predict_dataset(args.config, args.checkpoint, args.output, split=args.split,
+                                embeddings=args.embeddings, top_k=args.top_k)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in out.items()))
+    return 0
+  if not args.images:
+    raise ValueError("give IMAGE files, or --config FILE --output OUT.npz for a dataset split")
+  from vit_jax import predict  # pylint: disable=import-outside-toplevel
   clf = predict.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
                                 labels_path=args.labels, batch_size=args.batch_size)
   failed = 0
@@ -98,9 +113,6 @@ def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   if not any(a == "--config" or a.startswith("--config=") for a in argv):
     raise ValueError("--config FILE is required (a file in configs/, e.g. configs/vit_b16_cifar10.py)")
-  stray = [a for a in argv if a.startswith("-") and not a.startswith("--config")]
-  if stray:
-    raise ValueError(f"unknown option(s) {' '.join(stray)}")
   path = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else "")
               for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
   if not os.path.isfile(path.split(":", 1)[0]):
@@ -229,6 +241,21 @@ def _keep_jax_off_absent_tpus(force_cpu: bool = False) -> None:
 
 
 
+def _split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(other arguments, the `--config FILE` and `--config.key=value` ones), so positionals stay apart."""
+  other, config = [], []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a == "--config" and i + 1 < len(argv):
+      config += argv[i:i + 2]
+      i += 2
+      continue
+    (config if a.startswith("--config=") or a.startswith("--config.") else other).append(a)
+    i += 1
+  return other, config
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="vit-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -240,16 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
-  args, rest = parser.parse_known_args(argv)
+  argv, rest = _split_config_args(argv)
+  args = parser.parse_args(argv)
   if rest and not getattr(args, "wants_config", False):
-    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    parser.error(f"{args.command} takes no config: unrecognized arguments: {' '.join(rest)}")
   _keep_jax_off_absent_tpus(force_cpu=getattr(args, "cpu_only", False))
   from vit_jax import checkpoint, convert, preprocess  # pylint: disable=import-outside-toplevel
   errors = _USER_ERRORS + (checkpoint.CheckpointError, convert.ConversionError,
                            preprocess.ImageError, OSError)
   try:
     if getattr(args, "wants_config", False):
-      args.config = load_config(rest)
+      optional = getattr(args, "config_optional", False)
+      args.config = load_config(rest) if (rest or not optional) else None
     return args.run(args)
   except errors as e:
     if os.environ.get("VIT_JAX_DEBUG"):

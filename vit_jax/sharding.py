@@ -95,6 +95,14 @@ def put_global(tree: Any, shardings: Any) -> Any:
   return jax.tree_util.tree_map(put, tree, shardings)
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This host's rows of a batch-sharded global array, in order (replicas counted once)."""
+  starts: dict[int, np.ndarray] = {}
+  for shard in x.addressable_shards:
+    starts.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+  return np.concatenate([starts[k] for k in sorted(starts)])
+
+
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                                  process_id: int | None = None) -> None:
   """jax.distributed.initialize() on multi-host runs: explicit arguments, or a TPU pod slice."""

@@ -64,21 +64,10 @@ def run_eval(setup: steps.Setup, params: Any, split: str, eval_step=None) -> dic
   for batch in input_pipeline.eval_iterator(setup.config, split, setup.batch_sharding):
     sums, logits = eval_step(params, batch)
     if setup.multilabel:
-      acc.add(sums, *(_addressable(x) for x in (logits, batch["label"], batch["mask"])))
+      acc.add(sums, *(sharding.local_rows(x) for x in (logits, batch["label"], batch["mask"])))
     else:
       acc.add(sums)
   return acc.result()
-
-
-def _addressable(x: jax.Array) -> np.ndarray:
-  """This host's rows of a batch-sharded array."""
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  seen, rows = set(), []
-  for s in shards:
-    if (s.index[0].start, s.index[0].stop) not in seen:
-      seen.add((s.index[0].start, s.index[0].stop))
-      rows.append(np.asarray(s.data))
-  return np.concatenate(rows)
 
 
 def _better(metric: str, new: float, best: float | None) -> bool:
