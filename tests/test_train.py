@@ -132,7 +132,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path):
   saved = sorted(int(os.path.basename(d)) for d in glob.glob(str(tmp_path / "checkpoints" / "*"))
                  if os.path.basename(d).isdigit())
   assert saved[-1] == 10, saved  # nothing was saved after the loss went bad
-  setup, _ = train._setup(cfg)  # pylint: disable=protected-access
+  setup, _ = train.make_setup(cfg)
   params = checkpoint.flatten(jax.device_get(train.load_params(setup, str(tmp_path))))
   for k, v in before.items():
     np.testing.assert_array_equal(np.asarray(params[k]), v, err_msg=k)

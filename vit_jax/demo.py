@@ -113,6 +113,7 @@ def run(workdir: str = "demo-run", pretrain_steps: int = 300, finetune_steps: in
   """Runs the demo in `workdir`; returns the summary numbers."""
   t0 = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
   from vit_jax import predict, train  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   data = os.path.join(workdir, "digits")
@@ -149,7 +150,8 @@ def run(workdir: str = "demo-run", pretrain_steps: int = 300, finetune_steps: in
   for r in predict.classify_files(clf, paths, k=1):
     true = os.path.basename(os.path.dirname(r.image))
     pred = r.predictions[0]["label"]
-    grid.append((np.asarray(__import__("PIL.Image").Image.open(r.image)), pred, true))
+    with Image.open(r.image) as im:
+      grid.append((np.asarray(im), pred, true))
   shown_ok = sum(p == t for _, p, t in grid)
   _say(f"    {shown_ok}/{len(grid)} of the shown images right; e.g. {paths[0]} -> {grid[0][1]}")
 

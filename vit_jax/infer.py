@@ -30,7 +30,7 @@ def _host_path(output: str) -> str:
 def predict_dataset(config: ml_collections.ConfigDict, checkpoint_path: str, output: str, *,
                     split: str = "test", embeddings: bool = False, top_k: int = 5) -> dict[str, Any]:
   """Runs the model over `split` and writes this host's results; returns what was written."""
-  setup, info = train._setup(config)  # pylint: disable=protected-access
+  setup, info = train.make_setup(config)
   params = train.load_params(setup, checkpoint_path)
   fn = setup.jit_predict(embedding=embeddings)
   outs, labels = [], []

@@ -34,8 +34,9 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or Inf loss."""
 
 
-def _setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
-           ) -> tuple[steps.Setup, input_pipeline.DatasetInfo]:
+def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[steps.Setup, input_pipeline.DatasetInfo]:
+  """The dataset's info and the Setup (model, mesh, shardings, steps) for `config`."""
   info = input_pipeline.get_info(config)
   mesh = mesh or sharding.make_mesh(config.get("mesh", None) and config.mesh.to_dict())
   return steps.Setup(config, info.num_classes, info.multilabel, mesh), info
@@ -79,7 +80,7 @@ def _better(metric: str, new: float, best: float | None) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Trains as `config` says, evaluating and checkpointing on the way; returns the final metrics."""
-  setup, info = _setup(config, mesh)
+  setup, info = make_setup(config, mesh)
   is_main = jax.process_index() == 0
   if is_main:
     with files.atomic_write(os.path.join(workdir, "config.json")) as f:
@@ -175,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def evaluate(config: ml_collections.ConfigDict, checkpoint_path: str, split: str = "eval",
              mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Metrics of a checkpoint (original-layout .npz, or an Orbax training checkpoint dir) on a split."""
-  setup, _ = _setup(config, mesh)
+  setup, _ = make_setup(config, mesh)
   params = load_params(setup, checkpoint_path)
   return run_eval(setup, params, split)
 
