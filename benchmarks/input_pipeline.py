@@ -145,17 +145,19 @@ def main() -> None:
       for kind in ("tf", "pil") if r % 2 == 0 else ("pil", "tf"):
         runs[kind].append(_run_worker(kind, root, args.threads, args.warmup, args.batches))
 
-  med = {k: {m: statistics.median(x[m] for x in v) for m in ("images_per_s", "images_per_core_s", "cores_busy")}
-         for k, v in runs.items()}
+  metrics = ("images_per_s", "images_per_core_s", "cores_busy")
+  med = {k: {m: statistics.median(x[m] for x in v) for m in metrics} for k, v in runs.items()}
   ratio = med["tf"]["images_per_core_s"] / med["pil"]["images_per_core_s"]
   print()
   print(f"| loader                         | images/s | cores busy | images/s per core |")
   print(f"| ------------------------------ | -------: | ---------: | ----------------: |")
   for k, label in (("tf", f"tf.data ({args.threads} threads)"), ("pil", "PIL + numpy (1 thread)")):
     m = med[k]
-    print(f"| {label:<30} | {m['images_per_s']:8.1f} | {m['cores_busy']:10.2f} | {m['images_per_core_s']:17.1f} |")
+    print(f"| {label:<30} | {m['images_per_s']:8.1f} | {m['cores_busy']:10.2f} "
+          f"| {m['images_per_core_s']:17.1f} |")
   print(f"\ntf.data / PIL per core: {ratio:.2f}x (target >= 1.3x)")
-  summary = {"tf_images_per_s": med["tf"]["images_per_s"], "tf_images_per_core_s": med["tf"]["images_per_core_s"],
+  summary = {"tf_images_per_s": med["tf"]["images_per_s"],
+             "tf_images_per_core_s": med["tf"]["images_per_core_s"],
              "pil_images_per_s": med["pil"]["images_per_s"],
              "pil_images_per_core_s": med["pil"]["images_per_core_s"], "ratio_per_core": ratio,
              "threads": args.threads, "images": args.images, "repeats": args.repeats, "runs": runs}

@@ -154,7 +154,8 @@ def build_small_cifar10(data_dir: str, train: int = 100, test: int = 20) -> str:
     def _small(self, split, n):
       for i in range(n):
         key = f"{split}_{i:05d}"
-        yield key, {"id": key, "image": class_image(i % 10, zlib.crc32(key.encode()), 32, 32), "label": i % 10}
+        image = class_image(i % 10, zlib.crc32(key.encode()), 32, 32)
+        yield key, {"id": key, "image": image, "label": i % 10}
 
   SmallCifar10(data_dir=data_dir).download_and_prepare()
   return "cifar10"

@@ -7,6 +7,7 @@ images and labels stayed together. Several devices need their own process
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -57,7 +58,8 @@ def cat(batches, key):
 def split_files(root: str, split: str) -> list[str]:
   """A split's files in the pipeline's documented order: class folders sorted, files sorted."""
   d = os.path.join(root, split)
-  return [os.path.join(d, c, f) for c in sorted(os.listdir(d)) for f in sorted(os.listdir(os.path.join(d, c)))]
+  return [os.path.join(d, c, f) for c in sorted(os.listdir(d))
+          for f in sorted(os.listdir(os.path.join(d, c)))]
 
 
 def reference_eval(path: str, size: int = SIZE) -> np.ndarray:
@@ -136,6 +138,9 @@ def test_cifar10_presets_hold_out_the_end_of_train(cifar_dir):
   assert info.class_names == list(df.CIFAR10_NAMES)
   ev = list(ip.host_batches(c, "eval", process_index=0, process_count=1))
   assert cat(ev, "index")[cat(ev, "mask")].tolist() == [98, 99]
+  shares = _host_eval(cfg(dataset="cifar10", tfds_data_dir=cifar_dir, eval_batch_size=4), "eval", 4)
+  assert [len(h) for h in shares] == [1] * 4  # two hosts have nothing: all padding, same batch count
+  assert sorted(i for h in shares for i in cat(h, "index")[cat(h, "mask")]) == [98, 99]
   train = cat(take(ip.host_batches(c, process_index=0, process_count=1), 7), "index")
   assert sorted(train) == list(range(98))
   test = list(ip.host_batches(c, "test", process_index=0, process_count=1))
@@ -170,13 +175,21 @@ def test_eval_pipeline_equals_predict_on_files(tmp_path):
     np.testing.assert_array_equal(image, reference_eval(files[i]), err_msg=files[i])
 
 
-def test_eval_crop_resizes_the_short_side_then_cuts_the_centre():
+def test_eval_crop_resizes_the_short_side_then_cuts_the_centre(folder):
   tf = tf_setup.tf()
   image = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
   got = transforms.eval_image(tf.constant(image), 10, crop_ratio=1.0).numpy()
   full = tf.image.resize(image, [10, 20], method="bilinear").numpy()
   np.testing.assert_allclose(got, (full[:, 5:15] - 127.5) / 127.5, rtol=0, atol=1e-6)
   assert transforms.eval_image(tf.constant(image), 10, crop_ratio=0.5).shape == (10, 10, 3)
+  ev = list(ip.host_batches(cfg(dataset="folder", folder=folder, eval_crop=True), "eval",
+                            process_index=0, process_count=1))
+  files = split_files(folder, "val")
+  for got, i in zip(cat(ev, "image")[cat(ev, "mask")], cat(ev, "index")[cat(ev, "mask")]):
+    with open(files[i], "rb") as f:
+      decoded = preprocess.decode_rgb(f.read())  # 24 x 32: short side to 16, then the centre 16 x 16
+    want = tf.image.resize(decoded, [SIZE, round(32 * SIZE / 24)], method="bilinear").numpy()[:, 2:18]
+    np.testing.assert_allclose(got, (want - 127.5) / 127.5, rtol=0, atol=1e-6)
 
 
 def _host_eval(c, split, count):
@@ -290,7 +303,8 @@ def test_flips_and_quarter_turns_are_exact(folder):
 
 
 def test_random_crops_vary_and_keep_labels(folder):
-  c = cfg(dataset="folder", folder=folder, augment=dict(inception_crop=True, rrc_prob=1.0, rrc_scale=(0.5, 1.0)))
+  c = cfg(dataset="folder", folder=folder,
+          augment=dict(inception_crop=True, rrc_prob=1.0, rrc_scale=(0.5, 1.0)))
   a = take(ip.host_batches(c, process_index=0, process_count=1), 4)
   b = take(ip.host_batches(c, start_step=4, process_index=0, process_count=1), 4)  # epoch 2: same images
   files = split_files(folder, "train")
@@ -356,7 +370,8 @@ def test_multilabel_lists_csv_and_json(tmp_path):
   splits = ["train", "train", "val", "train", "val", "train", "train"]
   for i in range(len(tags)):
     df.write_file(os.path.join(root, "img", f"{i}.png"), df.encode(df.class_image(i, i)))
-  rows = ["path,labels,split"] + [f"img/{i}.png,{';'.join(t)},{s}" for i, (t, s) in enumerate(zip(tags, splits))]
+  rows = ["path,labels,split"] + [f"img/{i}.png,{';'.join(t)},{s}"
+                                  for i, (t, s) in enumerate(zip(tags, splits))]
   with open(os.path.join(root, "list.csv"), "w") as f:
     f.write("\n".join(rows) + "\n")
   with open(os.path.join(root, "list.json"), "w") as f:
@@ -428,6 +443,11 @@ def test_clear_errors_for_user_mistakes(tmp_path, folder):
                     process_count=2)
   with pytest.raises(FileNotFoundError, match="nosuch"):
     ip.host_batches(cfg(dataset="folder", folder=folder), "nosuch", process_index=0, process_count=1)
+  pointers = tmp_path / "pointers"  # Git LFS pointers where images should be: fail, do not wait forever
+  for i in range(3):
+    df.write_file(str(pointers / "train" / "a" / f"{i}.jpg"), b"version https://git-lfs.github.com/spec/v1\n")
+  with pytest.raises(ValueError, match=r"none of the first 32 training images .*pointers/train/a/\d\.jpg"):
+    ip.host_batches(cfg(dataset="folder", folder=str(pointers)), process_index=0, process_count=1)
 
 
 def test_class_names_file_reads_back_with_predict_labels(folder, tmp_path):
@@ -448,6 +468,25 @@ def test_global_arrays_on_one_device(folder):
   np.testing.assert_array_equal(np.asarray(batch["label"]), host["label"])
   ev = list(ip.eval_iterator(c, "eval", s))
   assert set(ev[0]) == {"image", "label", "mask"} and sum(int(np.asarray(b["mask"]).sum()) for b in ev) == 7
+  indexed = list(ip.eval_iterator(c, "eval", s, with_index=True))
+  idx = np.concatenate([np.asarray(b["index"]) for b in indexed])
+  assert idx.dtype == np.int32 and idx.tolist() == list(range(7)) + [-1]
+
+
+def test_device_prefetch_keeps_batches_in_flight():
+  from vit_jax.input_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  pulled = []
+
+  def host():
+    for i in range(5):
+      pulled.append(i)
+      yield {"image": np.full((2, 3), i, np.float32)}
+
+  s = sharding.batch_sharding(sharding.make_mesh())
+  it = pipeline._to_devices(host(), ("image",), s, rows=2, depth=3)  # pylint: disable=protected-access
+  first = next(it)
+  assert pulled == [0, 1, 2] and float(first["image"][0, 0]) == 0  # two more already on their way
+  assert [float(b["image"][0, 0]) for b in it] == [1, 2, 3, 4] and pulled == [0, 1, 2, 3, 4]
 
 
 _DEVICES_SCRIPT = textwrap.dedent("""
@@ -472,7 +511,8 @@ _DEVICES_SCRIPT = textwrap.dedent("""
       out["simulated"].append([g["image"].shape[0], bool(np.array_equal(np.asarray(g["label"]), h["label"]))])
     s4 = sharding.batch_sharding(sharding.make_mesh({"data": 4, "model": 2}))
     c.batch_size = 12
-    out["model2"] = sorted(x.data.shape[0] for x in next(ip.train_iterator(c, s4))["image"].addressable_shards)
+    shards = next(ip.train_iterator(c, s4))["image"].addressable_shards
+    out["model2"] = sorted(x.data.shape[0] for x in shards)
     try:
       ip.train_iterator(c, s)
       out["error"] = None
@@ -483,6 +523,7 @@ _DEVICES_SCRIPT = textwrap.dedent("""
 
 
 def test_global_arrays_sharded_over_eight_devices(folder):
+  # The script also exits with training iterators still open, which must not hang.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, folder], env=env, capture_output=True,
                         text=True, timeout=300, check=False)
@@ -495,3 +536,51 @@ def test_global_arrays_sharded_over_eight_devices(folder):
   assert out["model2"] == [3] * 8  # 4-way data split, each row block on the 2 model devices
   assert out["error"] == ("config.batch_size 12 does not divide over the 8 devices of the batch axes "
                           "(mesh {'data': 8, 'fsdp': 1, 'model': 1})")
+
+
+_TWO_PROCESSES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from vit_jax import sharding
+    sharding.maybe_initialize_distributed(sys.argv[2], 2, int(sys.argv[3]))
+    import jax, numpy as np
+    from vit_jax import configs, input_pipeline as ip
+    c = configs.base()
+    c.dataset, c.folder, c.image_size, c.batch_size, c.eval_batch_size = "folder", sys.argv[1], 16, 16, 8
+    c.data_threads = 1
+    s = sharding.batch_sharding(sharding.make_mesh())
+
+    def local_rows(x):
+      return np.concatenate([np.asarray(d.data) for d in sorted(x.addressable_shards, key=lambda d: d.index[0].start)])
+
+    b = next(ip.train_iterator(c, s))
+    host = next(ip.host_batches(c))
+    ev = list(ip.eval_iterator(c, "eval", s))
+    print(json.dumps({"process": jax.process_index(), "shape": list(b["image"].shape),
+                      "rows_are_this_hosts": bool(np.array_equal(local_rows(b["image"]), host["image"])),
+                      "indices": host["index"].tolist(), "eval_batches": len(ev),
+                      "eval_local": int(sum(local_rows(e["mask"]).sum() for e in ev))}))
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_real_processes_assemble_one_global_batch(folder):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  coordinator = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES_SCRIPT, folder, coordinator, str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  assert sorted(o["process"] for o in outs) == [0, 1]
+  for o in outs:
+    assert o["shape"] == [16, SIZE, SIZE, 3] and o["rows_are_this_hosts"] and o["eval_batches"] == 1
+  assert not set(outs[0]["indices"]) & set(outs[1]["indices"])  # each host its own share
+  assert sum(o["eval_local"] for o in outs) == 7  # the 7 validation images, once

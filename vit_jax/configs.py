@@ -27,7 +27,11 @@ def base() -> ml_collections.ConfigDict:
       inception_crop=True, hflip=True, vflip=0.0, rot90=0.0, rrc_prob=0.0, rrc_scale=(0.05, 1.0),
       mixup_alpha=0.0))
   c.balance_classes = False
-  c.prefetch = 2
+  c.prefetch = 2                   # batches kept ahead on the devices
+  c.data_threads = config_dict.placeholder(int)     # tf.data threads; None: all CPUs
+  c.tfds_image_key, c.tfds_label_key = "image", "label"
+  c.tfds_cycle_length = 16         # TFDS shards read at once
+  c.num_classes = config_dict.placeholder(int)      # multi-label lists without a class list
   # Batches: global sizes, split over all devices and hosts.
   c.batch_size = 512
   c.eval_batch_size = 512

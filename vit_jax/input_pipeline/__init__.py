@@ -19,25 +19,39 @@ Training (`train_iterator`): every host reads its own share (`jax.process_index(
 of `jax.process_count()`) and yields per-host batches of batch_size / processes,
 assembled into global jax.Arrays sharded over the mesh's batch axes and kept
 `config.prefetch` batches ahead on the devices. Folders and lists are permuted
-completely every epoch; TFDS datasets read their shards in a per-epoch order
-through a `config.shuffle_buffer` shuffle. Augmentation: Inception crop (area
-5-100%, aspect 3/4-4/3; JPEGs decode only the crop), resize, flips, quarter
-turns, random-resized-crop, mixup (`config.augment`), scale to [-1, 1];
-`config.balance_classes` repeats minority classes until every class has as
-many examples per epoch as the largest. The stream is a function of
-`config.seed` and the step: `start_step=k` resumes exactly where step k was.
+completely every epoch (`shuffle_buffer` is not needed); TFDS datasets read
+their shards in a per-epoch order through a `config.shuffle_buffer` shuffle.
+Augmentation (`config.augment`): Inception crop (area 5-100%, aspect 3/4-4/3;
+JPEGs decode only the crop window), resize, horizontal flip, vertical flip,
+quarter turns, random-resized-crop (`rrc_prob`, `rrc_scale`), mixup
+(`mixup_alpha`; labels become float [B, C] soft targets), scale to [-1, 1].
+Switches are bools (True: p=0.5) or probabilities. `config.balance_classes`
+repeats minority classes until every class has as many examples per epoch as
+the largest. The stream is a function of `config.seed` and the step only:
+`start_step=k` gives exactly the batches an uninterrupted run saw from step k,
+without decoding what came before (folders: nothing is read; TFDS: earlier
+epochs are skipped outright, the records of the current one are read again).
 
 Evaluation (`eval_iterator`): each example once; the last batches are padded
 and carry `mask` (False on padding), with the same number of batches on every
-host. `config.eval_crop`: False for the original plain resize, True (or a crop
+host; `with_index=True` adds each row's example index in the split. `config.eval_crop`: False for the original plain resize, True (or a crop
 fraction such as 0.875) to resize the short side and cut out the centre.
 
 Undecodable images are skipped, never fatal: `decode_errors()` is the number
-skipped by this process so far; each one is logged (the first few by name) and
-each epoch's or evaluation pass's total is logged when it ends. Images are
-decoded as RGB (grayscale, palette, CMYK and alpha converted). Resuming a
-training stream that had skipped images before the resume point can shift the
-batches by that many examples.
+skipped by this process so far (training and evaluation); the first ten are
+logged one by one (with the file name, for folders and lists), and each
+epoch's or evaluation pass's total is logged when it ends. A training set whose first 32 images all fail to decode is an error
+(rather than a stream that never yields). Images are decoded as RGB
+(grayscale, palette, CMYK and alpha converted, as `preprocess.decode_rgb`
+does; JPEGs with the same IDCT as PIL, so evaluation numbers equal `vit-jax
+predict`'s). Resuming a stream that had skipped images before the resume
+point shifts its batches by that many examples.
+
+`host_batches(config, split=None)` is the same data per host as numpy, before
+device placement: the training stream (split None) or one evaluation pass,
+with each example's 'index' in its split (tests, tools). `process_index` /
+`process_count` arguments simulate other hosts; the arrays then hold only this
+host's rows.
 
 Other config fields read: image_size, batch_size, eval_batch_size, seed,
 shuffle_buffer, prefetch, data_threads (tf.data threads; default: the CPUs this

@@ -11,6 +11,7 @@ Positions also reveal undecodable images: decoding errors drop the element
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import itertools
@@ -18,6 +19,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from typing import Any, Callable, Iterator
 
 import jax
@@ -159,6 +161,18 @@ def _options(config: Any):
 
 # -- streams -----------------------------------------------------------------------
 
+# Open batch generators. A tf.data iterator with work in flight, destroyed during
+# interpreter shutdown, can deadlock in its destructor (seen with TF 2.21), so the
+# ones still open are closed at exit, before the teardown starts.
+_open: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+  for gen in list(_open):
+    gen.close()
+
+
 @dataclasses.dataclass
 class _Stream:
   """A tf.data dataset of per-host batches (each with positions), and its skip counter."""
@@ -167,6 +181,11 @@ class _Stream:
   end: int | None = None  # evaluation: the positions due on this host
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    gen = self._batches()
+    _open.add(gen)
+    return gen
+
+  def _batches(self) -> Iterator[dict[str, np.ndarray]]:
     for batch in self.dataset.as_numpy_iterator():
       self.counter.see(batch.pop("pos"))
       yield batch
@@ -208,6 +227,7 @@ def _indexed_train(records: sources.Records, index: int, count: int, seed: int, 
 
   ds = tf.data.Dataset.range(start, _END).map(tf.autograph.experimental.do_not_convert(pick),
                                               num_parallel_calls=tf.data.AUTOTUNE)
+  _check_decodable(ds, describe)
   return ds, length, describe
 
 
@@ -253,9 +273,10 @@ def _tfds_train(source: sources.TfdsSource, spec: str, index: int, count: int, s
                                                                dtype=tf.int64))
     return ds.enumerate().map(lambda k, x: {**x, "pos": e * length + k})
 
+  epochs = tf.data.Dataset.range(first_epoch, _END).flat_map(epoch)
+  _check_decodable(epochs, None)
   # Whole epochs are skipped by arithmetic; within the first one, skipped records are read, not decoded.
-  ds = tf.data.Dataset.range(first_epoch, _END).flat_map(epoch).skip(skip)
-  return ds, length
+  return epochs.skip(skip), length
 
 
 def _encoded(x: dict):
@@ -303,7 +324,6 @@ def _train_stream(config: Any, start_step: int, index: int, count: int) -> _Stre
     ds, length = _tfds_train(source, spec, index, count, seed, start, balance,
                              int(config.get("shuffle_buffer", 10_000) or 1),
                              int(config.get("tfds_cycle_length", 16)))
-  _check_decodable(ds, describe)
   aug_key = tf.constant(_key(seed, _SALT_AUG), tf.int64)
 
   def example(x):
@@ -410,8 +430,11 @@ def _to_devices(batches: Iterator[dict[str, np.ndarray]], keys: tuple[str, ...],
                 rows: int, depth: int) -> Iterator[dict[str, jax.Array]]:
   """Global arrays, `depth` batches in flight, so host-to-device copies overlap the steps."""
   def put(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(sharding, batch[k], (rows, *batch[k].shape[1:]))
-            for k in keys}
+    out = {}
+    for k in keys:
+      v = batch[k].astype(np.int32) if batch[k].dtype == np.int64 else batch[k]  # JAX's default ints
+      out[k] = jax.make_array_from_process_local_data(sharding, v, (rows, *v.shape[1:]))
+    return out
 
   queue: collections.deque = collections.deque()
 
@@ -437,13 +460,16 @@ def train_iterator(config: Any, sharding: jax.sharding.NamedSharding, *, start_s
 
 
 def eval_iterator(config: Any, split: str, sharding: jax.sharding.NamedSharding, *,
-                  process_index: int | None = None, process_count: int | None = None
-                  ) -> Iterator[dict[str, jax.Array]]:
-  """One pass over `split` ('eval', 'test' or a split string) as global {'image', 'label', 'mask'} batches."""
+                  process_index: int | None = None, process_count: int | None = None,
+                  with_index: bool = False) -> Iterator[dict[str, jax.Array]]:
+  """One pass over `split` ('eval', 'test' or a split string) as global {'image', 'label', 'mask'} batches.
+
+  with_index adds 'index': int32 [B], each row's example index in the split (-1 on padding).
+  """
   index, count = _processes(process_index, process_count)
   global_batch = config.get("eval_batch_size", None) or config.get("batch_size", None)
   host_batch = _host_batch(global_batch, count, "eval_batch_size")
   rows = _global_rows(int(global_batch), host_batch, count, sharding, "eval_batch_size")
   stream, _ = _eval_stream(config, split, index, count)
-  return _to_devices(iter(stream), ("image", "label", "mask"), sharding, rows,
-                     int(config.get("prefetch", 2)))
+  keys = ("image", "label", "mask") + (("index",) if with_index else ())
+  return _to_devices(iter(stream), keys, sharding, rows, int(config.get("prefetch", 2)))

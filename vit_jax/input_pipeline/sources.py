@@ -296,12 +296,12 @@ class TfdsSource:
                label_key: str = "label"):
     tf_setup.tf()  # TF with accelerators hidden, before TFDS imports it
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    from tensorflow_datasets.core.registered import DatasetNotFoundError  # pylint: disable=import-outside-toplevel
+    from tensorflow_datasets.core import registered  # pylint: disable=import-outside-toplevel
     self.name, self.image_key, self.label_key = name, image_key, label_key
     where = f" in {data_dir}" if data_dir else ""
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
-    except DatasetNotFoundError:
+    except registered.DatasetNotFoundError:
       raise ValueError(f"unknown dataset {name!r}: no TFDS dataset of that name is registered or "
                        f"prepared{where}, and it is not 'folder' or 'multilabel'") from None
     if not self.builder.is_prepared():
@@ -377,10 +377,11 @@ class TfdsSource:
   def _instructions(self, split: Any) -> tuple[list[str], list[int], list[int], list[int]]:
     table: tuple[list, list, list, list] = ([], [], [], [])
     for fi in self._split_info(split).file_instructions:
-      if fi.take <= 0:
+      take = fi.take if fi.take >= 0 else fi.examples_in_shard - fi.skip  # -1: to the shard's end
+      if take <= 0:
         continue
-      for col, v in zip(table, (fi.filename, fi.skip, fi.take,
-                                self._offsets.get(posixpath.basename(fi.filename), 0) + fi.skip)):
+      first = self._offsets.get(posixpath.basename(fi.filename), 0) + fi.skip
+      for col, v in zip(table, (fi.filename, fi.skip, take, first)):
         col.append(v)
     return table
 
