@@ -223,8 +223,64 @@ def _run_demo(args: argparse.Namespace) -> int:
   return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("serve", help="an HTTP endpoint that classifies images (POST /score)",
+                     description="POST /score {\"input_data\": [base64 image or URL, ...]} -> the "
+                                 "top-k labels of each image; GET /healthz, /metadata, /stats. "
+                                 "Concurrent requests share batched model calls.")
+  p.add_argument("--checkpoint", required=True, help="original-layout .npz, local path or gs:// URL")
+  p.add_argument("--model", default=None, help="variant, e.g. ViT-B_16 or B/16 (default: from the file)")
+  p.add_argument("--image-size", type=int, default=None,
+                 help="input size (default: the checkpoint's); position embeddings are resized")
+  p.add_argument("--labels", default=None, help="class names, one per line (default: ImageNet-2012 "
+                                                "for 1000-class heads)")
+  p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+  p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+  p.add_argument("--top-k", type=int, default=5, help="when a request does not say")
+  g = p.add_argument_group("batching")
+  g.add_argument("--max-batch", type=int, default=16, help="most images in one model call")
+  g.add_argument("--batch-sizes", default=None,
+                 help="compiled batch sizes, e.g. 1,4,16 (default: powers of two up to --max-batch)")
+  g.add_argument("--max-wait-ms", type=float, default=5.0,
+                 help="how long a batch waits for more images before it runs")
+  g = p.add_argument_group("limits")
+  g.add_argument("--max-body-bytes", type=int, default=16 << 20, help="request body (and fetched URL) size")
+  g.add_argument("--max-pixels", type=int, default=25_000_000, help="pixels in one image")
+  g.add_argument("--max-images", type=int, default=64, help="images in one request")
+  g.add_argument("--allow-urls", action="store_true", help="fetch http(s) URL inputs (off: 400)")
+  g.add_argument("--url-timeout", type=float, default=10.0, help="seconds for one URL fetch")
+  g.add_argument("--no-access-log", action="store_true", help="no log line per request")
+  p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+  from vit_jax import predict, serve  # pylint: disable=import-outside-toplevel
+  try:
+    sizes = tuple(int(s) for s in args.batch_sizes.split(",")) if args.batch_sizes else ()
+  except ValueError:
+    raise ValueError(f"--batch-sizes {args.batch_sizes}: expected integers separated by commas") from None
+  options = serve.Options(top_k=args.top_k, max_batch=max(sizes) if sizes else args.max_batch,
+                          batch_sizes=sizes, max_wait_ms=args.max_wait_ms,
+                          max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
+                          max_images=args.max_images, allow_urls=args.allow_urls,
+                          url_timeout_s=args.url_timeout)
+  clf = predict.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
+                                labels_path=args.labels)
+  sock = serve.bind(args.host, args.port)
+  print(f"vit-jax serve: {clf.model_name} listening on {serve.url_of(sock)} "
+        f"(ready when GET /healthz answers 200)", flush=True)
+  try:
+    serve.server(serve.create_app(clf, options), access_log=not args.no_access_log).run(sockets=[sock])
+  except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raised the Ctrl-C
+    pass
+  finally:
+    sock.close()
+  print("vit-jax serve: stopped", flush=True)
+  return 0
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_predict, _add_convert, _add_train, _add_eval, _add_aot, _add_demo]
+    _add_predict, _add_convert, _add_train, _add_eval, _add_aot, _add_demo, _add_serve]
 
 
 def _keep_jax_off_absent_tpus(force_cpu: bool = False) -> None:

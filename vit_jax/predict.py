@@ -26,6 +26,10 @@ class Classifier:
   def __post_init__(self):
     # One compiled shape: the last partial batch is padded, never recompiled.
     self._logits = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False))
+    # Serving: the softmax inside the compiled call, so that nothing outside it
+    # compiles per batch shape.
+    self._probs = jax.jit(lambda p, x: jax.nn.softmax(
+        jnp.asarray(self.model.apply({"params": p}, x, train=False), jnp.float32), axis=-1))
 
   @property
   def image_size(self) -> int:
@@ -46,6 +50,10 @@ class Classifier:
     """For each image, the k best classes as {"label", "score", "index"}, best first."""
     logits = self.logits(images)
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+    return self.rank(probs, k)
+
+  def rank(self, probs: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
+    """For each row of probabilities [N, C], the k best classes, as `top_k` gives them."""
     k = min(k, probs.shape[-1])
     result = []
     for row in probs:
@@ -53,6 +61,31 @@ class Classifier:
       result.append([{"label": self.class_names[i], "score": float(row[i]), "index": int(i)}
                      for i in idx])
     return result
+
+  def compile_batches(self, sizes: Sequence[int]) -> None:
+    """Compiles the probabilities call at each batch size, so that `probs` never compiles."""
+    for n in sorted(set(sizes)):
+      shape = (n, self.image_size, self.image_size, 3)
+      jax.block_until_ready(self._probs(self.params, np.zeros(shape, np.float32)))
+
+  def probs(self, images: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Probabilities [N, C] for N <= max(sizes) images, padded to the smallest size that holds N."""
+    n = len(images)
+    fits = [s for s in sizes if s >= n]
+    if not fits:
+      raise ValueError(f"{n} images is more than the largest compiled batch size {max(sizes)}")
+    pad = min(fits) - n
+    if pad:
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
+    return np.asarray(self._probs(self.params, np.asarray(images, np.float32)))[:n]
+
+
+def batch_sizes(max_batch: int) -> tuple[int, ...]:
+  """The batch shapes a server compiles: powers of two below max_batch, and max_batch."""
+  if max_batch < 1:
+    raise ValueError(f"the largest batch size must be at least 1, not {max_batch}")
+  return tuple(sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch}
+                      | {max_batch}))
 
 
 def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
