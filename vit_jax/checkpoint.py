@@ -99,6 +99,9 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{path}: corrupt .npz archive ({e})") from None
   except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
     raise CheckpointError(f"{path}: truncated or corrupt .npz archive ({e})") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Corrupt members fail deeper in zlib and numpy's header parser, with their own types.
+    raise CheckpointError(f"{path}: corrupt .npz archive ({e.__class__.__name__}: {e})") from None
 
 
 def _to_linen(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
@@ -116,6 +119,11 @@ def _to_linen(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
     if key in out:
       raise CheckpointError(f"{path}: key {key!r} appears twice (mixed pre-Linen and Linen names)")
     out[key] = value
+  for key in out:  # 'a' and 'a/b' cannot both be arrays of one tree
+    parts = key.split("/")
+    clash = next((p for p in ("/".join(parts[:i]) for i in range(1, len(parts))) if p in out), None)
+    if clash is not None:
+      raise CheckpointError(f"{path}: key {clash!r} is an array and also holds {key!r}")
   if "embedding/kernel" not in out or not any(k.startswith("Transformer/") for k in out):
     raise CheckpointError(f"{path}: not a ViT checkpoint (no 'embedding/kernel' and "
                           f"'Transformer/...' keys; found {sorted(out)[:5]}...)")
@@ -263,11 +271,14 @@ def infer_model(tree: Mapping[str, Any], path: str = "checkpoint") -> dict[str, 
     _, heads, _ = _shape(flat["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"])
     mlp = _shape(flat["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"])[1]
     tokens = _shape(flat[POSEMB])[1]
-  except (KeyError, ValueError) as e:
+  except (KeyError, ValueError, IndexError) as e:
     raise CheckpointError(f"{path}: cannot tell the model from the file (missing or odd {e})") from None
+  if min(patch, hidden, heads, mlp) < 1 or hidden % heads:
+    raise CheckpointError(f"{path}: inconsistent shapes: patch {patch}, hidden size {hidden}, "
+                          f"{heads} heads, MLP size {mlp}")
   has_cls = "cls" in flat
-  grid = int(round(np.sqrt(tokens - has_cls)))
-  if grid * grid != tokens - has_cls:
+  grid = int(round(np.sqrt(max(tokens - has_cls, 0))))
+  if grid < 1 or grid * grid != tokens - has_cls:
     raise CheckpointError(f"{path}: {POSEMB} has {tokens} tokens, not a square grid"
                           f"{' plus a class token' if has_cls else ''}")
   fields = dict(hidden_size=hidden, mlp_dim=mlp, num_heads=heads, num_layers=len(blocks),
@@ -275,6 +286,9 @@ def infer_model(tree: Mapping[str, Any], path: str = "checkpoint") -> dict[str, 
   name = next((n for n, v in models.VARIANTS.items() if dataclasses.asdict(v) == fields), None)
   head = flat.get("head/kernel")
   pre = flat.get("pre_logits/kernel")
+  for key, kernel in (("head/kernel", head), ("pre_logits/kernel", pre)):
+    if kernel is not None and (len(_shape(kernel)) != 2 or min(_shape(kernel)) < 1):
+      raise CheckpointError(f"{path}: {key} has shape {_shape(kernel)}, expected [inputs, outputs]")
   return dict(name=name, num_classes=None if head is None else _shape(head)[1],
               image_size=grid * patch, representation_size=None if pre is None else _shape(pre)[1],
               classifier="token" if has_cls else "gap", **fields)
