@@ -1,13 +1,17 @@
 """ViT-B/16 at 224: our jitted model against transformers' PyTorch ViTForImageClassification.
 
-Same weights, same CPU, one run. Measurements are interleaved (ours, theirs,
-ours, theirs, ...) so that load from elsewhere on a shared machine hits both
-alike; we report medians and ratios. Also: the training step (forward,
-backward, SGD momentum, batch 8), the training step's compile time (scanned
-and unscanned), peak memory of each side (in separate processes), and the
-achieved GFLOP/s next to what a plain float32 matrix multiply reaches here.
+Same weights, same CPU, one run. Each side runs in its own worker process and
+the two take turns (ours, theirs, ours, theirs, ...): the idle one waits on a
+pipe, so neither's thread pool competes with the other's, and load from
+elsewhere on a shared machine hits both alike. We report medians and ratios of
+inference (fp32 and bf16, batch 1, 8, 32), the training step (forward,
+backward, SGD momentum, batch 8), the training step's compile time (scanned and
+unscanned), peak memory of each side (fresh processes), and the achieved
+GFLOP/s next to what a plain float32 matrix multiply reaches here through XLA
+and through PyTorch.
 
   JAX_PLATFORMS=cpu python benchmarks/vit_vs_torch.py [--quick] [--json out.json]
+      [--skip inference,train,compile,memory] [--batches 1,8,32] [--dtypes fp32,bf16]
 """
 from __future__ import annotations
 
@@ -18,209 +22,312 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import torch  # noqa: E402
-
-from vit_jax import convert, models  # noqa: E402
-
 GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224, forward (17.6 GMACs)
-THREADS = os.cpu_count() or 1
-torch.set_num_threads(THREADS)
+TRAIN_GFLOP_PER_IMAGE = 3 * GFLOP_PER_IMAGE  # forward + backward (two matmuls per forward one)
+MATMUL_N = 2048
 
 
-def _randomized_params(model):
-  params = models.init_params(model, 0)
-  rng = np.random.default_rng(0)
-  return jax.tree_util.tree_map(lambda x: np.asarray(x) + rng.normal(0, 0.02, x.shape).astype(np.float32),
-                                params)
-
-
-def _timeit(fn, iters):
+def _seconds(fn, iters: int) -> float:
   t = time.perf_counter()
   for _ in range(iters):
     fn()
   return (time.perf_counter() - t) / iters
 
 
-def interleaved(fns: dict, iters: int, repeats: int) -> dict:
-  """Median seconds per call of each fn, measured in alternation."""
-  for fn in fns.values():  # warm-up (and compile)
-    fn()
-  times = {k: [] for k in fns}
+def _matmul_gflops(matmul, repeats: int = 5) -> float:
+  """GFLOP/s of the best of `repeats` float32 MATMUL_N^3 products."""
+  matmul()
+  return 2 * MATMUL_N ** 3 / min(_seconds(matmul, 3) for _ in range(repeats)) / 1e9
+
+
+def _peak_rss_mib() -> float:
+  """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+  with open("/proc/self/status", encoding="utf-8") as f:
+    return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+
+
+def _inputs(batch: int):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(batch)
+  return (rng.uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32),
+          rng.integers(0, 1000, batch).astype(np.int32))
+
+
+# ---- the two workers: each answers `setup` (build and warm up a function) and `time`.
+
+class JaxSide:
+  """Our model, jitted, on the weights in the .npz."""
+
+  def __init__(self, weights: str):
+    import jax  # pylint: disable=import-outside-toplevel
+    from vit_jax import checkpoint, models  # pylint: disable=import-outside-toplevel
+    self.jax = jax
+    self.model = models.create_model("ViT-B_16", num_classes=1000)
+    self.params = jax.device_put(checkpoint.load_pretrained(weights, self.model))
+    self.fn = None
+
+  def matmul(self) -> float:
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    a = self.jax.random.normal(self.jax.random.key(0), (MATMUL_N, MATMUL_N), jnp.float32)
+    f = self.jax.jit(lambda x: x @ x)
+    return _matmul_gflops(lambda: f(a).block_until_ready())
+
+  def setup(self, kind: str, batch: int, dtype: str = "fp32") -> None:
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import optax  # pylint: disable=import-outside-toplevel
+    jax = self.jax
+    x, y = (jax.device_put(a) for a in _inputs(batch))
+    if kind == "inference":
+      m = self.model.clone(dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
+      f = jax.jit(lambda p, x: m.apply({"params": p}, x, train=False))
+      self.fn = lambda: f(self.params, x).block_until_ready()
+    else:
+      tx = optax.sgd(0.01, momentum=0.9)
+
+      def step(state, x, y):
+        p, o = state
+        def loss(p):
+          logits = self.model.apply({"params": p}, x, train=True)
+          return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        l, g = jax.value_and_grad(loss)(p)
+        u, o = tx.update(g, o, p)
+        return (optax.apply_updates(p, u), o), l
+
+      f = jax.jit(step, donate_argnums=(0,))
+      p = jax.tree_util.tree_map(jnp.copy, self.params)
+      state = [(p, tx.init(p))]
+
+      def run():
+        state[0], l = f(state[0], x, y)
+        l.block_until_ready()
+      self.fn = run
+    self.fn()  # compile and warm up
+
+  def compile_seconds(self, scan: bool, repeats: int) -> float:
+    """Median seconds to lower and compile the training step (a fresh function each time)."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import optax  # pylint: disable=import-outside-toplevel
+    from vit_jax import models  # pylint: disable=import-outside-toplevel
+    jax = self.jax
+    model = models.create_model("ViT-B_16", num_classes=1000, scan=scan)
+    shapes = models.param_shapes(model)
+    tx = optax.sgd(0.01, momentum=0.9)
+    x = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)
+    y = jax.ShapeDtypeStruct((8,), jnp.int32)
+    times = []
+    for _ in range(repeats):
+      def step(p, o, x, y):
+        g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": p}, x), y).mean())(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o
+      t = time.perf_counter()
+      jax.jit(step).lower(shapes, jax.eval_shape(tx.init, shapes), x, y).compile()
+      times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+class TorchSide:
+  """transformers' ViTForImageClassification (its default attention, SDPA) on the same weights."""
+
+  def __init__(self, weights: str):
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(os.cpu_count() or 1)
+    self.torch = torch
+    self.model = transformers.ViTForImageClassification.from_pretrained(weights).eval()
+    self.fn = None
+
+  def matmul(self) -> float:
+    a = self.torch.randn(MATMUL_N, MATMUL_N)
+    return _matmul_gflops(lambda: a @ a)
+
+  def setup(self, kind: str, batch: int, dtype: str = "fp32") -> None:
+    torch = self.torch
+    x, y = _inputs(batch)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    yt = torch.from_numpy(y).long()
+    if kind == "inference":
+      m = self.model.to(torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
+      xt = xt.to(m.dtype)
+
+      def run():
+        with torch.inference_mode():
+          m(pixel_values=xt)
+      self.fn = run
+    else:
+      m = self.model.float().train()
+      opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+      def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(m(pixel_values=xt).logits, yt).backward()
+        opt.step()
+      self.fn = step
+    self.fn()  # warm up
+
+
+def worker(side: str, weights: str) -> None:
+  """Answers one JSON request per stdin line with one JSON line on stdout."""
+  impl = JaxSide(weights) if side == "jax" else TorchSide(weights)
+  out = sys.stdout
+  sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
+  print(json.dumps({"ready": True}), file=out, flush=True)
+  for line in sys.stdin:
+    req = json.loads(line)
+    cmd = req.pop("cmd")
+    if cmd == "time":
+      reply = {"seconds": _seconds(impl.fn, req["iters"])}
+    elif cmd == "setup":
+      impl.setup(**req)
+      reply = {}
+    elif cmd == "matmul":
+      reply = {"gflops": impl.matmul()}
+    elif cmd == "compile":
+      reply = {"seconds": impl.compile_seconds(**req)}
+    elif cmd == "peak_rss_mib":
+      reply = {"mib": _peak_rss_mib()}
+    else:
+      raise ValueError(f"unknown command {cmd!r}")
+    print(json.dumps(reply), file=out, flush=True)
+
+
+class Worker:
+  """A worker process on one side, driven over its stdin and stdout."""
+
+  def __init__(self, side: str, weights: str):
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--worker", side, "--weights", weights],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"))
+    self._read()
+
+  def _read(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"benchmark worker exited with status {self.proc.wait()}")
+    return json.loads(line)
+
+  def __call__(self, cmd: str, **kw) -> dict:
+    self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def interleaved(workers: dict[str, Worker], iters: int, repeats: int) -> dict[str, float]:
+  """Median seconds per call on each side, the sides taking turns."""
+  times = {k: [] for k in workers}
   for _ in range(repeats):
-    for k, fn in fns.items():
-      times[k].append(_timeit(fn, iters))
+    for k, w in workers.items():
+      times[k].append(w("time", iters=iters)["seconds"])
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def matmul_ceiling(n=2048, repeats=5) -> float:
-  """GFLOP/s of a float32 n x n matmul through XLA: the practical ceiling for the model."""
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  t = min(_timeit(lambda: f(a).block_until_ready(), 3) for _ in range(repeats))
-  return 2 * n ** 3 / t / 1e9
-
-
-def inference(model, params, pt, batch, dtype, iters, repeats):
-  x = np.random.default_rng(1).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
-  m = model.clone(dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
-  p = jax.device_put(params)
-  f = jax.jit(lambda p, x: m.apply({"params": p}, x, train=False))
-  xj = jax.device_put(x)
-  ptm = pt.to(torch.bfloat16) if dtype == "bf16" else pt.float()
-  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-  xt = xt.to(torch.bfloat16) if dtype == "bf16" else xt
-
-  def ours():
-    f(p, xj).block_until_ready()
-
-  def theirs():
-    with torch.inference_mode():
-      ptm(pixel_values=xt)
-
-  med = interleaved({"jax": ours, "torch": theirs}, iters, repeats)
-  pt.float()
-  return {"batch": batch, "dtype": dtype, "jax_img_s": batch / med["jax"], "torch_img_s": batch / med["torch"],
+def compare(workers, kind: str, batch: int, dtype: str, repeats: int) -> dict:
+  for w in workers.values():
+    w("setup", kind=kind, batch=batch, dtype=dtype)
+  med = interleaved(workers, max(1, 8 // batch), repeats)
+  flops = GFLOP_PER_IMAGE if kind == "inference" else TRAIN_GFLOP_PER_IMAGE
+  return {"kind": kind, "batch": batch, "dtype": dtype,
+          **{f"{k}_img_s": batch / t for k, t in med.items()},
+          **{f"{k}_gflops": batch / t * flops for k, t in med.items()},
           "ratio": med["torch"] / med["jax"]}
 
 
-def train_step(model, params, pt, batch, iters, repeats):
-  rng = np.random.default_rng(2)
-  x = rng.uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
-  y = rng.integers(0, 1000, batch)
-  tx = optax.sgd(0.01, momentum=0.9)
-
-  def step(state, x, y):
-    p, o = state
-
-    def loss(p):
-      logits = model.apply({"params": p}, x, train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    l, g = jax.value_and_grad(loss)(p)
-    u, o = tx.update(g, o, p)
-    return (optax.apply_updates(p, u), o), l
-
-  f = jax.jit(step, donate_argnums=(0,))
-  p = jax.device_put(params)
-  state = [(p, tx.init(p))]
-  xj, yj = jax.device_put(x), jax.device_put(y)
-
-  def ours():
-    state[0], l = f(state[0], xj, yj)
-    l.block_until_ready()
-
-  opt = torch.optim.SGD(pt.parameters(), lr=0.01, momentum=0.9)
-  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-  yt = torch.from_numpy(y)
-  pt.train()
-
-  def theirs():
-    opt.zero_grad(set_to_none=True)
-    out = pt(pixel_values=xt).logits
-    torch.nn.functional.cross_entropy(out, yt).backward()
-    opt.step()
-
-  med = interleaved({"jax": ours, "torch": theirs}, iters, repeats)
-  pt.eval()
-  return {"batch": batch, "jax_img_s": batch / med["jax"], "torch_img_s": batch / med["torch"],
-          "ratio": med["torch"] / med["jax"]}
+def peak_memory(side: str, weights: str, batch: int) -> float:
+  """Peak RSS (MiB) of a fresh worker after fp32 inference at `batch`."""
+  w = Worker(side, weights)
+  w("setup", kind="inference", batch=batch)
+  w("time", iters=2)
+  mib = w("peak_rss_mib")["mib"]
+  w.close()
+  return mib
 
 
-def compile_time(scan: bool, repeats: int = 3) -> float:
-  """Median seconds to lower and compile the ViT-B/16 training step (fresh function each time)."""
-  model = models.create_model("ViT-B_16", num_classes=1000, scan=scan)
-  shapes = models.param_shapes(model)
-  tx = optax.sgd(0.01, momentum=0.9)
-  x = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)
-  y = jax.ShapeDtypeStruct((8,), jnp.int32)
-  times = []
-  for _ in range(repeats):
-    def step(p, o, x, y):
-      def loss(p):
-        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
-      g = jax.grad(loss)(p)
-      u, o = tx.update(g, o, p)
-      return optax.apply_updates(p, u), o
-    t = time.perf_counter()
-    jax.jit(step).lower(shapes, jax.eval_shape(tx.init, shapes), x, y).compile()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+def write_weights(directory: str) -> tuple[str, str]:
+  """Random ViT-B/16 weights (not the init: every parameter perturbed) as .npz and as HF directory."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from vit_jax import checkpoint, convert, models  # pylint: disable=import-outside-toplevel
+  model = models.create_model("ViT-B_16", num_classes=1000)
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda x: np.asarray(x) + rng.normal(0, 0.02, x.shape).astype(np.float32), models.init_params(model, 0))
+  npz, hf = os.path.join(directory, "vit_b16.npz"), os.path.join(directory, "vit_b16_hf")
+  checkpoint.save(params, npz)
+  convert.to_transformers(params, model, hf)
+  return npz, hf
 
 
-def peak_memory(side: str, batch: int) -> float:
-  """Peak RSS (MiB) of a fresh process running inference at `batch` (fp32) on one side."""
-  code = f"""
-import os, resource, numpy as np
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-batch = {batch}
-x = np.random.default_rng(0).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
-if "{side}" == "jax":
-    import jax
-    from vit_jax import models
-    m = models.create_model("ViT-B_16", num_classes=1000)
-    p = models.init_params(m)
-    f = jax.jit(lambda p, x: m.apply({{"params": p}}, x))
-    for _ in range(3): f(p, x).block_until_ready()
-else:
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification
-    pt = ViTForImageClassification(ViTConfig(num_labels=1000)).eval()
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-    with torch.inference_mode():
-        for _ in range(3): pt(pixel_values=xt)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-"""
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  return float(out.stdout.strip().splitlines()[-1])
+def machine() -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+      f.seek(0)
+      flags = next(l.split(":", 1)[1].split() for l in f if l.startswith("flags"))
+    cpu += " (" + " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags) + ")"
+  except (OSError, StopIteration):
+    pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+          "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+  ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7 (a smoke run)")
   ap.add_argument("--json", default=None, help="also write the results here")
   ap.add_argument("--skip", default="", help="comma list of: inference,train,compile,memory")
+  ap.add_argument("--batches", default="1,8,32", help="inference batch sizes")
+  ap.add_argument("--dtypes", default="fp32,bf16", help="inference compute dtypes")
+  ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  ap.add_argument("--weights", help=argparse.SUPPRESS)
   args = ap.parse_args()
+  if args.worker:
+    worker(args.worker, args.weights)
+    return
   skip = set(filter(None, args.skip.split(",")))
   repeats = 3 if args.quick else 7
-  model = models.create_model("ViT-B_16", num_classes=1000)
-  params = _randomized_params(model)
-  config = convert.hf_config(model)
-  from transformers import ViTForImageClassification  # pylint: disable=import-outside-toplevel
-  pt = ViTForImageClassification(config).eval()
-  pt.load_state_dict({k: torch.from_numpy(v) for k, v in
-                      convert.to_torch_state_dict(params, model.num_heads).items()})
-  result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": THREADS,
-                        "python": platform.python_version(), "jax": jax.__version__,
-                        "torch": torch.__version__},
-            "matmul_ceiling_gflops": matmul_ceiling()}
-  if "inference" not in skip:
-    result["inference"] = []
-    for dtype in ("fp32", "bf16"):
-      for batch in (1, 8, 32):
-        iters = max(1, 8 // batch)
-        r = inference(model, params, pt, batch, dtype, iters, repeats)
-        r["jax_gflops"] = r["jax_img_s"] * GFLOP_PER_IMAGE
-        result["inference"].append(r)
-        print(json.dumps(r), flush=True)
-  if "train" not in skip:
-    result["train"] = train_step(model, params, pt, 8, 1, repeats)
-    print(json.dumps(result["train"]), flush=True)
-  if "compile" not in skip:
-    result["compile_seconds"] = {"unscanned": compile_time(False), "scanned": compile_time(True)}
-    print(json.dumps(result["compile_seconds"]), flush=True)
-  if "memory" not in skip:
-    result["peak_rss_mib_batch8"] = {"jax": peak_memory("jax", 8), "torch": peak_memory("torch", 8)}
-    print(json.dumps(result["peak_rss_mib_batch8"]), flush=True)
+  result = {"machine": machine()}
+  print(json.dumps(result["machine"]), flush=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    npz, hf = write_weights(tmp)
+    workers = {"jax": Worker("jax", npz), "torch": Worker("torch", hf)}
+    result["matmul_gflops"] = {k: w("matmul")["gflops"] for k, w in workers.items()}
+    print(json.dumps(result["matmul_gflops"]), flush=True)
+    runs = []
+    if "inference" not in skip:
+      runs += [("inference", int(b), d) for d in args.dtypes.split(",") for b in args.batches.split(",")]
+    if "train" not in skip:
+      runs.append(("train", 8, "fp32"))
+    result["runs"] = []
+    for kind, batch, dtype in runs:
+      r = compare(workers, kind, batch, dtype, repeats)
+      result["runs"].append(r)
+      print(json.dumps(r), flush=True)
+    if "compile" not in skip:
+      result["compile_seconds"] = {
+          k: workers["jax"]("compile", scan=scan, repeats=3)["seconds"]
+          for k, scan in (("unscanned", False), ("scanned", True))}
+      print(json.dumps(result["compile_seconds"]), flush=True)
+    for w in workers.values():
+      w.close()
+    if "memory" not in skip:
+      result["peak_rss_mib_batch8"] = {"jax": peak_memory("jax", npz, 8), "torch": peak_memory("torch", hf, 8)}
+      print(json.dumps(result["peak_rss_mib_batch8"]), flush=True)
   print(table(result))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
@@ -228,19 +335,19 @@ def main():
 
 
 def table(r: dict) -> str:
-  lines = [f"machine: {r['machine']}", f"fp32 matmul ceiling: {r['matmul_ceiling_gflops']:.0f} GFLOP/s", "",
-           "| benchmark | batch | ours (img/s) | PyTorch (img/s) | ours / PyTorch | ours GFLOP/s |",
-           "| --- | --- | --- | --- | --- | --- |"]
-  for x in r.get("inference", []):
-    lines.append(f"| inference {x['dtype']} | {x['batch']} | {x['jax_img_s']:.2f} | {x['torch_img_s']:.2f} | "
-                 f"{x['ratio']:.2f} | {x['jax_gflops']:.0f} |")
-  if "train" in r:
-    t = r["train"]
-    lines.append(f"| train step fp32 (SGD momentum) | {t['batch']} | {t['jax_img_s']:.2f} | "
-                 f"{t['torch_img_s']:.2f} | {t['ratio']:.2f} | {t['jax_img_s'] * 3 * GFLOP_PER_IMAGE:.0f} |")
+  """The results as a Markdown table, headed by the machine and the matmul ceilings."""
+  mm = r["matmul_gflops"]
+  lines = [f"machine: {r['machine']}",
+           f"fp32 {MATMUL_N}x{MATMUL_N} matmul: XLA {mm['jax']:.0f} GFLOP/s, PyTorch {mm['torch']:.0f} GFLOP/s", "",
+           "| benchmark | batch | ours (img/s) | PyTorch (img/s) | ours / PyTorch | ours GFLOP/s | PyTorch GFLOP/s |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for x in r.get("runs", []):
+    name = f"inference {x['dtype']}" if x["kind"] == "inference" else "train step fp32 (SGD momentum)"
+    lines.append(f"| {name} | {x['batch']} | {x['jax_img_s']:.2f} | {x['torch_img_s']:.2f} | {x['ratio']:.2f} | "
+                 f"{x['jax_gflops']:.0f} | {x['torch_gflops']:.0f} |")
   if "compile_seconds" in r:
     c = r["compile_seconds"]
-    lines.append(f"\ntrain-step compile: {c['unscanned']:.1f} s unscanned, {c['scanned']:.1f} s scanned")
+    lines.append(f"\ntrain-step compile (batch 8): {c['unscanned']:.1f} s unscanned, {c['scanned']:.1f} s scanned")
   if "peak_rss_mib_batch8" in r:
     m = r["peak_rss_mib_batch8"]
     lines.append(f"peak RSS, fp32 inference batch 8: ours {m['jax']:.0f} MiB, PyTorch {m['torch']:.0f} MiB")
