@@ -191,3 +191,39 @@ def test_gap_classifier_has_no_class_token():
 
 def test_default_gelu_is_the_tanh_approximation():
   assert models.create_model("B/16").gelu_approximate is True
+
+
+def _qkv(seed, shape=(2, 7, 3, 8)):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return [jax.random.normal(k, shape) * 2 for k in keys]
+
+
+def test_attention_matches_flax_attention():
+  # The heads-first layout is only a speed choice: values and gradients must be Flax's.
+  q, k, v = _qkv(0)
+  np.testing.assert_allclose(models.dot_product_attention(q, k, v),
+                             nn.dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+  mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.7, (2, 3, 7, 7)).at[..., 0].set(True)
+  np.testing.assert_allclose(models.dot_product_attention(q, k, v, mask),
+                             nn.dot_product_attention(q, k, v, mask=mask), atol=1e-5, rtol=1e-5)
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  ours = jax.grad(loss(models.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  theirs = jax.grad(loss(nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_drops_normalized_weights():
+  # Dropout zeroes whole attention weights and rescales the rest by 1/keep: with
+  # v = one-hot over keys, the output rows are the (dropped) weights themselves.
+  q, k, _ = _qkv(1, (1, 6, 2, 4))
+  v = jnp.broadcast_to(jnp.eye(6)[None, :, None, :], (1, 6, 2, 6))
+  weights = jnp.swapaxes(models.dot_product_attention(q, k, v), 1, 2)  # [1, heads, q, k]
+  dropped = jnp.swapaxes(models.dot_product_attention(
+      q, k, v, dropout_rng=jax.random.PRNGKey(0), dropout_rate=0.5, deterministic=False), 1, 2)
+  kept = np.asarray(dropped) != 0
+  assert 0 < kept.mean() < 1
+  np.testing.assert_allclose(np.asarray(dropped)[kept], np.asarray(weights)[kept] / 0.5, rtol=1e-5)
+  # Deterministic (the default) ignores the rate.
+  np.testing.assert_array_equal(
+      jnp.swapaxes(models.dot_product_attention(q, k, v, dropout_rate=0.5), 1, 2), weights)

@@ -61,7 +61,7 @@ def _init(init: Callable, names: tuple[str | None, ...]) -> Callable:
 
 def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None, *,
                           dropout_rng: Array | None = None, dropout_rate: float = 0.0,
-                          deterministic: bool = True, precision: Any = None, **_: Any) -> Array:
+                          deterministic: bool = True, precision: Any = None) -> Array:
   """Softmax attention as Flax's, for [..., tokens, heads, head_dim] inputs, laid out for speed."""
   # Heads go before tokens: the two batched matmuls then multiply contiguous
   # [tokens, head_dim] blocks, which XLA:CPU runs 2-4x faster than Flax's
