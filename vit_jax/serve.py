@@ -30,7 +30,7 @@ import re
 import reprlib
 import socket
 import urllib.parse
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import httpx
 import numpy as np
@@ -203,17 +203,8 @@ async def _fetch(http: httpx.AsyncClient, url: str, index: int, max_bytes: int) 
     async with http.stream("GET", url) as response:
       if response.status_code != 200:
         raise RequestError(400, f"{name}: GET {_short(url)} answered HTTP {response.status_code}")
-      declared = response.headers.get("content-length")
-      if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise RequestError(413, f"{name}: {_short(url)} is {declared} bytes, over the limit of "
-                                f"{max_bytes}")
-      chunks, total = [], 0
-      async for chunk in response.aiter_bytes():
-        total += len(chunk)
-        if total > max_bytes:
-          raise RequestError(413, f"{name}: {_short(url)} is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-      return b"".join(chunks)
+      return await _read_limited(response.headers, response.aiter_bytes(), max_bytes,
+                                 f"{name}: {_short(url)}")
   except RequestError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -223,18 +214,19 @@ async def _fetch(http: httpx.AsyncClient, url: str, index: int, max_bytes: int) 
                             f"({e.__class__.__name__}: {_short(str(e))})") from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-  """The request body, refused with 413 as soon as it is known to be over `limit` bytes."""
-  declared = request.headers.get("content-length")
+async def _read_limited(headers: Mapping[str, str], chunks: AsyncIterator[bytes], limit: int,
+                        what: str) -> bytes:
+  """A request or response body, refused with 413 as soon as it is known to be over `limit` bytes."""
+  declared = headers.get("content-length")
   if declared and declared.isdigit() and int(declared) > limit:
-    raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
-  chunks, total = [], 0
-  async for chunk in request.stream():
+    raise RequestError(413, f"{what} of {declared} bytes is over the limit of {limit} bytes")
+  parts, total = [], 0
+  async for chunk in chunks:
     total += len(chunk)
     if total > limit:
-      raise RequestError(413, f"request body is over the limit of {limit} bytes")
-    chunks.append(chunk)
-  return b"".join(chunks)
+      raise RequestError(413, f"{what} is over the limit of {limit} bytes")
+    parts.append(chunk)
+  return b"".join(parts)
 
 
 def _top_k(value: Any, where: str) -> int:
@@ -366,7 +358,8 @@ def create_app(clf: predict.Classifier, options: Options = Options()) -> FastAPI
     state.requests += 1
     if state.status != "ready":
       raise RequestError(503, f"not ready: {state.error or 'compiling'}")
-    body = await _read_body(request, options.max_body_bytes)
+    body = await _read_limited(request.headers, request.stream(), options.max_body_bytes,
+                              "request body")
     inputs, k = await asyncio.to_thread(_parse, body, options)  # a large body parses off the loop
     if k is None:
       query = request.query_params.get("top_k")
