@@ -1,4 +1,4 @@
-"""ViT-B/16 at 224: our jitted model against transformers' PyTorch ViTForImageClassification.
+"""ViT-B/16 (or --model) at 224: our jitted model against transformers' PyTorch ViTForImageClassification.
 
 Same weights, same CPU, one run. Each side runs in its own worker process and
 the two take turns (ours, theirs, ours, theirs, ...): the idle one waits on a
@@ -11,7 +11,7 @@ GFLOP/s next to what a plain float32 matrix multiply reaches here through XLA
 and through PyTorch.
 
   JAX_PLATFORMS=cpu python benchmarks/vit_vs_torch.py [--quick] [--json out.json]
-      [--skip inference,train,compile,memory] [--batches 1,8,32] [--dtypes fp32,bf16]
+      [--skip inference,train,compile,memory] [--batches 1,8,32] [--dtypes fp32,bf16] [--model ViT-B_16]
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224, forward (17.6 GMACs)
-TRAIN_GFLOP_PER_IMAGE = 3 * GFLOP_PER_IMAGE  # forward + backward (two matmuls per forward one)
+B16_GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224, forward (17.6 GMACs)
+TRAIN_FACTOR = 3  # forward + backward: two matmuls per forward one
 MATMUL_N = 2048
 
 
@@ -43,6 +43,21 @@ def _matmul_gflops(matmul, repeats: int = 5) -> float:
   """GFLOP/s of the best of `repeats` float32 MATMUL_N^3 products."""
   matmul()
   return 2 * MATMUL_N ** 3 / min(_seconds(matmul, 3) for _ in range(repeats)) / 1e9
+
+
+def _macs(name: str) -> int:
+  """Multiply-adds of one 224 px forward pass: patch embedding, blocks (attention included), head."""
+  from vit_jax import models  # pylint: disable=import-outside-toplevel
+  v = models.VARIANTS[models.canonical_name(name)]
+  patches = (224 // v.patch_size) ** 2
+  tokens, d = patches + 1, v.hidden_size
+  block = tokens * (4 * d * d + 2 * d * v.mlp_dim) + 2 * tokens * tokens * d
+  return patches * v.patch_size ** 2 * 3 * d + v.num_layers * block + d * 1000
+
+
+def gflop_per_image(name: str) -> float:
+  """Forward GFLOP per image, scaled so that ViT-B/16 counts the usual 35.2."""
+  return B16_GFLOP_PER_IMAGE * _macs(name) / _macs("ViT-B_16")
 
 
 def _peak_rss_mib() -> float:
@@ -63,11 +78,12 @@ def _inputs(batch: int):
 class JaxSide:
   """Our model, jitted, on the weights in the .npz."""
 
-  def __init__(self, weights: str):
+  def __init__(self, weights: str, name: str):
     import jax  # pylint: disable=import-outside-toplevel
     from vit_jax import checkpoint, models  # pylint: disable=import-outside-toplevel
     self.jax = jax
-    self.model = models.create_model("ViT-B_16", num_classes=1000)
+    self.name = name
+    self.model = models.create_model(name, num_classes=1000)
     self.params = jax.device_put(checkpoint.load_pretrained(weights, self.model))
     self.fn = None
 
@@ -114,7 +130,7 @@ class JaxSide:
     import optax  # pylint: disable=import-outside-toplevel
     from vit_jax import models  # pylint: disable=import-outside-toplevel
     jax = self.jax
-    model = models.create_model("ViT-B_16", num_classes=1000, scan=scan)
+    model = models.create_model(self.name, num_classes=1000, scan=scan)
     shapes = models.param_shapes(model)
     tx = optax.sgd(0.01, momentum=0.9)
     x = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)
@@ -135,7 +151,7 @@ class JaxSide:
 class TorchSide:
   """transformers' ViTForImageClassification (its default attention, SDPA) on the same weights."""
 
-  def __init__(self, weights: str):
+  def __init__(self, weights: str, name: str):  # pylint: disable=unused-argument
     import torch  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
     transformers.utils.logging.disable_progress_bar()
@@ -173,9 +189,9 @@ class TorchSide:
     self.fn()  # warm up
 
 
-def worker(side: str, weights: str) -> None:
+def worker(side: str, weights: str, name: str) -> None:
   """Answers one JSON request per stdin line with one JSON line on stdout."""
-  impl = JaxSide(weights) if side == "jax" else TorchSide(weights)
+  impl = (JaxSide if side == "jax" else TorchSide)(weights, name)
   out = sys.stdout
   sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
   print(json.dumps({"ready": True}), file=out, flush=True)
@@ -201,9 +217,10 @@ def worker(side: str, weights: str) -> None:
 class Worker:
   """A worker process on one side, driven over its stdin and stdout."""
 
-  def __init__(self, side: str, weights: str):
+  def __init__(self, side: str, weights: str, name: str):
     self.proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--worker", side, "--weights", weights],
+        [sys.executable, os.path.abspath(__file__), "--worker", side, "--weights", weights,
+         "--model", name],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"))
     self._read()
@@ -233,20 +250,20 @@ def interleaved(workers: dict[str, Worker], iters: int, repeats: int) -> dict[st
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def compare(workers, kind: str, batch: int, dtype: str, repeats: int) -> dict:
+def compare(workers, kind: str, batch: int, dtype: str, repeats: int, gflop: float) -> dict:
   for w in workers.values():
     w("setup", kind=kind, batch=batch, dtype=dtype)
   med = interleaved(workers, max(1, 8 // batch), repeats)
-  flops = GFLOP_PER_IMAGE if kind == "inference" else TRAIN_GFLOP_PER_IMAGE
+  flops = gflop if kind == "inference" else TRAIN_FACTOR * gflop
   return {"kind": kind, "batch": batch, "dtype": dtype,
           **{f"{k}_img_s": batch / t for k, t in med.items()},
           **{f"{k}_gflops": batch / t * flops for k, t in med.items()},
           "ratio": med["torch"] / med["jax"]}
 
 
-def peak_memory(side: str, weights: str, batch: int) -> float:
+def peak_memory(side: str, weights: str, name: str, batch: int) -> float:
   """Peak RSS (MiB) of a fresh worker after fp32 inference at `batch`."""
-  w = Worker(side, weights)
+  w = Worker(side, weights, name)
   w("setup", kind="inference", batch=batch)
   w("time", iters=2)
   mib = w("peak_rss_mib")["mib"]
@@ -254,16 +271,16 @@ def peak_memory(side: str, weights: str, batch: int) -> float:
   return mib
 
 
-def write_weights(directory: str) -> tuple[str, str]:
-  """Random ViT-B/16 weights (not the init: every parameter perturbed) as .npz and as HF directory."""
+def write_weights(directory: str, name: str) -> tuple[str, str]:
+  """Random weights (not the init: every parameter perturbed) as .npz and as a transformers directory."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from vit_jax import checkpoint, convert, models  # pylint: disable=import-outside-toplevel
-  model = models.create_model("ViT-B_16", num_classes=1000)
+  model = models.create_model(name, num_classes=1000)
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
       lambda x: np.asarray(x) + rng.normal(0, 0.02, x.shape).astype(np.float32), models.init_params(model, 0))
-  npz, hf = os.path.join(directory, "vit_b16.npz"), os.path.join(directory, "vit_b16_hf")
+  npz, hf = os.path.join(directory, "weights.npz"), os.path.join(directory, "weights_hf")
   checkpoint.save(params, npz)
   convert.to_transformers(params, model, hf)
   return npz, hf
@@ -293,19 +310,20 @@ def main():
   ap.add_argument("--skip", default="", help="comma list of: inference,train,compile,memory")
   ap.add_argument("--batches", default="1,8,32", help="inference batch sizes")
   ap.add_argument("--dtypes", default="fp32,bf16", help="inference compute dtypes")
+  ap.add_argument("--model", default="ViT-B_16", help="variant, at 224 px with 1000 classes")
   ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   ap.add_argument("--weights", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
-    worker(args.worker, args.weights)
+    worker(args.worker, args.weights, args.model)
     return
   skip = set(filter(None, args.skip.split(",")))
   repeats = 3 if args.quick else 7
-  result = {"machine": machine()}
+  result = {"machine": machine(), "model": args.model, "gflop_per_image": gflop_per_image(args.model)}
   print(json.dumps(result["machine"]), flush=True)
   with tempfile.TemporaryDirectory() as tmp:
-    npz, hf = write_weights(tmp)
-    workers = {"jax": Worker("jax", npz), "torch": Worker("torch", hf)}
+    npz, hf = write_weights(tmp, args.model)
+    workers = {"jax": Worker("jax", npz, args.model), "torch": Worker("torch", hf, args.model)}
     result["matmul_gflops"] = {k: w("matmul")["gflops"] for k, w in workers.items()}
     print(json.dumps(result["matmul_gflops"]), flush=True)
     runs = []
@@ -315,7 +333,7 @@ def main():
       runs.append(("train", 8, "fp32"))
     result["runs"] = []
     for kind, batch, dtype in runs:
-      r = compare(workers, kind, batch, dtype, repeats)
+      r = compare(workers, kind, batch, dtype, repeats, result["gflop_per_image"])
       result["runs"].append(r)
       print(json.dumps(r), flush=True)
     if "compile" not in skip:
@@ -326,7 +344,8 @@ def main():
     for w in workers.values():
       w.close()
     if "memory" not in skip:
-      result["peak_rss_mib_batch8"] = {"jax": peak_memory("jax", npz, 8), "torch": peak_memory("torch", hf, 8)}
+      result["peak_rss_mib_batch8"] = {side: peak_memory(side, path, args.model, 8)
+                                       for side, path in (("jax", npz), ("torch", hf))}
       print(json.dumps(result["peak_rss_mib_batch8"]), flush=True)
   print(table(result))
   if args.json:
@@ -337,7 +356,8 @@ def main():
 def table(r: dict) -> str:
   """The results as a Markdown table, headed by the machine and the matmul ceilings."""
   mm = r["matmul_gflops"]
-  lines = [f"machine: {r['machine']}",
+  lines = [f"{r['model']} at 224 ({r['gflop_per_image']:.1f} GFLOP per image forward)",
+           f"machine: {r['machine']}",
            f"fp32 {MATMUL_N}x{MATMUL_N} matmul: XLA {mm['jax']:.0f} GFLOP/s, PyTorch {mm['torch']:.0f} GFLOP/s", "",
            "| benchmark | batch | ours (img/s) | PyTorch (img/s) | ours / PyTorch | ours GFLOP/s | PyTorch GFLOP/s |",
            "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -1,0 +1,54 @@
+"""The PyTorch side-by-side benchmark runs end to end (on ViT-Ti/16, to stay quick)."""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vit_vs_torch.py"
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location("vit_vs_torch", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _macs(d, mlp, layers, patch=16, tokens=197):
+  """One 224 px forward, written out: embedding, blocks (projections, MLP, attention), head."""
+  block = tokens * (4 * d * d + 2 * d * mlp) + 2 * tokens * tokens * d
+  return (tokens - 1) * patch * patch * 3 * d + layers * block + d * 1000
+
+
+def test_flop_counts():
+  bench = _module()
+  assert _macs(768, 3072, 12) == pytest.approx(17.6e9, rel=3e-3)  # the usual ViT-B/16 figure
+  assert bench.gflop_per_image("ViT-B_16") == pytest.approx(35.2)
+  want = 35.2 * _macs(192, 768, 12) / _macs(768, 3072, 12)
+  assert bench.gflop_per_image("ViT-Ti_16") == pytest.approx(want, rel=1e-9)
+  want = 35.2 * _macs(1024, 4096, 24, patch=32, tokens=50) / _macs(768, 3072, 12)
+  assert bench.gflop_per_image("ViT-L_32") == pytest.approx(want, rel=1e-9)
+
+
+def test_runs_both_sides_and_reports(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, str(SCRIPT), "--model", "ViT-Ti_16", "--quick", "--batches", "2",
+       "--dtypes", "fp32", "--skip", "compile", "--json", str(out)],
+      capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads(out.read_text())
+  assert [(x["kind"], x["batch"]) for x in r["runs"]] == [("inference", 2), ("train", 8)]
+  for x in r["runs"]:
+    assert x["jax_img_s"] > 0 and x["torch_img_s"] > 0
+    assert x["ratio"] == pytest.approx(x["jax_img_s"] / x["torch_img_s"])
+    flops = r["gflop_per_image"] * (1 if x["kind"] == "inference" else 3)
+    assert x["jax_gflops"] == pytest.approx(x["jax_img_s"] * flops)
+  assert min(r["matmul_gflops"].values()) > 0
+  # Fresh workers hold at least the framework and the weights, and well under this machine's RAM.
+  assert all(100 < mib < 8000 for mib in r["peak_rss_mib_batch8"].values())
+  assert "| inference fp32 | 2 |" in proc.stdout and "| train step fp32" in proc.stdout
