@@ -10,3 +10,16 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 # Parity and equality checks compare float32 results; XLA:CPU's default is
 # already fp32, "highest" makes that explicit on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402  pylint: disable=wrong-import-position
+
+import ckpt_fixtures  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def imagenet_ckpt(tmp_path_factory):
+  """A tiny model with a 1000-class head (so ImageNet labels apply), in the original layout."""
+  path = tmp_path_factory.mktemp("ckpt") / "tiny1000.npz"
+  ckpt_fixtures.write_original(path, ckpt_fixtures.Spec(classes=1000, image_size=32))
+  return str(path)

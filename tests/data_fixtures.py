@@ -45,6 +45,24 @@ def write_file(path: str, data: bytes) -> str:
   return path
 
 
+def write_mode_images(directory: str, seed: int = 0) -> dict[str, str]:
+  """One 70x50 image in each format and mode that decoding must bring to RGB, by file name."""
+  rgb = np.random.default_rng(seed).uniform(0, 255, (50, 70, 3)).astype(np.uint8)
+  images = {
+      "rgb.jpg": Image.fromarray(rgb),
+      "gray.png": Image.fromarray(rgb[..., 0]),
+      "palette.png": Image.fromarray(rgb).convert("P"),
+      "alpha.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
+      "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+      "pic.bmp": Image.fromarray(rgb[::-1]),
+  }
+  paths = {}
+  for name, im in images.items():
+    paths[name] = os.path.join(directory, name)
+    im.save(paths[name])
+  return paths
+
+
 def write_folder(root: str, counts: Mapping[str, Mapping[str, int]], *, ext: str = "png",
                  size: tuple[int, int] = (24, 32), seed: int = 0) -> dict[str, list[str]]:
   """ROOT/{split}/{class}/{i}.{ext}; counts = {split: {class_name: n}}; returns paths per split.

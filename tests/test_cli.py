@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import ckpt_fixtures as cf
+import data_fixtures as df
 from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import labels
@@ -18,31 +19,10 @@ from vit_jax import preprocess
 
 
 @pytest.fixture(scope="module")
-def imagenet_ckpt(tmp_path_factory):
-  """A tiny model with a 1000-class head, in the original layout."""
-  path = tmp_path_factory.mktemp("ckpt") / "tiny1000.npz"
-  cf.write_original(path, cf.Spec(classes=1000, image_size=32))
-  return str(path)
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
   d = tmp_path_factory.mktemp("img")
-  rng = np.random.default_rng(0)
-  rgb = (rng.uniform(0, 255, (50, 70, 3))).astype(np.uint8)
-  out = {}
-  for name, im in {
-      "rgb.jpg": Image.fromarray(rgb),
-      "gray.png": Image.fromarray(rgb[..., 0]),
-      "palette.png": Image.fromarray(rgb).convert("P"),
-      "alpha.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
-      "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
-      "pic.bmp": Image.fromarray(rgb),
-  }.items():
-    im.save(d / name)
-    out[name] = str(d / name)
-  (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-  out["broken.jpg"] = str(d / "broken.jpg")
+  out = df.write_mode_images(str(d))
+  out["broken.jpg"] = df.write_file(str(d / "broken.jpg"), b"\xff\xd8\xff\xe0 definitely not a jpeg")
   return out
 
 

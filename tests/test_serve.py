@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ckpt_fixtures as cf
+import data_fixtures as df
 from vit_jax import cli
 from vit_jax import predict
 from vit_jax import serve
@@ -31,30 +31,13 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-  path = tmp_path_factory.mktemp("ckpt") / "tiny1000.npz"
-  cf.write_original(path, cf.Spec(classes=1000, image_size=32))
-  return str(path)
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
   """Image files of several formats and modes, by name."""
   d = tmp_path_factory.mktemp("img")
-  rng = np.random.default_rng(1)
-  rgb = rng.uniform(0, 255, (50, 70, 3)).astype(np.uint8)
-  out = {}
-  for name, im in {
-      "rgb.jpg": Image.fromarray(rgb),
-      "gray.png": Image.fromarray(rgb[..., 0]),
-      "palette.png": Image.fromarray(rgb).convert("P"),
-      "alpha.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
-      "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
-      "pic.bmp": Image.fromarray(rgb[::-1]),
-      "big.png": Image.new("RGB", (400, 400), (10, 200, 30)),  # 160,000 pixels: over the limit
-  }.items():
-    im.save(d / name)
-    out[name] = str(d / name)
+  out = df.write_mode_images(str(d), seed=1)
+  big = Image.new("RGB", (400, 400), (10, 200, 30))  # 160,000 pixels: over the limit
+  big.save(d / "big.png")
+  out["big.png"] = str(d / "big.png")
   return out
 
 
@@ -94,8 +77,8 @@ def running(app, wait: bool = True):
 
 
 @pytest.fixture(scope="module")
-def clf(ckpt):
-  return predict.load_classifier(ckpt)
+def clf(imagenet_ckpt):
+  return predict.load_classifier(imagenet_ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +87,7 @@ def url(clf):
     yield u
 
 
-def test_scores_equal_predict_on_the_same_files(url, ckpt, images):
+def test_scores_equal_predict_on_the_same_files(url, imagenet_ckpt, images):
   names = ["rgb.jpg", "gray.png", "palette.png", "alpha.png", "cmyk.jpg", "pic.bmp"]
   paths = [images[n] for n in names]
   inputs = [b64(p) for p in paths]
@@ -113,7 +96,7 @@ def test_scores_equal_predict_on_the_same_files(url, ckpt, images):
   assert r.status_code == 200, r.text
   got = r.json()["predictions"]
   # What `vit-jax predict` computes, with its own classifier, batch size and padding.
-  want = list(predict.classify_files(predict.load_classifier(ckpt, batch_size=4), paths, k=4))
+  want = list(predict.classify_files(predict.load_classifier(imagenet_ckpt, batch_size=4), paths, k=4))
   assert len(got) == len(want) == len(paths)
   for g, w in zip(got, want):
     assert [p["label"] for p in g] == [p["label"] for p in w.predictions]
@@ -335,19 +318,19 @@ def test_urls_are_fetched_only_when_allowed_with_a_timeout_and_a_size_cap(clf, i
     files.server_close()
 
 
-def test_serve_options_are_checked(capsys, ckpt):
+def test_serve_options_are_checked(capsys, imagenet_ckpt):
   for flags, message in [(["--max-batch", "0"], "max_batch must be at least 1"),
                          (["--batch-sizes", "1,x"], "--batch-sizes 1,x: expected integers"),
                          (["--max-pixels", "0"], "max_pixels must be at least 1")]:
-    assert cli.main(["serve", "--checkpoint", ckpt, *flags]) == 2
+    assert cli.main(["serve", "--checkpoint", imagenet_ckpt, *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_the_command_serves_1000_requests_from_16_clients_then_stops_on_ctrl_c(ckpt, images, capsys):
+def test_the_command_serves_1000_requests_from_16_clients_then_stops_on_ctrl_c(imagenet_ckpt, images, capsys):
   """The load test, against `vit-jax serve` in its own process (the clients' Python is not its)."""
   exe = os.path.join(os.path.dirname(sys.executable), "vit-jax")
-  proc = subprocess.Popen([exe, "serve", "--checkpoint", ckpt, "--port", "0", "--max-batch", "8",
+  proc = subprocess.Popen([exe, "serve", "--checkpoint", imagenet_ckpt, "--port", "0", "--max-batch", "8",
                            "--max-wait-ms", "10", "--no-access-log"], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   try:
