@@ -171,6 +171,41 @@ def test_scan_and_remat_give_the_same_outputs_and_gradients():
       a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), grad, ref_grad)
 
 
+def test_last_block_on_the_class_token_alone_equals_the_full_block():
+  block = models.Encoder1DBlock(mlp_dim=32, num_heads=2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 16))
+  params = _randomize(block.init(jax.random.PRNGKey(1), x, True)["params"])
+  pruned = block.clone(query_tokens=1)
+  assert jax.tree_util.tree_structure(pruned.init(jax.random.PRNGKey(1), x, True)["params"]) == \
+      jax.tree_util.tree_structure(params)
+
+  def first_token(m, p, x):
+    return m.apply({"params": p}, x, True)[:, :1]
+
+  out = first_token(pruned, params, x)
+  assert out.shape == (3, 1, 16)
+  np.testing.assert_allclose(out, first_token(block, params, x), rtol=1e-5, atol=1e-6)
+  # Every token still reaches the output through the keys and values.
+  grads = [jax.grad(lambda p, x, m=m: jnp.sum(jnp.sin(first_token(m, p, x))), argnums=(0, 1))(params, x)
+           for m in (block, pruned)]
+  assert float(jnp.abs(grads[1][1][:, 1:]).min()) > 0
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         grads[1], grads[0])
+
+
+def test_a_token_classifier_runs_the_last_block_on_the_class_token_alone():
+  model = _tiny()
+  params = models.init_params(model)
+  x = jnp.zeros((2, 32, 32, 3))
+  _, state = model.apply({"params": params}, x, capture_intermediates=True)
+  blocks = state["intermediates"]["Transformer"]
+  assert blocks["encoderblock_0"]["__call__"][0].shape == (2, 5, 192)
+  assert blocks["encoderblock_1"]["__call__"][0].shape == (2, 1, 192)
+  gap = _tiny(classifier="gap")
+  _, state = gap.apply({"params": models.init_params(gap)}, x, capture_intermediates=True)
+  assert state["intermediates"]["Transformer"]["encoderblock_1"]["__call__"][0].shape == (2, 4, 192)
+
+
 def test_params_carry_logical_axis_names():
   model = _tiny(scan=True)
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"])
