@@ -39,7 +39,10 @@ def test_tiny_config_compiles_for_v3_8():
                                       - breakdown["aliased"] + breakdown["code"])
   # The compiler's FLOPs per device cover at least the model's own training FLOPs
   # for the device's 8 images, and not wildly more (optimizer and norms are small).
-  model_flops = report["per_device_batch"] * report["model_flops_per_image"]
+  tiny = models.create_model("Ti/16", num_classes=10, image_size=32, hidden_size=64, mlp_dim=128,
+                             num_heads=2, num_layers=2, patch_size=8)
+  assert report["model_flops_per_image"] == aot.model_flops_per_image(tiny, train=True)
+  model_flops = report["per_device_batch"] * aot.model_flops_per_image(tiny, train=True, as_computed=True)
   assert 0.9 * model_flops < report["flops_per_device"] < 2.0 * model_flops
   assert report["estimated_step_seconds"] > 0
   assert report["inference"]["fits"] is True
@@ -72,3 +75,11 @@ def test_model_flops_of_vit_b16():
   model = models.create_model("ViT-B_16", num_classes=1000)
   assert aot.model_flops_per_image(model, train=False) == pytest.approx(35.2e9, rel=0.01)
   assert aot.model_flops_per_image(model, train=True) == pytest.approx(3 * 35.2e9, rel=0.01)
+  # The last block on the class token alone skips 196 tokens' queries and
+  # output projection (2 x 196 x 768^2), attention rows (2 x 196 x 197 x 768)
+  # and MLP (2 x 196 x 768 x 3072): 1.215 GMACs.
+  skipped = 2 * (2 * 196 * 768 ** 2 + 2 * 196 * 197 * 768 + 2 * 196 * 768 * 3072)
+  assert aot.model_flops_per_image(model, train=False, as_computed=True) == pytest.approx(
+      aot.model_flops_per_image(model, train=False) - skipped, rel=1e-12)
+  assert aot.model_flops_per_image(model.clone(scan=True), train=False, as_computed=True) == \
+      aot.model_flops_per_image(model, train=False)

@@ -45,13 +45,20 @@ TOPOLOGIES = {t.name: t for t in [
 ]}
 
 
-def model_flops_per_image(model, train: bool = True) -> float:
-  """Analytic FLOPs (2 x multiply-adds) per image: forward, or 3x forward for a training step."""
+def model_flops_per_image(model, train: bool = True, as_computed: bool = False) -> float:
+  """Analytic FLOPs (2 x multiply-adds) per image: forward, or 3x forward for a training step.
+
+  The nominal count (the figure MFU is quoted against) runs every block on
+  every token; `as_computed` counts what the model runs, whose last block
+  works on the class token alone (see `models.Encoder.output_tokens`).
+  """
   tokens = (model.image_size // model.patch_size) ** 2 + (1 if model.classifier == "token" else 0)
   d, m = model.hidden_size, model.mlp_dim
   macs = (tokens - 1) * model.patch_size ** 2 * 3 * d  # patch embedding
-  per_block = 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * m
-  macs += model.num_layers * per_block
+  per_block = lambda queries: (2 * tokens * d * d + 2 * queries * d * d  # k, v; q, out
+                               + 2 * queries * tokens * d + 2 * queries * d * m)
+  pruned = as_computed and model.classifier == "token" and not model.scan
+  macs += (model.num_layers - 1) * per_block(tokens) + per_block(1 if pruned else tokens)
   if model.representation_size:
     macs += d * model.representation_size
   macs += (model.representation_size or d) * (model.num_classes or 0)
