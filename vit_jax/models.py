@@ -177,7 +177,7 @@ class Encoder(nn.Module):
   scan: bool = False
   # Compute only the first `output_tokens` tokens of the output (all when
   # None). The classifier reads only the class token, so the last block's
-  # MLP, output projection and queries need run on it alone: 7% of ViT-B/16.
+  # MLP, output projection and queries need only run on it: 7% of ViT-B/16.
   output_tokens: int | None = None
 
   @nn.compact
