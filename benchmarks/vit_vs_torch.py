@@ -45,19 +45,11 @@ def _matmul_gflops(matmul, repeats: int = 5) -> float:
   return 2 * MATMUL_N ** 3 / min(_seconds(matmul, 3) for _ in range(repeats)) / 1e9
 
 
-def _macs(name: str) -> int:
-  """Multiply-adds of one 224 px forward pass: patch embedding, blocks (attention included), head."""
-  from vit_jax import models  # pylint: disable=import-outside-toplevel
-  v = models.VARIANTS[models.canonical_name(name)]
-  patches = (224 // v.patch_size) ** 2
-  tokens, d = patches + 1, v.hidden_size
-  block = tokens * (4 * d * d + 2 * d * v.mlp_dim) + 2 * tokens * tokens * d
-  return patches * v.patch_size ** 2 * 3 * d + v.num_layers * block + d * 1000
-
-
 def gflop_per_image(name: str) -> float:
-  """Forward GFLOP per image, scaled so that ViT-B/16 counts the usual 35.2."""
-  return B16_GFLOP_PER_IMAGE * _macs(name) / _macs("ViT-B_16")
+  """Nominal forward GFLOP per image at 224, scaled so that ViT-B/16 counts the usual 35.2."""
+  from vit_jax import aot, models  # pylint: disable=import-outside-toplevel
+  flops = lambda n: aot.model_flops_per_image(models.create_model(n, num_classes=1000), train=False)
+  return B16_GFLOP_PER_IMAGE * flops(name) / flops("ViT-B_16")
 
 
 def _peak_rss_mib() -> float:
