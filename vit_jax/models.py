@@ -126,11 +126,10 @@ class Encoder1DBlock(nn.Module):
         epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
         scale_init=_init(nn.initializers.ones, ("embed",)),
         bias_init=_init(nn.initializers.zeros, ("embed",)))
-    kv = norm()(inputs)
+    x = kv = norm()(inputs)
     if self.query_tokens is not None:
-      inputs = inputs[:, :self.query_tokens]
-    # LayerNorm is per token, so the queries' rows of `kv` are their LN(x).
-    x = kv if self.query_tokens is None else kv[:, :self.query_tokens]
+      # LayerNorm is per token, so the queries' rows of `kv` are their LN(x).
+      inputs, x = inputs[:, :self.query_tokens], kv[:, :self.query_tokens]
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=_init(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
