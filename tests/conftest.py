@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# The `vit-jax` command keeps compiled programs in ~/.cache; the tests compile afresh and
+# write nothing there (test_cli checks the cache in a directory of its own).
+os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 

@@ -145,3 +145,28 @@ def test_eval_resize_is_a_plain_bilinear_resize_to_unit_range():
   np.testing.assert_allclose(out[:, 0], -1.0)
   np.testing.assert_allclose(out[:, -1], 1.0)
   np.testing.assert_allclose(preprocess.eval_resize(np.full((8, 8, 3), 127, np.uint8), 4), -0.5 / 127.5)
+
+
+def test_a_second_run_loads_its_compiled_programs_from_the_cache(tmp_path, imagenet_ckpt, images):
+  exe = os.path.join(os.path.dirname(sys.executable), "vit-jax")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")
+         and k != "JAX_ENABLE_COMPILATION_CACHE"}
+  # The tiny model compiles in well under JAX's 1 s threshold for keeping a program.
+  env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  cache = tmp_path / "vit-jax" / "jax"
+  argv = [exe, "predict", "--checkpoint", imagenet_ckpt, "--json", images["rgb.jpg"]]
+  outs, entries = [], []
+  for _ in range(2):
+    outs.append(subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env,
+                               check=True).stdout)
+    entries.append(sorted(os.listdir(cache)) if cache.is_dir() else [])
+  assert entries[0], f"nothing kept in {cache}"
+  assert entries[1] == entries[0]  # every program of the second run was found, none compiled anew
+  assert outs[1] == outs[0]
+
+
+def test_the_users_own_jax_cache_settings_win(tmp_path):
+  assert cli.compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == \
+      str(tmp_path / "vit-jax" / "jax")
+  assert cli.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}) is None
+  assert cli.compilation_cache_dir({"JAX_ENABLE_COMPILATION_CACHE": "false"}) is None

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 # User mistakes end in one line naming what is wrong; VIT_JAX_DEBUG=1 shows tracebacks.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
@@ -297,6 +297,22 @@ def _keep_jax_off_absent_tpus(force_cpu: bool = False) -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+def compilation_cache_dir(environ: Mapping[str, str] | None = None) -> str | None:
+  """Where compiled programs are kept between runs; None where the user has set JAX's cache up."""
+  environ = os.environ if environ is None else environ
+  if "JAX_COMPILATION_CACHE_DIR" in environ or "JAX_ENABLE_COMPILATION_CACHE" in environ:
+    return None  # JAX reads both itself
+  root = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "vit-jax", "jax")
+
+
+def _keep_compiled_programs() -> None:
+  """A rerun (a resumed job, a restarted server) loads its compiled steps instead of compiling."""
+  path = compilation_cache_dir()
+  if path:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", path)
+
 
 def _split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
   """(other arguments, the `--config FILE` and `--config.key=value` ones), so positionals stay apart."""
@@ -329,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if rest and not getattr(args, "wants_config", False):
     parser.error(f"{args.command} takes no config: unrecognized arguments: {' '.join(rest)}")
   _keep_jax_off_absent_tpus(force_cpu=getattr(args, "cpu_only", False))
+  if args.command != "aot":  # aot compiles for a TPU it does not have: nothing to run or keep
+    _keep_compiled_programs()
   from vit_jax import checkpoint, convert, preprocess  # pylint: disable=import-outside-toplevel
   errors = _USER_ERRORS + (checkpoint.CheckpointError, convert.ConversionError,
                            preprocess.ImageError, OSError)
