@@ -129,6 +129,25 @@ def test_console_script_is_installed():
   assert "predict" in out and "convert" in out
 
 
+def test_version_names_the_package_and_its_libraries(capsys):
+  import importlib.metadata as md
+  import vit_jax
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--version"])
+  out = capsys.readouterr().out.strip()
+  assert e.value.code == 0
+  assert out == (f"vit-jax {vit_jax.__version__} (jax {jax.__version__}, jaxlib {md.version('jaxlib')}, "
+                 f"flax {md.version('flax')}, optax {md.version('optax')}, "
+                 f"orbax-checkpoint {md.version('orbax-checkpoint')})")
+  assert vit_jax.__version__ == md.version("vit-jax")  # the package and its metadata agree
+
+
+def test_python_dash_m_runs_the_command():
+  out = subprocess.run([sys.executable, "-m", "vit_jax", "predict"], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 2 and "--checkpoint" in out.stderr
+
+
 def test_decode_rgb_modes_and_limits(images):
   for name in ("gray.png", "palette.png", "alpha.png", "cmyk.jpg"):
     arr = preprocess.read_rgb(images[name])

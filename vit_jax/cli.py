@@ -329,8 +329,33 @@ def _split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
   return other, config
 
 
+def _versions() -> str:
+  """This package's version and those of the libraries that decide its numbers."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  import vit_jax  # pylint: disable=import-outside-toplevel
+  libs = []
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+    try:
+      libs.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+      libs.append(f"{name} missing")
+  return f"vit-jax {vit_jax.__version__} ({', '.join(libs)})"
+
+
+class _PrintVersions(argparse.Action):
+  """--version, on one line (argparse's own would wrap it to the terminal)."""
+
+  def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+    super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+  def __call__(self, parser, namespace, values, option_string=None) -> None:
+    print(_versions())
+    parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="vit-jax", description=__doc__)
+  parser.add_argument("--version", action=_PrintVersions, help="print versions and exit")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for add in _COMMANDS:
     add(sub)
