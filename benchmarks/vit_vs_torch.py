@@ -214,7 +214,9 @@ class Worker:
         [sys.executable, os.path.abspath(__file__), "--worker", side, "--weights", weights,
          "--model", name],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"))
+        # No persistent compilation cache: compile times are measured, not loaded.
+        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+                 JAX_ENABLE_COMPILATION_CACHE="false"))
     self._read()
 
   def _read(self) -> dict:
