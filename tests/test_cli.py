@@ -1,6 +1,7 @@
 """The `vit-jax` command line: predict and convert, and the shipped class names."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -172,7 +173,7 @@ def test_a_second_run_loads_its_compiled_programs_from_the_cache(tmp_path, image
          and k != "JAX_ENABLE_COMPILATION_CACHE"}
   # The tiny model compiles in well under JAX's 1 s threshold for keeping a program.
   env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  cache = tmp_path / "vit-jax" / "jax"
+  cache = tmp_path / "vit-jax" / "jax" / cli._host_kind()  # pylint: disable=protected-access
   argv = [exe, "predict", "--checkpoint", imagenet_ckpt, "--json", images["rgb.jpg"]]
   outs, entries = [], []
   for _ in range(2):
@@ -185,7 +186,9 @@ def test_a_second_run_loads_its_compiled_programs_from_the_cache(tmp_path, image
 
 
 def test_the_users_own_jax_cache_settings_win(tmp_path):
+  kind = cli._host_kind()  # pylint: disable=protected-access
   assert cli.compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == \
-      str(tmp_path / "vit-jax" / "jax")
+      str(tmp_path / "vit-jax" / "jax" / kind)
+  assert kind.startswith(platform.machine()) and kind == cli._host_kind()  # pylint: disable=protected-access
   assert cli.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}) is None
   assert cli.compilation_cache_dir({"JAX_ENABLE_COMPILATION_CACHE": "false"}) is None

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import platform
 import sys
 from typing import Callable, Mapping, Sequence
 
@@ -297,13 +299,27 @@ def _keep_jax_off_absent_tpus(force_cpu: bool = False) -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+def _host_kind() -> str:
+  """The CPU's architecture and instruction-set features, as a short name."""
+  features = ""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      features = next((line for line in f if line.startswith(("flags", "Features"))), "")
+  except OSError:  # not Linux: the architecture alone
+    pass
+  digest = hashlib.sha256(f"{platform.machine()} {features}".encode()).hexdigest()[:12]
+  return f"{platform.machine() or 'host'}-{digest}"
+
+
 def compilation_cache_dir(environ: Mapping[str, str] | None = None) -> str | None:
   """Where compiled programs are kept between runs; None where the user has set JAX's cache up."""
   environ = os.environ if environ is None else environ
   if "JAX_COMPILATION_CACHE_DIR" in environ or "JAX_ENABLE_COMPILATION_CACHE" in environ:
     return None  # JAX reads both itself
   root = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(root, "vit-jax", "jax")
+  # JAX's cache key does not name the CPU: a home directory shared by machines with other
+  # instruction sets would hand each one programs compiled for the other.
+  return os.path.join(root, "vit-jax", "jax", _host_kind())
 
 
 def _keep_compiled_programs() -> None:
