@@ -3,4 +3,5 @@ import sys
 
 from vit_jax import cli
 
-sys.exit(cli.main())
+if __name__ == "__main__":
+  sys.exit(cli.main())

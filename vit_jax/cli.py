@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import sys
 from typing import Callable, Mapping, Sequence
 
@@ -299,35 +297,28 @@ def _keep_jax_off_absent_tpus(force_cpu: bool = False) -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
-def _host_kind() -> str:
-  """The CPU's architecture and instruction-set features, as a short name."""
-  features = ""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-      features = next((line for line in f if line.startswith(("flags", "Features"))), "")
-  except OSError:  # not Linux: the architecture alone
-    pass
-  digest = hashlib.sha256(f"{platform.machine()} {features}".encode()).hexdigest()[:12]
-  return f"{platform.machine() or 'host'}-{digest}"
-
-
-def compilation_cache_dir(environ: Mapping[str, str] | None = None) -> str | None:
+def compilation_cache_dir(configured: str | None, enabled: bool,
+                          environ: Mapping[str, str] | None = None) -> str | None:
   """Where compiled programs are kept between runs; None where the user has set JAX's cache up."""
+  if configured or not enabled:
+    return None  # the user's own directory, or the cache turned off
   environ = os.environ if environ is None else environ
-  if "JAX_COMPILATION_CACHE_DIR" in environ or "JAX_ENABLE_COMPILATION_CACHE" in environ:
-    return None  # JAX reads both itself
   root = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  # JAX's cache key does not name the CPU: a home directory shared by machines with other
-  # instruction sets would hand each one programs compiled for the other.
-  return os.path.join(root, "vit-jax", "jax", _host_kind())
+  return os.path.join(root, "vit-jax", "jax")
 
 
 def _keep_compiled_programs() -> None:
   """A rerun (a resumed job, a restarted server) loads its compiled steps instead of compiling."""
-  path = compilation_cache_dir()
-  if path:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_compilation_cache_dir", path)
+  import jax  # pylint: disable=import-outside-toplevel
+  path = compilation_cache_dir(jax.config.jax_compilation_cache_dir,
+                               jax.config.jax_enable_compilation_cache)
+  if path is None:
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return  # a read-only home: run without the cache rather than warn on every read
+  jax.config.update("jax_compilation_cache_dir", path)
 
 
 def _split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -350,7 +341,7 @@ def _versions() -> str:
   from importlib import metadata  # pylint: disable=import-outside-toplevel
   import vit_jax  # pylint: disable=import-outside-toplevel
   libs = []
-  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+  for name in ("jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint"):
     try:
       libs.append(f"{name} {metadata.version(name)}")
     except metadata.PackageNotFoundError:
