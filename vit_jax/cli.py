@@ -345,7 +345,7 @@ def _versions() -> str:
     try:
       libs.append(f"{name} {metadata.version(name)}")
     except metadata.PackageNotFoundError:
-      libs.append(f"{name} missing")
+      libs.append(f"{name} not installed")
   return f"vit-jax {vit_jax.__version__} ({', '.join(libs)})"
 
 
