@@ -76,7 +76,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--drop-pre-logits", action="store_true",
                  help="npz -> HF: drop the pre_logits layer (changes the outputs; "
                       "ViTForImageClassification has no such layer)")
-  p.set_defaults(run=_run_convert)
+  p.set_defaults(run=_run_convert, keeps_programs=False)  # runs nothing compiled
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -192,7 +192,8 @@ def _add_aot(sub: argparse._SubParsersAction) -> None:
                  help="v3-8, v3-32, v4-8, v4-32, v5e-8, v5e-16, v5p-8 or v6e-8")
   p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
   p.add_argument("--json-only", action="store_true", help="print only the JSON line")
-  p.set_defaults(run=_run_aot, wants_config=True, cpu_only=True)
+  # Compiles for a TPU it does not have: nothing to run here, nothing to keep.
+  p.set_defaults(run=_run_aot, wants_config=True, cpu_only=True, keeps_programs=False)
 
 
 def _run_aot(args: argparse.Namespace) -> int:
@@ -377,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if rest and not getattr(args, "wants_config", False):
     parser.error(f"{args.command} takes no config: unrecognized arguments: {' '.join(rest)}")
   _keep_jax_off_absent_tpus(force_cpu=getattr(args, "cpu_only", False))
-  if args.command != "aot":  # aot compiles for a TPU it does not have: nothing to run or keep
+  if getattr(args, "keeps_programs", True):
     _keep_compiled_programs()
   from vit_jax import checkpoint, convert, preprocess  # pylint: disable=import-outside-toplevel
   errors = _USER_ERRORS + (checkpoint.CheckpointError, convert.ConversionError,
