@@ -16,6 +16,9 @@ from vit_jax import cli
 from vit_jax import labels
 from vit_jax import models
 from vit_jax import preprocess
+from vit_jax import recipes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +196,35 @@ def test_the_users_own_jax_cache_settings_win(tmp_path):
   assert cli.compilation_cache_dir(None, False, {"XDG_CACHE_HOME": str(tmp_path)}) is None
   home = cli.compilation_cache_dir(None, True, {})
   assert home == os.path.join(os.path.expanduser("~"), ".cache", "vit-jax", "jax")
+
+
+def test_a_recipe_by_name_and_the_same_recipe_by_file_are_one_config():
+  by_name = cli.load_config(["--config", "tiny", "--config.total_steps=3"])
+  by_file = cli.load_config([f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", "--config.total_steps=3"])
+  assert by_name.to_dict() == by_file.to_dict()
+  assert by_name.total_steps == 3 and by_name.model.name == "ViT-Ti_16"
+
+
+def test_a_config_file_with_an_argument(tmp_path):
+  path = tmp_path / "mine.py"
+  path.write_text("from vit_jax import configs\n\n\ndef get_config(arg):\n"
+                  "  c = configs.base()\n  c.model.name = arg\n  return c\n")
+  assert cli.load_config(["--config", f"{path}:ViT-S_32"]).model.name == "ViT-S_32"
+
+
+def test_an_unknown_recipe_lists_the_recipes(capsys, tmp_path):
+  code, out, err = _run(capsys, "train", "--config", "vit_b16_cifar100", "--workdir", str(tmp_path))
+  assert code == 2 and out == ""
+  (line,) = err.strip().splitlines()
+  assert "vit_b16_cifar100: no such recipe or config file" in line
+  assert all(name in line for name in recipes.names())
+
+
+def test_train_help_lists_the_recipes(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--help"])
+  out = capsys.readouterr().out
+  for name in recipes.names():
+    assert f"  {name} " in out and recipes.summary(name).split(":")[0] in out
+  assert {"tiny", "vit_b16_cifar10", "vit_b16_imagenet", "vit_b16_pretrain_i21k", "vit_folder"} <= set(
+      recipes.names())

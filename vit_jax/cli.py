@@ -27,7 +27,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                  help="images per model call (8 is the fastest per image on a CPU)")
   p.add_argument("--json", action="store_true", help="one JSON object per image")
   g = p.add_argument_group("a whole dataset split, sharded over every device and host "
-                           "(with --config FILE [--config.key=value ...])")
+                           "(with --config RECIPE_OR_FILE [--config.key=value ...])")
   g.add_argument("--split", default="test", help="'eval', 'test' or a split string")
   g.add_argument("--output", default=None, help=".npz with logits (or embeddings), labels, top_k")
   g.add_argument("--embeddings", action="store_true", help="write the representation the head sees")
@@ -46,7 +46,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in out.items()))
     return 0
   if not args.images:
-    raise ValueError("give IMAGE files, or --config FILE --output OUT.npz for a dataset split")
+    raise ValueError("give IMAGE files, or --config RECIPE_OR_FILE --output OUT.npz for a dataset split")
   from vit_jax import predict  # pylint: disable=import-outside-toplevel
   clf = predict.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
                                 labels_path=args.labels, batch_size=args.batch_size)
@@ -108,29 +108,59 @@ def _run_convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def read_config(spec: str) -> "ml_collections.ConfigDict":
+  """The config a `--config` value names: a recipe name or a file, either with an optional `:arg`."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from vit_jax import recipes  # pylint: disable=import-outside-toplevel
+  name, sep, arg = spec.partition(":")
+  path = name if os.path.isfile(name) else recipes.path(name)
+  if path is None:
+    raise ValueError(f"--config {spec}: no such recipe or config file "
+                     f"(recipes: {', '.join(recipes.names())})")
+  # Imported as a file, not through the package, so that a user's file and a recipe load alike.
+  module_spec = importlib.util.spec_from_file_location("vit_jax_user_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"--config {spec}: {path} defines no get_config()")
+  return module.get_config(arg) if sep else module.get_config()
+
+
 def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
-  """A config from `--config FILE [--config.key=value ...]`, the ml_collections convention."""
+  """A locked config from `--config RECIPE_OR_FILE [--config.key=value ...]`."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  if not any(a == "--config" or a.startswith("--config=") for a in argv):
-    raise ValueError("--config FILE is required (a file in configs/, e.g. configs/vit_b16_cifar10.py)")
-  path = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else "")
-              for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
-  if not os.path.isfile(path.split(":", 1)[0]):
-    raise ValueError(f"--config {path}: no such config file")
+  argv = list(argv)
+  where = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+  if where is None:
+    raise ValueError("--config is required: a recipe name (e.g. vit_b16_cifar10) or a config file")
+  if argv[where] == "--config":
+    if where + 1 == len(argv):
+      raise ValueError("--config needs a value: a recipe name (e.g. vit_b16_cifar10) or a config file")
+    spec = argv.pop(where + 1)
+  else:
+    spec = argv[where].split("=", 1)[1]
+  del argv[where]
   fv = flags.FlagValues()
   argv = ["vit-jax", *argv]
-  # sys_argv: the override flags are registered from this list, not from sys.argv.
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  config = read_config(spec)  # outside the try: a mistake inside a config file shows its traceback
   try:
+    # sys_argv: the override flags are registered from this list, not from sys.argv.
+    config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True, sys_argv=argv)
     fv(argv)
     return fv.config
   except KeyError as e:
     field = str(e.args[0] if e.args else e).strip("'\"")
-    raise ValueError(f"config {path}: no field {field!r} to override") from None
+    raise ValueError(f"config {spec}: no field {field!r} to override") from None
   except (flags.Error, AttributeError, TypeError) as e:
-    raise ValueError(f"config {path}: {str(e).splitlines()[0]}") from None
+    raise ValueError(f"config {spec}: {str(e).splitlines()[0]}") from None
+
+
+def _recipes_help() -> str:
+  """The packaged recipes, one a line, for the --help of commands that take --config."""
+  from vit_jax import recipes  # pylint: disable=import-outside-toplevel
+  rows = [f"  {n:<24}{recipes.summary(n)}" for n in recipes.names()]
+  return "recipes (--config NAME; a path to a config file works too):\n" + "\n".join(rows)
 
 
 def _add_distributed(p: argparse.ArgumentParser) -> None:
@@ -142,7 +172,8 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("train", help="fine-tune or train as a config says; rerun to resume",
-                     description="vit-jax train --config configs/X.py --workdir DIR [--config.key=value ...]")
+                     description="vit-jax train --config RECIPE_OR_FILE --workdir DIR [--config.key=value ...]",
+                     epilog=_recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="checkpoints, logs and exports (local or gs://)")
   _add_distributed(p)
   p.set_defaults(run=_run_train, wants_config=True)
@@ -159,7 +190,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split",
-                     description="vit-jax eval --config configs/X.py --checkpoint CKPT [--split test]")
+                     description="vit-jax eval --config RECIPE_OR_FILE --checkpoint CKPT [--split test]",
+                     epilog=_recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True,
                  help="original-layout .npz, or a training workdir / Orbax checkpoint directory")
   p.add_argument("--split", default="eval", help="'eval', 'test', or a split string")
@@ -186,8 +218,9 @@ def _print_result(result: dict) -> None:
 
 def _add_aot(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("aot", help="compile a config's steps for a TPU topology, without a TPU",
-                     description="vit-jax aot --config configs/X.py --topology v3-8 [--config.key=value ...]: "
-                                 "HBM per device, fit, FLOPs and estimated step time, from the TPU compiler.")
+                     description="vit-jax aot --config RECIPE_OR_FILE --topology v3-8 [--config.key=value ...]: "
+                                 "HBM per device, fit, FLOPs and estimated step time, from the TPU compiler.",
+                     epilog=_recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--topology", required=True,
                  help="v3-8, v3-32, v4-8, v4-32, v5e-8, v5e-16, v5p-8 or v6e-8")
   p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")

@@ -3,7 +3,7 @@
 SGD momentum 0.9, batch 512, base lr 0.03, 500 warmup steps, cosine decay over
 10k steps, global-norm clipping at 1, no weight decay, head re-initialised to zeros.
 
-  vit-jax train --config configs/vit_b16_cifar10.py --workdir gs://BUCKET/runs/cifar10 \
+  vit-jax train --config vit_b16_cifar10 --workdir gs://BUCKET/runs/cifar10 \
     --config.pretrained=gs://vit_models/imagenet21k/ViT-B_16.npz
 """
 from vit_jax import configs

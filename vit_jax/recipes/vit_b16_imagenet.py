@@ -3,7 +3,7 @@
 SGD momentum 0.9, batch 512, base lr 0.03, 500 warmup steps, cosine decay over
 20k steps, clipping at 1. ImageNet must be prepared in a TFDS data_dir.
 
-  vit-jax train --config configs/vit_b16_imagenet.py --workdir gs://BUCKET/runs/imagenet \
+  vit-jax train --config vit_b16_imagenet --workdir gs://BUCKET/runs/imagenet \
     --config.tfds_data_dir=gs://BUCKET/tensorflow_datasets
 """
 from vit_jax import configs

@@ -11,7 +11,7 @@ blocks (keeps only each block's input; costs about one more forward pass, i.e.
 roughly 4/3 of the FLOPs of a plain step). `vit-jax aot --topology v3-8`
 reports the fit. accum_steps is the third lever if a model still does not fit.
 
-  vit-jax train --config configs/vit_b16_pretrain_i21k.py --workdir gs://BUCKET/runs/i21k \
+  vit-jax train --config vit_b16_pretrain_i21k --workdir gs://BUCKET/runs/i21k \
     --config.tfds_data_dir=gs://BUCKET/tensorflow_datasets
 """
 from vit_jax import configs

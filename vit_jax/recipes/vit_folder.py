@@ -4,7 +4,7 @@ Class names (sorted folder names) are written to WORKDIR/labels.txt for
 `vit-jax predict --labels`. Augmentations for histology-like data are shown
 commented out; class-balanced oversampling is on for imbalanced folders.
 
-  vit-jax train --config configs/vit_folder.py --workdir runs/mydata \
+  vit-jax train --config vit_folder --workdir runs/mydata \
     --config.folder=/data/mydata --config.pretrained=ViT-B_16.npz
 """
 from vit_jax import configs
