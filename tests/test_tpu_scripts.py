@@ -3,7 +3,8 @@
 A stub `gcloud` first on PATH records each call's arguments as a JSON line (and keeps
 a copy of every local file handed to `scp`), so the tests check the exact commands
 without Google Cloud. tpu/remote.sh, the worker side, runs here for real against a
-fake `vit-jax` to check that launched runs are detached, logged, tracked and stopped.
+fake `vit-jax` to check that launched runs are detached, logged, tracked and stopped,
+and against fake Pythons, sudo and apt-get to check which Python its venv is made with.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,8 +240,15 @@ def test_install_ships_the_checkout_and_installs_on_every_worker(stub):
 
   assert ssh_call["argv"][:5] == TPU_VM + ["ssh", "vit-test"]
   assert "--worker=all" in ssh_call["argv"]
+  # No REMOTE_PYTHON: no Python argument, so that each worker picks (or installs) its own.
   assert ssh_command(ssh_call["argv"]) == ["bash", "vit-jax-remote.sh", "install",
-                                           "jax[tpu]>=0.10.2,<0.11", "python3.11"]
+                                           "jax[tpu]>=0.12.0.1,<0.13"]
+
+
+def test_install_passes_remote_python_on(stub):
+  ok(stub.run("install.sh", env=dict(BASE, REMOTE_PYTHON="/opt/py/bin/python3")))
+  assert ssh_command(stub.argvs()[-1]) == ["bash", "vit-jax-remote.sh", "install",
+                                           "jax[tpu]>=0.12.0.1,<0.13", "/opt/py/bin/python3"]
 
 
 def test_install_bad_ref_fails_before_any_call(stub):
@@ -358,7 +367,8 @@ def test_all_missing_variables_are_named_on_one_line(stub):
 
 @pytest.mark.parametrize("var,value", [
     ("ACCELERATOR_TYPE", "v3_8"), ("ACCELERATOR_TYPE", "tpu"), ("TPU_NAME", "My_TPU"),
-    ("BUCKET", "gs://Bad Bucket"), ("SPOT", "yes"), ("QUEUED", "true")])
+    ("BUCKET", "gs://Bad Bucket"), ("SPOT", "yes"), ("QUEUED", "true"),
+    ("REMOTE_PYTHON", "python3.11"), ("REMOTE_PYTHON", "python3.9")])
 def test_bad_values_are_one_line_errors(stub, var, value):
   one_line_error(stub.run("create.sh", env=dict(BASE, **{var: value})), var)
   assert stub.calls() == []
@@ -520,3 +530,265 @@ def test_remote_status_before_any_launch(worker):
   r = run("logs", "10", "nofollow")
   assert r.returncode != 0 and "no log yet" in r.stderr
   assert run("no-such-subcommand").returncode == 2
+
+
+# ---- remote.sh install: which Python the venv is made with --------------------------------------
+#
+# remote.sh install runs here with fake tools first on PATH and no real Python on it: fake
+# python3.N (answering the version check with a fixed version, making a fake venv), sudo,
+# apt-get (a fixed set of packages, more once the deadsnakes PPA is added) and
+# add-apt-repository. Each records its calls; nothing reaches the network.
+
+FAKE_TOOL = '''\
+#!@PYTHON@ -S
+import json, os, re, sys
+VERSION = "@VERSION@"  # what a fake python answers; kept by the copies it makes
+name = os.path.basename(sys.argv[0])
+args = sys.argv[1:]
+state, fakebin = os.environ["FAKE_STATE"], os.environ["FAKE_BIN"]
+with open(os.path.join(state, "calls.jsonl"), "a") as f:
+  f.write(json.dumps({"tool": name, "exe": sys.argv[0], "argv": args,
+                      "frontend": os.environ.get("DEBIAN_FRONTEND")}) + "\\n")
+
+def clone(dst, version):
+  src = open(__file__).read()
+  with open(dst, "w") as f:
+    f.write(re.sub(r'^VERSION = "[^"]*"', 'VERSION = "%s"' % version, src, count=1, flags=re.M))
+  os.chmod(dst, 0o755)
+
+def listed(var):
+  return {p for p in os.environ.get(var, "").split(",") if p}
+
+if name.startswith("python"):
+  if args[:1] == ["-c"]:
+    print(VERSION)
+  elif args[:2] == ["-m", "venv"]:
+    os.makedirs(os.path.join(args[2], "bin"), exist_ok=True)
+    if (VERSION in listed("FAKE_NO_ENSUREPIP")
+        and not os.path.exists(os.path.join(state, "installed-python%s-venv" % VERSION))):
+      sys.exit("The virtual environment was not created successfully because ensurepip is "
+               "not available.")
+    clone(os.path.join(args[2], "bin", "python"), VERSION)
+  elif args[:3] == ["-m", "pip", "install"]:
+    clone(os.path.join(os.path.dirname(sys.argv[0]), "vit-jax"), VERSION)
+  elif args[:1] == ["-"]:
+    sys.stdin.read()
+    print("%s: installed on Python %s (fake)" % (args[1], VERSION))
+  else:
+    sys.exit("fake %s: unexpected arguments %r" % (name, args))
+elif name == "sudo":
+  n = 0
+  while "=" in args[n]:
+    n += 1
+  env = dict(os.environ, **dict(a.split("=", 1) for a in args[:n]))
+  os.execvpe(args[n], args[n:], env)
+elif name == "apt-get":
+  words = [a for i, a in enumerate(args) if not a.startswith("-") and args[i - 1:i] != ["-o"]]
+  if words[0] == "install":
+    ppa = os.path.exists(os.path.join(state, "ppa-added"))
+    known = listed("FAKE_APT_DISTRO") | (listed("FAKE_APT_PPA") if ppa else set())
+    for package in words[1:]:
+      if package not in known:
+        sys.exit("E: Unable to locate package %s" % package)
+    for package in words[1:]:
+      m = re.fullmatch(r"python(3\\.[0-9]+)", package)
+      if m:
+        clone(os.path.join(fakebin, package), m.group(1))
+      elif package == "software-properties-common":
+        clone(os.path.join(fakebin, "add-apt-repository"), VERSION)
+      else:
+        open(os.path.join(state, "installed-" + package), "w").close()
+elif name == "add-apt-repository":
+  if os.environ.get("FAKE_PPA_FAILS"):
+    sys.exit("ERROR: cannot reach launchpad.net")
+  open(os.path.join(state, "ppa-added"), "w").close()
+'''
+
+# What remote.sh needs besides the fake tools (no python among them).
+SYSTEM_TOOLS = ("bash", "hostname", "dirname", "basename", "rm", "tar", "gzip", "cat", "mkdir")
+APT = ["-o", "DPkg::Lock::Timeout=600", "-qq"]
+SPEC = "jax[tpu]>=0.12.0.1,<0.13"
+
+
+class FakeWorker:
+  """A worker home with the shipped tarball and the helper, and a PATH of fake tools."""
+
+  def __init__(self, tmp_path: pathlib.Path):
+    self.home = tmp_path / "home"
+    self.home.mkdir()
+    self.venv = self.home / "vit-jax-venv"
+    self.state = tmp_path / "fake-state"
+    self.state.mkdir()
+    self.bin = tmp_path / "fakebin"
+    self.bin.mkdir()
+    sysbin = tmp_path / "sysbin"
+    sysbin.mkdir()
+    for tool in SYSTEM_TOOLS:
+      found = shutil.which(tool)
+      assert found, f"{tool} is needed on PATH to run these tests"
+      (sysbin / tool).symlink_to(found)
+    (self.home / "vit-jax-remote.sh").write_bytes((TPU / "remote.sh").read_bytes())
+    with tarfile.open(self.home / "vit-jax.tar.gz", "w:gz") as tf:
+      info = tarfile.TarInfo("vit-jax/pyproject.toml")
+      tf.addfile(info)
+    self.env = {k: v for k, v in os.environ.items()
+                if k not in SCRIPT_VARS and k != "DEBIAN_FRONTEND" and not k.startswith("FAKE_")}
+    self.env.update(HOME=str(self.home), PATH=f"{self.bin}{os.pathsep}{sysbin}",
+                    FAKE_STATE=str(self.state), FAKE_BIN=str(self.bin))
+    # add-apt-repository is left to each test: it comes with software-properties-common.
+    for tool in ("sudo", "apt-get"):
+      self.tool(self.bin / tool)
+
+  def tool(self, path: pathlib.Path, version: str = "") -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(FAKE_TOOL.replace("@PYTHON@", sys.executable).replace("@VERSION@", version))
+    path.chmod(0o755)
+    return path
+
+  def install(self, *python: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "vit-jax-remote.sh", "install", SPEC, *python], cwd=self.home,
+                          env=dict(self.env, **env), capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, check=False)
+
+  def calls(self, *tools: str) -> list[dict]:
+    f = self.state / "calls.jsonl"
+    calls = [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+    return [c for c in calls if not tools or c["tool"] in tools]
+
+  def apt_calls(self) -> list[list[str]]:
+    """apt-get and add-apt-repository calls, in order, apt-get's lock and quiet flags checked."""
+    out = []
+    for c in self.calls("apt-get", "add-apt-repository"):
+      if c["tool"] == "apt-get":
+        assert c["argv"][:3] == APT, c
+        assert c["frontend"] == "noninteractive", c
+        out.append(["apt-get", *c["argv"][3:]])
+      else:
+        out.append(["add-apt-repository", *c["argv"]])
+    return out
+
+  def venv_made_by(self) -> list[str]:
+    """The fake Pythons (names) that ran -m venv on the venv directory."""
+    return [c["tool"] for c in self.calls()
+            if c["argv"][:3] == ["-m", "venv", str(self.venv)]]
+
+  def check_installed(self, r: subprocess.CompletedProcess, version: str) -> None:
+    ok(r)
+    venv_python = str(self.venv / "bin" / "python")
+    pips = [c["argv"] for c in self.calls("python") if c["exe"] == venv_python]
+    assert ["-m", "pip", "install", "-q", SPEC, str(self.home / "vit-jax")] in pips
+    assert [c["exe"] for c in self.calls("vit-jax")] == [str(self.venv / "bin" / "vit-jax")]
+    assert f"installed on Python {version} (fake)" in r.stdout
+
+
+@pytest.fixture
+def fake_worker(tmp_path):
+  return FakeWorker(tmp_path)
+
+
+@pytest.mark.parametrize("pythons,chosen", [
+    ({"python3": "3.10", "python3.12": "3.12"}, "python3.12"),   # Ubuntu 22.04 + deadsnakes
+    ({"python3": "3.12"}, "python3"),                             # Ubuntu 24.04
+    ({"python3": "3.12", "python3.12": "3.12", "python3.13": "3.13"}, "python3.13"),
+    ({"python3": "3.13", "python3.12": "3.11"}, "python3"),       # a python3.12 that is not 3.12
+])
+def test_install_uses_a_python_312_or_newer_already_there(fake_worker, pythons, chosen):
+  for name, version in pythons.items():
+    fake_worker.tool(fake_worker.bin / name, version)
+  fake_worker.check_installed(fake_worker.install(), pythons[chosen])
+  assert fake_worker.venv_made_by() == [chosen]
+  assert fake_worker.calls("sudo", "apt-get", "add-apt-repository") == []
+
+
+@pytest.mark.parametrize("has_add_apt_repository", [True, False])
+def test_install_adds_deadsnakes_when_the_distribution_has_no_312(fake_worker,
+                                                                   has_add_apt_repository):
+  # Ubuntu 22.04: python3 is 3.10 and apt knows no python3.12 until the PPA is added.
+  fake_worker.tool(fake_worker.bin / "python3", "3.10")
+  if has_add_apt_repository:
+    fake_worker.tool(fake_worker.bin / "add-apt-repository")
+  r = fake_worker.install(FAKE_APT_DISTRO="software-properties-common",
+                          FAKE_APT_PPA="python3.12,python3.12-venv")
+  fake_worker.check_installed(r, "3.12")
+  wanted = ["apt-get", "install", "-y", "python3.12", "python3.12-venv"]
+  get_tool = [] if has_add_apt_repository else [
+      ["apt-get", "install", "-y", "software-properties-common"]]
+  assert fake_worker.apt_calls() == [
+      ["apt-get", "update"], wanted, *get_tool,
+      ["add-apt-repository", "-y", "-n", "ppa:deadsnakes/ppa"], ["apt-get", "update"], wanted]
+  assert fake_worker.venv_made_by() == ["python3.12"]
+  assert "deadsnakes" in r.stdout
+  assert "Unable to locate" not in r.stderr, "the expected first failure is not shown"
+
+
+def test_install_takes_312_from_the_distribution_when_it_has_it(fake_worker):
+  fake_worker.tool(fake_worker.bin / "python3", "3.10")
+  fake_worker.tool(fake_worker.bin / "add-apt-repository")
+  r = fake_worker.install(FAKE_APT_DISTRO="python3.12,python3.12-venv",
+                          FAKE_APT_PPA="python3.12,python3.12-venv")
+  fake_worker.check_installed(r, "3.12")
+  assert fake_worker.apt_calls() == [
+      ["apt-get", "update"], ["apt-get", "install", "-y", "python3.12", "python3.12-venv"]]
+  assert fake_worker.venv_made_by() == ["python3.12"]
+
+
+def test_install_without_any_312_is_an_error(fake_worker):
+  fake_worker.tool(fake_worker.bin / "python3", "3.10")
+  fake_worker.tool(fake_worker.bin / "add-apt-repository")
+  r = fake_worker.install(FAKE_APT_DISTRO="", FAKE_PPA_FAILS="1")
+  assert r.returncode != 0
+  last = r.stderr.strip().splitlines()[-1]
+  assert "python3.12" in last and "REMOTE_PYTHON" in last, r.stderr
+  assert ["add-apt-repository", "-y", "-n", "ppa:deadsnakes/ppa"] in fake_worker.apt_calls()
+  assert fake_worker.venv_made_by() == [] and not fake_worker.venv.exists()
+
+
+@pytest.mark.parametrize("remote_python,where,needle", [
+    ("python3.10", "bin", "python3.10"),   # refused by its name, without running it
+    ("python3.11", None, "python3.11"),    # not there either: refused before any apt call
+    ("old/python", "home", "Python 3.10"),  # a path: refused after asking its version
+])
+def test_install_refuses_a_remote_python_older_than_312(fake_worker, remote_python, where,
+                                                        needle):
+  fake_worker.tool(fake_worker.bin / "python3.12", "3.12")
+  if where:
+    fake_worker.tool((fake_worker.bin if where == "bin" else fake_worker.home) / remote_python,
+                     "3.10")
+  one_line_error(fake_worker.install(remote_python), f"REMOTE_PYTHON={remote_python}", needle,
+                 ">= 3.12")
+  assert fake_worker.calls("sudo", "apt-get", "add-apt-repository") == []
+  assert fake_worker.venv_made_by() == [] and not fake_worker.venv.exists()
+
+
+def test_install_uses_the_remote_python_given_and_installs_it_when_missing(fake_worker):
+  fake_worker.tool(fake_worker.bin / "python3.12", "3.12")
+  fake_worker.tool(fake_worker.bin / "add-apt-repository")
+  r = fake_worker.install("python3.13", FAKE_APT_PPA="python3.13,python3.13-venv")
+  fake_worker.check_installed(r, "3.13")
+  assert fake_worker.venv_made_by() == ["python3.13"], "not the python3.12 found first"
+  assert fake_worker.apt_calls()[-1] == ["apt-get", "install", "-y", "python3.13",
+                                         "python3.13-venv"]
+
+
+@pytest.mark.parametrize("old_version,remade", [("3.11", True), ("3.12", False), (None, True)])
+def test_install_remakes_a_venv_of_another_python(fake_worker, old_version, remade):
+  fake_worker.tool(fake_worker.bin / "python3.12", "3.12")
+  if old_version:
+    fake_worker.tool(fake_worker.venv / "bin" / "python", old_version)
+  else:  # made with a Python removed since
+    (fake_worker.venv / "bin").mkdir(parents=True)
+    (fake_worker.venv / "bin" / "python").symlink_to("/nonexistent/python3.11")
+  (fake_worker.venv / "from-before").touch()
+  fake_worker.check_installed(fake_worker.install(), "3.12")
+  assert fake_worker.venv_made_by() == (["python3.12"] if remade else [])
+  assert (fake_worker.venv / "from-before").exists() is not remade
+
+
+def test_install_gets_the_venv_module_when_python_lacks_it(fake_worker):
+  # Ubuntu 24.04: python3 is 3.12, but venv's ensurepip is in python3.12-venv, not installed.
+  fake_worker.tool(fake_worker.bin / "python3", "3.12")
+  r = fake_worker.install(FAKE_NO_ENSUREPIP="3.12", FAKE_APT_DISTRO="python3.12-venv")
+  fake_worker.check_installed(r, "3.12")
+  assert fake_worker.apt_calls() == [["apt-get", "update"],
+                                     ["apt-get", "install", "-y", "python3.12-venv"]]
+  assert fake_worker.venv_made_by() == ["python3", "python3"]

@@ -9,6 +9,7 @@ wheel.
 import json
 import os
 import pathlib
+import shutil
 import site
 import subprocess
 import sys
@@ -28,8 +29,13 @@ pytestmark = pytest.mark.slow
 def wheel_env(tmp_path_factory):
   """(python, vit-jax script, the wheel) of a new venv holding the wheel built from this checkout."""
   work = tmp_path_factory.mktemp("wheel")
+  # Built from a copy: setuptools leaves build/ and *.egg-info beside the sources, and stale
+  # files in a build/ would end up in the wheel.
+  src = work / "src"
+  shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+      ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache"))
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                  "-w", str(work / "dist"), str(ROOT)], check=True, cwd=work)
+                  "-w", str(work / "dist"), str(src)], check=True, cwd=work)
   (wheel,) = (work / "dist").glob("vit_jax-*.whl")
   venv = work / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

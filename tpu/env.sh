@@ -16,8 +16,10 @@ PROG=${0##*/}
 SPOT=${SPOT:-0}                       # 1: a Spot TPU (cheaper, can be preempted)
 QUEUED=${QUEUED:-0}                   # 1: create/delete through a queued resource
 DRY_RUN=${DRY_RUN:-0}                 # 1: print the gcloud commands instead of running them
-JAX_TPU_SPEC=${JAX_TPU_SPEC:-"jax[tpu]>=0.10.2,<0.11"}
-REMOTE_PYTHON=${REMOTE_PYTHON:-python3.11}
+JAX_TPU_SPEC=${JAX_TPU_SPEC:-"jax[tpu]>=0.12.0.1,<0.13"}
+# Empty: each worker picks its own Python >= 3.12 (installing python3.12 if it has none),
+# since the TPU VM images differ in which Pythons they carry.
+REMOTE_PYTHON=${REMOTE_PYTHON:-}
 VIT_JAX_REF=${VIT_JAX_REF:-HEAD}      # git ref that install.sh ships to the workers
 POLL_SECONDS=${POLL_SECONDS:-60}      # queued-resource and wait polling interval
 CREATE_ARGS=${CREATE_ARGS:-}          # extra flags for the create command, split on spaces
@@ -71,6 +73,11 @@ validate() {
       die "$flag='${!flag}': use 0 or 1"
     fi
   done
+  # A name such as python3.11 left over from an older setup: refuse it here rather
+  # than on every worker after the checkout has been shipped.
+  if [[ "$REMOTE_PYTHON" =~ ^python3\.([0-9]+)$ ]] && ((BASH_REMATCH[1] < 12)); then
+    die "REMOTE_PYTHON=$REMOTE_PYTHON: vit-jax needs Python >= 3.12 (unset REMOTE_PYTHON to let the workers pick or install one)"
+  fi
   if [[ ! "$POLL_SECONDS" =~ ^[0-9]+$ ]]; then
     die "POLL_SECONDS='$POLL_SECONDS' is not a number of seconds"
   fi

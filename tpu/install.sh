@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ship this checkout (git archive of VIT_JAX_REF, default HEAD) to every worker and
-# install it there with jax[tpu] into ~/vit-jax-venv (Python 3.11). Rerun it after
-# changing the code; commit first, since only committed files are shipped.
+# install it there with jax[tpu] into ~/vit-jax-venv (Python >= 3.12, installed when
+# the worker has none). Rerun it after changing the code; commit first, since only
+# committed files are shipped.
 #
 #   PROJECT_ID=... ZONE=... TPU_NAME=... tpu/install.sh
 # shellcheck source-path=SCRIPTDIR
@@ -23,4 +24,4 @@ note "copying $VIT_JAX_REF and the worker helper to every worker of $TPU_NAME"
 tpu_vm scp "$tmp/$REMOTE_TARBALL" "$TPU_NAME:$REMOTE_TARBALL" --worker=all
 tpu_vm scp "$VIT_JAX_ROOT/tpu/remote.sh" "$TPU_NAME:$REMOTE_HELPER" --worker=all
 note "installing $JAX_TPU_SPEC and vit-jax on every worker"
-on_workers all install "$JAX_TPU_SPEC" "$REMOTE_PYTHON"
+on_workers all install "$JAX_TPU_SPEC" ${REMOTE_PYTHON:+"$REMOTE_PYTHON"}

@@ -41,27 +41,121 @@ running_pid() {  # prints the pid of the launched process when it is still alive
   printf '%s\n' "$pid"
 }
 
+# The oldest Python that vit-jax and jax 0.12 support.
+min_major=3
+min_minor=12
+
+# py_version PY: PY's version as MAJOR.MINOR, or nothing when PY does not run.
+py_version() {
+  "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true
+}
+
+# new_enough VERSION: whether MAJOR.MINOR is at least min_major.min_minor.
+new_enough() {
+  [[ "$1" =~ ^([0-9]+)\.([0-9]+)$ ]] || return 1
+  ((BASH_REMATCH[1] > min_major || (BASH_REMATCH[1] == min_major && BASH_REMATCH[2] >= min_minor)))
+}
+
+# find_python: the first new enough Python on PATH, the newest name first.
+find_python() {
+  local py
+  for py in python3.13 python3.12 python3; do
+    if command -v "$py" >/dev/null 2>&1 && new_enough "$(py_version "$py")"; then
+      printf '%s\n' "$py"
+      return 0
+    fi
+  done
+  return 1
+}
+
+apt_updated=0
+
+# apt_install PACKAGE...: install with apt-get as root, reading the package lists
+# first (a fresh VM's are stale). Right after boot, unattended upgrades may hold
+# the dpkg lock: wait for it rather than fail.
+apt_install() {
+  local -a apt=(sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq)
+  if [[ "$apt_updated" == 0 ]]; then
+    "${apt[@]}" update || return 1
+    apt_updated=1
+  fi
+  "${apt[@]}" install -y "$@" >/dev/null
+}
+
+# install_python NAME: install python3.N and its venv module with apt.
+install_python() {
+  local py=$1
+  echo "$host: installing $py"
+  # Ubuntu 24.04 packages python3.12. Ubuntu 22.04 (the tpu-ubuntu2204-base,
+  # v2-alpha-tpuv5-lite and v2-alpha-tpuv6e images) stops at 3.11; there the
+  # deadsnakes PPA has it. apt's "unable to locate" is expected there: not shown.
+  apt_install "$py" "$py-venv" 2>/dev/null && return 0
+  echo "$host: $py is not in the distribution's packages; adding the deadsnakes PPA"
+  if ! command -v add-apt-repository >/dev/null 2>&1; then
+    apt_install software-properties-common || return 1
+  fi
+  # -n: the package lists are read by apt_install, which waits for the dpkg lock.
+  sudo add-apt-repository -y -n ppa:deadsnakes/ppa >/dev/null || return 1
+  apt_updated=0
+  apt_install "$py" "$py-venv"
+}
+
+fail() {
+  echo "$host: $*" >&2
+  exit 1
+}
+
 cmd_install() {
   local spec=${1:?install needs the jax[tpu] requirement}
-  local py=${2:-python3.11}
-  if ! command -v "$py" >/dev/null 2>&1; then
-    if [[ "$py" != python3.* || "$py" == */* ]]; then
-      echo "$host: $py not found" >&2
-      exit 1
-    fi
-    echo "$host: installing $py from the distribution's packages"
-    # Right after boot, unattended upgrades may hold the dpkg lock: wait for it.
-    sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq update
-    sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq install -y \
-      "$py" "$py-venv" >/dev/null
-  fi
+  local py=${2:-} need="$min_major.$min_minor" version have out
   if running_pid >/dev/null; then
-    echo "$host: a launched process is still running (pid $(running_pid)); run tpu/stop.sh first" >&2
-    exit 1
+    fail "a launched process is still running (pid $(running_pid)); run tpu/stop.sh first"
   fi
+  if [[ -n "$py" ]]; then
+    # Chosen by the user (REMOTE_PYTHON): that one or an error, never another one.
+    if [[ "$py" =~ ^python([0-9]+\.[0-9]+)$ ]] && ! new_enough "${BASH_REMATCH[1]}"; then
+      fail "REMOTE_PYTHON=$py: vit-jax needs Python >= $need (unset REMOTE_PYTHON to have python$need installed)"
+    fi
+    if ! command -v "$py" >/dev/null 2>&1; then
+      # A bare name such as python3.13 is also the name of its apt package.
+      [[ "$py" =~ ^python3\.[0-9]+$ ]] ||
+        fail "REMOTE_PYTHON=$py not found (give the name or path of a Python >= $need on the workers)"
+      install_python "$py" ||
+        fail "could not install $py with apt, nor from the deadsnakes PPA: install it on the workers, or unset REMOTE_PYTHON"
+    fi
+    version=$(py_version "$py")
+    [[ -n "$version" ]] || fail "REMOTE_PYTHON=$py does not run as a Python (asked for its version)"
+    new_enough "$version" || fail "REMOTE_PYTHON=$py is Python $version; vit-jax needs Python >= $need"
+  elif ! py=$(find_python); then
+    echo "$host: no Python >= $need found (looked for python3.13, python3.12, python3)"
+    install_python "python$need" ||
+      fail "could not install python$need with apt, nor from the deadsnakes PPA: install a Python >= $need on the workers and set REMOTE_PYTHON to its name"
+    py=$(find_python) || fail "python$need was installed but does not run as Python >= $need"
+  fi
+  version=$(py_version "$py")
   rm -rf "$src"
   tar -xzf "$tarball" -C "$base"
-  [[ -x "$venv/bin/python" ]] || "$py" -m venv "$venv"
+  # A venv made with another Python (an older setup's 3.11, or a Python removed
+  # since) is made again: its packages were built for that interpreter.
+  if [[ -e "$venv" ]]; then
+    have=$(py_version "$venv/bin/python")
+    if [[ "$have" != "$version" ]]; then
+      echo "$host: making $venv again with $py ($version): it has ${have:+Python }${have:-a Python that no longer runs}"
+      rm -rf "$venv"
+    fi
+  fi
+  if [[ ! -e "$venv" ]] && ! out=$("$py" -m venv "$venv" 2>&1); then
+    rm -rf "$venv"
+    # Debian and Ubuntu ship venv's pip bootstrap (ensurepip) apart, in pythonX.Y-venv.
+    if [[ "$out" != *ensurepip* ]]; then
+      printf '%s\n' "$out" >&2
+      fail "$py -m venv $venv failed"
+    fi
+    echo "$host: installing python$version-venv, which $py -m venv needs"
+    apt_install "python$version-venv" ||
+      fail "could not install python$version-venv with apt, which $py -m venv needs"
+    "$py" -m venv "$venv" || fail "$py -m venv $venv failed"
+  fi
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q "$spec" "$src"
   # The same version number may already be installed from an older tarball.
@@ -69,6 +163,7 @@ cmd_install() {
   "$venv/bin/vit-jax" --help >/dev/null
   "$venv/bin/python" - "$host" <<'EOF'
 import importlib.metadata as m
+import platform
 import sys
 
 def version(name):
@@ -77,7 +172,8 @@ def version(name):
   except m.PackageNotFoundError:
     return "(not installed)"
 
-print(f"{sys.argv[1]}: installed", ", ".join(f"{n} {version(n)}" for n in ("vit-jax", "jax", "libtpu")))
+print(f"{sys.argv[1]}: installed on Python {platform.python_version()}:",
+      ", ".join(f"{n} {version(n)}" for n in ("vit-jax", "jax", "libtpu")))
 EOF
 }
 
