@@ -37,10 +37,20 @@ def test_load_renames_pre_linen_and_keeps_arrays(original):
       "LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"}
 
 
-def test_opt_target_prefix_is_stripped(tmp_path):
-  arrays = cf.write_original(tmp_path / "opt.npz", SPEC, prefix="opt/target/")
-  tree = checkpoint.load(str(tmp_path / "opt.npz"))
-  np.testing.assert_array_equal(tree["embedding"]["kernel"], arrays["opt/target/embedding/kernel"])
+@pytest.mark.parametrize("prefix", ["", "opt/target/"])
+@pytest.mark.parametrize("naming", ["pre-linen", "linen"])
+def test_every_prefix_and_naming_loads_exactly(tmp_path, prefix, naming):
+  """Files the original training code wrote (`opt/target/` and pre-Linen names) load like any."""
+  arrays = cf.original_arrays(SPEC)  # keys in the original (pre-Linen) naming
+  if naming == "linen":
+    arrays = {cf.linen_key(k): v for k, v in arrays.items()}
+  np.savez(tmp_path / "ckpt.npz", **{prefix + k: v for k, v in arrays.items()})
+  params = checkpoint.load_pretrained(str(tmp_path / "ckpt.npz"), _model())
+  assert checkpoint.flatten(params).keys() == {cf.linen_key(k) for k in arrays}
+  for key, value in arrays.items():
+    np.testing.assert_array_equal(cf.get(params, cf.linen_key(key)), value)
+  tree = checkpoint.load(str(tmp_path / "ckpt.npz"))
+  assert checkpoint.flatten(tree).keys() == {cf.linen_key(k) for k in arrays}
 
 
 def test_linen_named_files_load_too(tmp_path):

@@ -107,12 +107,17 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
 def _to_linen(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
   """Strips `opt/target/` and renames pre-Linen block submodules to Linen names."""
   out: dict[str, np.ndarray] = {}
-  pre_linen_blocks = {m.group(1) for k in flat if (m := _BLOCK.match(k))
-                      and m.group(2) in ("MlpBlock_3", "MultiHeadDotProductAttention_1", "LayerNorm_2")}
+  unwrapped: list[tuple[str, np.ndarray]] = []
   for key, value in flat.items():
     for prefix in _PREFIXES:
       if key.startswith(prefix):
         key = key[len(prefix):]
+    unwrapped.append((key, value))
+  # Decided on the unwrapped keys: the original training code saves `opt/target/` and
+  # pre-Linen names together.
+  pre_linen_blocks = {m.group(1) for k, _ in unwrapped if (m := _BLOCK.match(k))
+                      and m.group(2) in ("MlpBlock_3", "MultiHeadDotProductAttention_1", "LayerNorm_2")}
+  for key, value in unwrapped:
     m = _BLOCK.match(key)
     if m and m.group(1) in pre_linen_blocks and m.group(2) in PRE_LINEN_TO_LINEN:
       key = f"{m.group(1)}/{PRE_LINEN_TO_LINEN[m.group(2)]}{m.group(3)}"
