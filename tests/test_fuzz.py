@@ -138,7 +138,33 @@ def test_random_key_sets_shapes_and_dtypes(tmp_path_factory, arrays_):
 @examples(150)
 @given(mutations)
 def test_mutated_checkpoints(tmp_path_factory, ops):
+  """Loaded or refused in one line; that valid files are not refused is test_valid_variants_load."""
   check_loads_or_refuses(savez(mutate(ops)), tmp_path_factory.mktemp("ck"))
+
+
+valid_variants = st.fixed_dictionaries(dict(
+    prefix=st.booleans(), linen=st.booleans(), compressed=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float16, np.float64]), order=st.permutations(sorted(VALID))))
+
+
+@examples(60)
+@given(valid_variants)
+def test_valid_variants_load(tmp_path_factory, variant):
+  """Every way a valid file is written (prefix, naming, compression, float dtype, key order) loads."""
+  arrays = {k: VALID[k].astype(variant["dtype"]) for k in variant["order"]}
+  if variant["linen"]:
+    arrays = {cf.linen_key(k): v for k, v in arrays.items()}
+  if variant["prefix"]:
+    arrays = {"opt/target/" + k: v for k, v in arrays.items()}
+  path = tmp_path_factory.mktemp("ck") / "valid.npz"
+  path.write_bytes(savez(arrays, variant["compressed"]))
+  tree = checkpoint.load(str(path))
+  model = checkpoint.model_for(tree, str(path))
+  params = checkpoint.load_pretrained(tree, model)
+  assert checkpoint.flatten(params).keys() == {cf.linen_key(k) for k in VALID}
+  for key, value in VALID.items():
+    np.testing.assert_array_equal(cf.get(params, cf.linen_key(key)),
+                                  value.astype(variant["dtype"]).astype(np.float32))
 
 
 def test_an_object_array_is_refused_not_unpickled(tmp_path):
