@@ -1,6 +1,10 @@
 """The original .npz checkpoints: strict loading, adaptation, saving, and bad files."""
+import errno
 import os
 import pickle
+import subprocess
+import sys
+import textwrap
 import zipfile
 
 import jax
@@ -253,14 +257,36 @@ def test_remote_paths_go_through_gfile(original):
 
 
 def test_failed_save_leaves_the_old_file(tmp_path, original):
+  """A write that fails halfway (the file-size limit, as a full disk would) keeps the old file.
+
+  The save runs in a child process whose RLIMIT_FSIZE is below the new file's size, so the
+  operating system refuses the write itself after part of the bytes are out; a save that
+  opened the target directly would leave it truncated.
+  """
   path, _ = original
-  target = tmp_path / "keep.npz"
+  (tmp_path / "out").mkdir()
+  target = tmp_path / "out" / "keep.npz"
   target.write_bytes(b"previous contents")
-  bad = {"a": {"kernel": np.zeros(3)}, "b": object()}
-  with pytest.raises(Exception):
-    checkpoint.save(bad, str(target))
+  code = textwrap.dedent(f"""
+      import resource, signal, sys
+      from vit_jax import checkpoint
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+      params = checkpoint.load({str(path)!r})
+      resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+      try:
+        checkpoint.save(params, {str(target)!r})
+      except OSError as e:
+        print("refused:", e.errno)
+        sys.exit(0)
+      sys.exit("the save went through")
+  """)
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip() == f"refused: {errno.EFBIG}"
+  assert os.path.getsize(path) > 4096, "the checkpoint must be larger than the limit"
   assert target.read_bytes() == b"previous contents"
-  assert os.listdir(tmp_path).count("keep.npz") == 1 and len(os.listdir(tmp_path)) == 2
+  assert os.listdir(tmp_path / "out") == ["keep.npz"], "no temporary file left behind"
 
 
 def test_infer_model(tmp_path):
