@@ -8,6 +8,7 @@ only exceptions allowed out are `checkpoint.CheckpointError`,
 its time bound, fails the test.
 """
 import contextlib
+import functools
 import io
 import json
 import os
@@ -337,6 +338,7 @@ def test_a_huge_declared_size_is_refused_before_decoding():
 # --- config overrides -------------------------------------------------------------------------
 
 CONFIG = os.path.join(CONFIGS, "tiny.py")
+BASE = cli.load_config(["--config", CONFIG])
 FIELDS = ["batch_size", "base_lr", "model.name", "model.dropout_rate", "augment.hflip", "augment.rrc_scale",
           "mesh.data", "pretrained", "num_classes", "data_threads", "folder", "model.representation_size",
           "total_steps", "model", "augment", "model.hidden_size"]
@@ -361,6 +363,18 @@ def test_random_config_overrides(pairs):
       assert message and "\n" not in message, message
       return
   assert isinstance(config, ml_collections.ConfigDict)
+  # A value that was taken has the field's declared type (None only where the field may be unset).
+  for key, _ in pairs:
+    *parents, name = key.split(".")
+    if key not in FIELDS or key in ("model", "augment"):
+      continue
+    declared = functools.reduce(getattr, parents, BASE).get_type(name)
+    value = functools.reduce(getattr, parents, config)[name]
+    if value is None:
+      assert functools.reduce(getattr, parents, BASE).get_ref(name).empty or \
+          functools.reduce(getattr, parents, BASE)[name] is None, key
+    else:
+      assert isinstance(value, declared) or (declared is float and type(value) is int), (key, value)
 
 
 @examples(50)
