@@ -94,7 +94,8 @@ def test_scores_equal_predict_on_the_same_files(url, imagenet_ckpt, images):
   inputs[1] = "data:image/png;base64," + inputs[1]  # a data: URI is accepted too
   r = httpx.post(f"{url}/score", json={"input_data": inputs, "top_k": 4}, timeout=30)
   assert r.status_code == 200, r.text
-  got = r.json()["predictions"]
+  got = r.json()
+  assert isinstance(got, list), "the managed endpoint's format: a bare list, one list per image"
   # What `vit-jax predict` computes, with its own classifier, batch size and padding.
   want = list(predict.classify_files(predict.load_classifier(imagenet_ckpt, batch_size=4), paths, k=4))
   assert len(got) == len(want) == len(paths)
@@ -106,9 +107,9 @@ def test_scores_equal_predict_on_the_same_files(url, imagenet_ckpt, images):
     assert [p["score"] for p in g] == sorted((p["score"] for p in g), reverse=True)
   # top_k from the query string; the JSON field wins over it.
   r = httpx.post(f"{url}/score?top_k=2", json={"input_data": inputs[:1]}, timeout=30)
-  assert len(r.json()["predictions"][0]) == 2
+  assert len(r.json()[0]) == 2
   r = httpx.post(f"{url}/score?top_k=2", json={"input_data": inputs[:1], "top_k": 3}, timeout=30)
-  assert len(r.json()["predictions"][0]) == 3
+  assert len(r.json()[0]) == 3
 
 
 def test_healthz_and_metadata(url):
@@ -130,7 +131,7 @@ async def _load(url: str, bodies: list[dict], clients: int) -> tuple[list[float]
       start = time.perf_counter()
       try:
         r = await http.post(f"{url}/score", json=body)
-        if r.status_code != 200 or len(r.json()["predictions"]) != len(body["input_data"]):
+        if r.status_code != 200 or len(r.json()) != len(body["input_data"]):
           failures.append(f"{r.status_code} {r.text[:200]}")
       except httpx.HTTPError as e:
         failures.append(repr(e))
@@ -269,7 +270,7 @@ def test_every_bad_input_gets_a_4xx_naming_it_and_the_server_goes_on(url, images
   assert httpx.get(f"{url}/nothing-here").status_code == 404
   assert httpx.get(f"{url}/healthz").json() == {"status": "ready"}
   r = _post(url, json={"input_data": [good]})
-  assert r.status_code == 200 and len(r.json()["predictions"][0]) == 5
+  assert r.status_code == 200 and len(r.json()[0]) == 5
   errors = _stats(url)["errors"]
   assert errors["400"] >= 18 and errors["413"] >= 3 and errors["422"] >= 1
 

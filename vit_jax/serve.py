@@ -1,7 +1,7 @@
 """`vit-jax serve`: an HTTP endpoint that classifies images, batching requests that arrive together.
 
     POST /score    {"input_data": ["<base64 image, data: URI or http(s) URL>", ...], "top_k": 5}
-                   -> {"predictions": [[{"label": ..., "score": ...}, ...], ...]}
+                   -> [[{"label": ..., "score": ...}, ...], ...]  (one list per image, sorted)
     GET  /healthz  200 {"status": "ready"} once every batch size is compiled, 503 before
     GET  /metadata model name, image size, classes, labels, batch sizes, limits
     GET  /stats    requests, errors by status, and how many images each model call held
@@ -381,8 +381,10 @@ def create_app(clf: predict.Classifier, options: Options = Options()) -> FastAPI
     rows = await state.batcher.classify(prepared)
     state.images += len(rows)
     ranked = clf.rank(np.stack(rows), k)
-    return JSONResponse({"predictions": [[{"label": p["label"], "score": p["score"]} for p in preds]
-                                         for preds in ranked]})
+    # A bare list, one ranked list per image: the managed endpoint's answer, which its
+    # clients index directly.
+    return JSONResponse([[{"label": p["label"], "score": p["score"]} for p in preds]
+                         for preds in ranked])
 
   @app.get("/healthz")
   async def healthz() -> JSONResponse:
