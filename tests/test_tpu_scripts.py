@@ -455,7 +455,8 @@ def worker(tmp_path):
       echo "cwd: $(pwd)"
       case "$1" in
         fail) exit 3 ;;
-        train) exec sleep 30 ;;
+        # Runs until the test creates ~/release: it cannot end before the test says so.
+        train) while [ ! -e "$HOME/release" ]; do sleep 0.05; done ;;
       esac
       """))
   fake.chmod(0o755)
@@ -479,7 +480,7 @@ def worker(tmp_path):
       pass
 
 
-def _wait_for(run, needle, seconds=10.0):
+def _wait_for(run, needle, seconds=60.0):  # a bound on a wait, not a speed requirement
   deadline = time.monotonic() + seconds
   while True:
     out = ok(run("status")).stdout
@@ -490,9 +491,9 @@ def _wait_for(run, needle, seconds=10.0):
 
 def test_remote_launch_is_detached_tracked_and_stoppable(worker):
   home, run = worker
-  t0 = time.monotonic()
-  r = ok(run("launch", "vit-jax", "train", "--config", CONFIG, "--workdir", "gs://b/r"))
-  assert time.monotonic() - t0 < 10, "launch returned only when the run ended: not detached"
+  # The fake run cannot end before ~/release exists, so launch returning at all shows that it
+  # does not wait for the run (the subprocess timeout only guards against a hang).
+  r = ok(run("launch", "vit-jax", "train", "--config", CONFIG, "--workdir", "gs://b/r", timeout=120))
   assert "started pid" in r.stdout
   pid = int((home / "vit-jax-train.pid").read_text())
   assert os.getsid(pid) == pid, "the run has its own session (survives the ssh session)"
@@ -501,7 +502,7 @@ def test_remote_launch_is_detached_tracked_and_stoppable(worker):
   again = run("launch", "vit-jax", "train", "--config", CONFIG, "--workdir", "gs://b/r")
   assert again.returncode != 0 and "already running" in again.stderr
 
-  deadline = time.monotonic() + 10
+  deadline = time.monotonic() + 60  # a bound on the wait for the log line
   log = home / "vit-jax-train.log"
   while "cwd:" not in log.read_text() and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -513,6 +514,14 @@ def test_remote_launch_is_detached_tracked_and_stoppable(worker):
   assert "stopped" in ok(run("stop")).stdout
   assert "finished" in _wait_for(run, "finished")
   assert "nothing running" in ok(run("stop")).stdout
+
+
+def test_remote_run_that_ends_by_itself_is_recorded_as_finished(worker):
+  home, run = worker
+  ok(run("launch", "vit-jax", "train", "--config", CONFIG, "--workdir", "gs://b/r", timeout=120))
+  assert "running pid=" in ok(run("status")).stdout
+  (home / "release").touch()
+  assert "finished exit=0" in _wait_for(run, "finished")
 
 
 def test_remote_records_the_exit_status(worker):
