@@ -1,12 +1,14 @@
 """Multi-label training end to end: a list of tagged images, a sigmoid head, mAP, and inference."""
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import data_fixtures as df
 from vit_jax import configs
 from vit_jax import infer
+from vit_jax import metrics
 from vit_jax import train
 
 NAMES = ["blue", "green", "red", "warm"]  # sorted, as the list reader orders them
@@ -68,3 +70,18 @@ def test_multilabel_training_learns_the_tags_and_infers_them(tagged, tmp_path):
   assert (predicted == out["labels"]).mean() > 0.9
   with np.load(tmp_path / "test.npz") as saved:
     np.testing.assert_array_equal(saved["logits"], out["logits"])
+
+
+def test_label_smoothing_on_a_sigmoid_head():
+  """Each tag's target moves towards 1/2: t (1 - a) + a / 2, then the summed binary cross-entropy."""
+  logits = np.array([[2.0, -1.0, 0.5]], np.float32)
+  tags = np.array([[1.0, 0.0, 1.0]], np.float32)
+  a = 0.2
+  t = tags * (1 - a) + a / 2
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  want = -(t * np.log(p) + (1 - t) * np.log(1 - p)).sum()
+  got = metrics.loss_fn(jnp.asarray(logits), jnp.asarray(tags), multilabel=True, label_smoothing=a)
+  # Three float32 log-sigmoids (a few ulps each, values ~1) against float64: below 1e-6 relative.
+  assert float(got[0]) == pytest.approx(want, rel=1e-6)
+  plain = metrics.loss_fn(jnp.asarray(logits), jnp.asarray(tags), multilabel=True)
+  assert float(plain[0]) < float(got[0])  # smoothing costs confident right answers
