@@ -8,6 +8,15 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # write nothing there (test_cli checks the cache in a directory of its own).
 os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
+# PyTorch's default build ships triton, whose import segfaults when TensorFlow has already
+# loaded its libraries in the process (seen: a tf.image.resize, then `import transformers`,
+# which imports triton through torch._dynamo). The parity and convert tests share the process
+# with the others, so both are loaded first, where they are installed.
+for _name in ("torch", "triton"):
+  try:
+    __import__(_name)
+  except ImportError:
+    pass
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
 # Parity and equality checks compare float32 results; XLA:CPU's default is

@@ -82,6 +82,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _run_convert(args: argparse.Namespace) -> int:
   from vit_jax import checkpoint, convert  # pylint: disable=import-outside-toplevel
   from vit_jax import labels as labels_lib  # pylint: disable=import-outside-toplevel
+  convert.load_torch()
   if os.path.isdir(args.src):
     model, params, names = convert.from_transformers(args.src)
     checkpoint.save(params, args.dst)

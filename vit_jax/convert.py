@@ -133,6 +133,16 @@ def hf_config(model: models.VisionTransformer, labels: list[str] | None = None):
                    attention_probs_dropout_prob=0.0, **kw)
 
 
+def load_torch() -> None:
+  """Imports PyTorch and transformers' ViT now, before anything loads TensorFlow.
+
+  PyTorch's default build ships triton, and importing triton segfaults once TensorFlow's
+  libraries are in the process (a gs:// read loads them); in the other order both work.
+  """
+  import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  import transformers.models.vit.modeling_vit  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+
+
 def to_transformers(params: dict[str, Any], model: models.VisionTransformer, out_dir: str,
                     labels: list[str] | None = None):
   """Writes a directory that ViTForImageClassification.from_pretrained loads; returns the model."""
