@@ -27,7 +27,7 @@ def _macs(d, mlp, layers, patch=16, tokens=197):
 def test_flop_counts():
   from vit_jax import aot, models
   bench = _module()
-  assert _macs(768, 3072, 12) == pytest.approx(17.6e9, rel=3e-3)  # the usual ViT-B/16 figure
+  assert _macs(768, 3072, 12) == pytest.approx(17.6e9, rel=3e-3)  # the usual figure, rounded (17.56e9)
   # The library's analytic count is the one written out here (integer arithmetic: exact).
   b16 = models.create_model("ViT-B_16", num_classes=1000)
   assert aot.model_flops_per_image(b16, train=False) == 2 * _macs(768, 3072, 12)
@@ -35,6 +35,7 @@ def test_flop_counts():
   l32 = models.create_model("ViT-L_32", num_classes=1000)
   assert aot.model_flops_per_image(l32, train=False) == 2 * _macs(1024, 4096, 24, patch=32, tokens=50)
   want = 35.2 * _macs(192, 768, 12) / _macs(768, 3072, 12)
+  # The same float64 ratio of integer counts, in another order: a few ulps (~1e-16).
   assert bench.gflop_per_image("ViT-Ti_16") == pytest.approx(want, rel=1e-9)
   want = 35.2 * _macs(1024, 4096, 24, patch=32, tokens=50) / _macs(768, 3072, 12)
   assert bench.gflop_per_image("ViT-L_32") == pytest.approx(want, rel=1e-9)
@@ -51,6 +52,7 @@ def test_runs_both_sides_and_reports(tmp_path):
   assert [(x["kind"], x["batch"]) for x in r["runs"]] == [("inference", 2), ("train", 8)]
   for x in r["runs"]:
     assert x["jax_img_s"] > 0 and x["torch_img_s"] > 0
+    # The report's own float64 numbers recombined in another order: a few ulps.
     assert x["ratio"] == pytest.approx(x["jax_img_s"] / x["torch_img_s"])
     flops = r["gflop_per_image"] * (1 if x["kind"] == "inference" else 3)
     assert x["jax_gflops"] == pytest.approx(x["jax_img_s"] * flops)
