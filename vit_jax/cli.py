@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Callable, Mapping, Sequence
@@ -404,6 +405,23 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+class _StderrHandler(logging.Handler):
+  """Writes to whatever sys.stderr is at the time (it may be replaced after setup)."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    print(self.format(record), file=sys.stderr)
+
+
+def _show_our_logs() -> None:
+  """The library's own progress lines (e.g. "resumed from ... at step N") on stderr."""
+  log = logging.getLogger("vit_jax")
+  if not any(isinstance(h, _StderrHandler) for h in log.handlers):  # main() may run again
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("vit-jax: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
@@ -412,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if rest and not getattr(args, "wants_config", False):
     parser.error(f"{args.command} takes no config: unrecognized arguments: {' '.join(rest)}")
   _keep_jax_off_absent_tpus(force_cpu=getattr(args, "cpu_only", False))
+  _show_our_logs()
   if getattr(args, "keeps_programs", True):
     _keep_compiled_programs()
   from vit_jax import checkpoint, convert, preprocess  # pylint: disable=import-outside-toplevel

@@ -1,0 +1,34 @@
+"""Runs `vit-jax train ARGS` and kills itself with SIGKILL at a chosen point of one checkpoint save.
+
+Usage: python train_killed_at_save.py {mid-save,after-save} STEP ARGS...
+
+  mid-save:   step STEP's arrays are written to Orbax's temporary directory, not yet committed
+              (renamed to checkpoints/STEP);
+  after-save: just after checkpoints/STEP is committed.
+
+The kill comes from inside Orbax's commit, in the background thread of an asynchronous save,
+so the point is exact whatever the machine's speed.
+"""
+import os
+import signal
+import sys
+
+from orbax.checkpoint._src.path import atomicity
+
+from vit_jax import cli
+
+when, step, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+assert when in ("mid-save", "after-save"), when
+_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+
+async def finalize(self, *a, **kw):
+  if when == "mid-save" and self._final_path.name == step:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGKILL)
+  await _finalize(self, *a, **kw)
+  if when == "after-save" and self._final_path.name == step:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.exit(cli.main(["train", *args]))
