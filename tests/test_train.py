@@ -1,6 +1,7 @@
 """End to end: fine-tuning through the real input pipeline, resuming after SIGKILL, NaN stops, eval."""
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from vit_jax import checkpoint
@@ -85,41 +87,62 @@ def _train_cmd(config_args, workdir):
           "--workdir", workdir, *config_args]
 
 
-def test_sigkill_then_rerun_resumes_to_the_same_params(digits, tmp_path):
-  args = [f"--config.folder={os.path.join(digits, 'a')}", "--config.image_size=16",
-          "--config.model.patch_size=4", "--config.total_steps=40", "--config.checkpoint_every=10",
-          "--config.eval_every=40", "--config.log_every=10"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  straight = str(tmp_path / "straight")
-  subprocess.run(_train_cmd(args, straight), env=env, check=True, capture_output=True, timeout=600)
+_KILL_ARGS = ["--config.image_size=16", "--config.model.patch_size=4", "--config.total_steps=40",
+              "--config.checkpoint_every=10", "--config.eval_every=40", "--config.log_every=10",
+              "--config.async_checkpointing=True"]  # the default, which the tiny recipe turns off
 
+
+def _final_params(workdir):
+  return checkpoint.flatten(checkpoint.load(os.path.join(workdir, "final.npz")))
+
+
+@pytest.fixture(scope="module")
+def straight_run(digits, tmp_path_factory):
+  """The 40-step run of `_KILL_ARGS`, uninterrupted."""
+  work = str(tmp_path_factory.mktemp("straight"))
+  args = [f"--config.folder={os.path.join(digits, 'a')}", *_KILL_ARGS]
+  subprocess.run(_train_cmd(args, work), env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True,
+                 capture_output=True, timeout=600)
+  return work
+
+
+@pytest.mark.parametrize("when,resume_step", [("after-save", 20), ("mid-save", 10)])
+def test_sigkill_during_an_async_save_then_rerun_resumes_to_the_same_params(
+    digits, straight_run, tmp_path, when, resume_step):
+  """Killed just after step 20's checkpoint is committed, or while it is being written.
+
+  A save cut short must not count: the rerun starts from step 10, the last committed one.
+  """
+  args = [f"--config.folder={os.path.join(digits, 'a')}", *_KILL_ARGS]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(_train_cmd(args, killed), env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not os.path.isdir(os.path.join(killed, "checkpoints", "20")) and time.time() < deadline:
-    if proc.poll() is not None:
-      pytest.fail("the run ended before it could be killed")
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  script = os.path.join(ROOT, "tests", "scripts", "train_killed_at_save.py")
+  run = subprocess.run([sys.executable, script, when, "20", "--config", "tiny", "--workdir", killed,
+                        *args], env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+  ckpts = os.listdir(os.path.join(killed, "checkpoints"))
+  assert ("20" in ckpts) == (when == "after-save"), ckpts
   assert not os.path.exists(os.path.join(killed, "final.npz"))
+
   rerun = subprocess.run(_train_cmd(args, killed), env=env, capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  a = checkpoint.load(os.path.join(straight, "final.npz"))
-  b = checkpoint.load(os.path.join(killed, "final.npz"))
-  flat_a, flat_b = checkpoint.flatten(a), checkpoint.flatten(b)
-  assert flat_a.keys() == flat_b.keys()
+  assert f"resumed from {os.path.join(killed, 'checkpoints')} at step {resume_step}" in rerun.stderr
+  a, b = _final_params(straight_run), _final_params(killed)
+  assert a.keys() == b.keys()
   # Exact by construction: the rerun restores the saved state bit for bit (float32 as is) and
   # runs the same compiled train step on the same batches (the input order and augmentation
   # seeds are functions of the step), on the same machine. Bit-equal in 5 runs here, under 4
   # XLA:CPU settings (YNNPACK, Eigen or oneDNN dots; max ISA AVX and AVX2).
-  for k in flat_a:
-    np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
-  # The rerun started from a checkpoint, not from scratch: step 10 was logged once, by the first run.
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # The first run logged 10, 20 and maybe more (training goes on while a save is written) before
+  # it was killed; the rerun logs from resume_step on.
   steps_logged = [json.loads(l)["step"] for l in open(os.path.join(killed, "metrics.jsonl"))
                   if json.loads(l)["split"] == "train"]
-  assert steps_logged.count(10) == 1 and steps_logged.count(40) == 1
+  rerun_part = list(range(resume_step + 10, 41, 10))
+  first = steps_logged[:len(steps_logged) - len(rerun_part)]
+  assert len(first) >= 2 and first == list(range(10, 10 * len(first) + 1, 10)), steps_logged
+  assert steps_logged[len(first):] == rerun_part, steps_logged
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path):
@@ -196,3 +219,63 @@ def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp
   np.testing.assert_allclose(four["logits"], out["logits"], rtol=0,
                              atol=1e-5 * float(np.abs(out["logits"]).max()))
   assert list(four["class_names"]) == [f"digit_{i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("model", [{}, dict(scan=True, remat=True, dtype="bfloat16")],
+                         ids=["plain", "scan_remat_bf16"])
+def test_preemption_saves_and_exits_then_the_rerun_ends_like_a_straight_run(
+    digits, tmp_path, monkeypatch, caplog, model):
+  def cfg():
+    c = tiny_config(os.path.join(digits, "a"), total_steps=30, checkpoint_every=10, eval_every=30,
+                    log_every=5, async_checkpointing=True)
+    c.model.update(model)
+    return c
+
+  straight = train.train_and_evaluate(cfg(), str(tmp_path / "straight"))
+  losses = [json.loads(l)["loss"] for l in open(tmp_path / "straight" / "metrics.jsonl")
+            if json.loads(l)["split"] == "train"]
+  # It learns: the loss falls well below its start (chance level is ln 5 = 1.61), and the
+  # held-out accuracy is far above chance (0.2).
+  assert losses[-1] < 0.7 * losses[0], losses
+  assert straight["test"]["accuracy"] > 0.6, straight
+
+  # The preemption notice comes at step 15, between two regular saves.
+  monkeypatch.setattr(ocp.CheckpointManager, "reached_preemption", lambda self, step: step == 15)
+  assert train.train_and_evaluate(cfg(), str(tmp_path / "pre")) == {}
+  assert sorted(os.listdir(tmp_path / "pre" / "checkpoints")) == ["10", "15"]
+  assert not os.path.exists(tmp_path / "pre" / "final.npz")
+  monkeypatch.undo()
+  with caplog.at_level(logging.INFO, logger="vit_jax.train"):
+    resumed = train.train_and_evaluate(cfg(), str(tmp_path / "pre"))
+  assert f"resumed from {tmp_path / 'pre' / 'checkpoints'} at step 15" in caplog.text
+  # Exact: the same compiled steps on the same batches from the restored state (see the
+  # SIGKILL test above).
+  a, b = _final_params(str(tmp_path / "straight")), _final_params(str(tmp_path / "pre"))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert resumed == straight
+
+
+@pytest.mark.parametrize("change", ["model", "optimizer"])
+def test_resuming_with_another_config_is_a_clear_error(digits, tmp_path, change):
+  folder = os.path.join(digits, "a")
+  train.train_and_evaluate(tiny_config(folder, total_steps=10, eval_every=10), str(tmp_path))
+  other = tiny_config(folder, total_steps=20, eval_every=10)
+  if change == "model":
+    other.model.mlp_dim = 64
+  else:
+    other.optimizer = "adam"
+  with pytest.raises(ValueError, match=r"checkpoints/10: this checkpoint was written with another "
+                     r"model or optimizer config .*use a new --workdir"):
+    train.train_and_evaluate(other, str(tmp_path))
+
+
+def test_resuming_on_another_mesh_restores_the_same_params_resharded(digits, tmp_path):
+  """Written on 4 devices as pure data parallelism, resumed on a 2x2 data x model mesh."""
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)  # keeps the caller's XLA settings
+  script = os.path.join(ROOT, "tests", "scripts", "resume_on_another_mesh.py")
+  proc = subprocess.run([sys.executable, script, os.path.join(digits, "a"), str(tmp_path)],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"resumed from {tmp_path / 'checkpoints'} at step 10" in proc.stderr
