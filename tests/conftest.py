@@ -1,5 +1,10 @@
 """Test setup: CPU JAX, quiet TensorFlow, exact float32 matmuls for comparisons."""
 import os
+import re
+import socket
+import subprocess
+import tempfile
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,3 +40,65 @@ def imagenet_ckpt(tmp_path_factory):
   path = tmp_path_factory.mktemp("ckpt") / "tiny1000.npz"
   ckpt_fixtures.write_original(path, ckpt_fixtures.Spec(classes=1000, image_size=32))
   return str(path)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_all(argvs, env, timeout):
+  """Runs the processes together; on the first failure kills the rest (they would wait for it).
+
+  Returns the indices of those that failed, of those still running at the timeout, and the
+  [(stdout, stderr)] of all.
+  """
+  logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in argvs]
+  procs = [subprocess.Popen(a, env=env, stdout=o, stderr=e, text=True) for a, (o, e) in zip(argvs, logs)]
+  deadline = time.monotonic() + timeout
+  try:
+    while (any(p.poll() is None for p in procs) and not any(p.returncode for p in procs)
+           and time.monotonic() < deadline):
+      time.sleep(0.1)
+    failed = [i for i, p in enumerate(procs) if p.returncode]
+    hung = [i for i, p in enumerate(procs) if p.returncode is None]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  out = []
+  for o, e in logs:
+    with o, e:
+      o.seek(0)
+      e.seek(0)
+      out.append((o.read(), e.read()))
+  return failed, hung, out
+
+
+@pytest.fixture(scope="session")
+def run_on_free_port():
+  """run(argvs_for_port, env=, timeout=) -> [(stdout, stderr)] of processes that share a port.
+
+  The port is free when picked but must be closed again for a child to bind it, and another
+  program may take it meanwhile: when a child fails saying so ("Address already in use" and
+  the port), all are killed and started again on a new port, a few times. Any other failure,
+  or a timeout, fails the test at once. `ports` are tried first (to test the retry).
+  """
+  def run(argvs_for_port, *, env, timeout, ports=(), attempts=3):
+    __tracebackhide__ = True  # pylint: disable=unused-variable
+    ports = iter(ports)
+    for _ in range(attempts):
+      port = next(ports, None) or _free_port()
+      failed, hung, out = _run_all(argvs_for_port(port), env, timeout)
+      if not failed and not hung:
+        return out
+      if not failed:
+        pytest.fail(f"process {hung[0]} timed out after {timeout}s:\n{out[hung[0]][1][-3000:]}")
+      taken = [out[i][1] for i in failed
+               if "Address already in use" in out[i][1] and re.search(rf":{port}\b", out[i][1])]
+      if not taken:
+        pytest.fail(f"process {failed[0]} failed:\n{out[failed[0]][1][-3000:]}")
+    pytest.fail(f"the port was taken on all {attempts} tries:\n{taken[0][-3000:]}")
+  return run

@@ -1,5 +1,6 @@
 """The original .npz checkpoints: strict loading, adaptation, saving, and bad files."""
 import errno
+import io
 import os
 import pickle
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 
 import ckpt_fixtures as cf
 from vit_jax import checkpoint
+from vit_jax import files
 from vit_jax import models
+from vit_jax import tf_setup
 
 SPEC = cf.Spec()  # Ti-width, 2 blocks, patch 16, 32 px, 10 classes
 
@@ -265,20 +268,64 @@ def test_non_float_arrays_are_refused(tmp_path):
     checkpoint.load_pretrained(str(tmp_path / "int.npz"), _model())
 
 
-def test_remote_paths_go_through_gfile(original):
-  # tf.io.gfile's in-memory filesystem stands in for gs:// (same code path).
+class _GsInRam:
+  """tf.io.gfile with gs://BUCKET/... kept at ram://gs/BUCKET/...: gs:// paths run offline."""
+
+  def __init__(self, gfile):
+    self._gfile, self.paths = gfile, set()
+
+  def __getattr__(self, name):
+    def call(*args, **kw):
+      urls = [a for a in args if isinstance(a, str) and "://" in a]
+      self.paths.update(urls)
+      args = [a.replace("gs://", "ram://gs/", 1) if a in urls else a for a in args]
+      return getattr(self._gfile, name)(*args, **kw)
+    return call
+
+
+def test_remote_paths_go_through_gfile(original, tmp_path, monkeypatch):
+  # tf.io.gfile's in-memory filesystem stands in for gs://.
   path, arrays = original
-  from vit_jax import tf_setup
+  (tmp_path / "cwd").mkdir()
+  monkeypatch.chdir(tmp_path / "cwd")  # a URL wrongly taken for a local path would land here
   tf = tf_setup.tf()
   url = "ram://ckpt/orig.npz"
   with tf.io.gfile.GFile(url, "wb") as f:
     f.write(open(path, "rb").read())
   tree = checkpoint.load(url)
-  np.testing.assert_array_equal(tree["cls"], arrays["cls"])
-  checkpoint.save(checkpoint.load_pretrained(url, _model()), "ram://ckpt/out.npz")
-  assert tf.io.gfile.exists("ram://ckpt/out.npz")
+  for key, value in arrays.items():
+    np.testing.assert_array_equal(cf.get(tree, cf.linen_key(key)), value, err_msg=key)
+  # Fresh values, so that the file read back can only match if the save wrote them.
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map(lambda v: rng.normal(size=v.shape).astype(np.float32),
+                                  checkpoint.load_pretrained(url, _model()))
+  want = checkpoint.flatten(params)
+
+  def assert_saved(saved_url):
+    back = checkpoint.flatten(checkpoint.load_pretrained(saved_url, _model()))
+    assert back.keys() == want.keys()
+    for key, value in want.items():
+      np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+  checkpoint.save(params, "ram://ckpt/out.npz")
+  assert_saved("ram://ckpt/out.npz")
+  with tf.io.gfile.GFile("ram://ckpt/out.npz", "rb") as f:  # the original layout and names
+    with np.load(io.BytesIO(f.read()), allow_pickle=False) as saved:
+      assert set(saved.files) == set(arrays)
+      assert {saved[k].dtype for k in saved.files} == {np.dtype(np.float32)}
+  assert sorted(tf.io.gfile.listdir("ram://ckpt/")) == ["orig.npz", "out.npz"]  # no temporary left
   with pytest.raises(checkpoint.CheckpointError, match="ram://ckpt/none.npz: no such file"):
     checkpoint.load("ram://ckpt/none.npz")
+  # gs:// takes the same code: files.py hands every URL to tf.io.gfile. With gfile serving gs://
+  # from memory, a gs:// save and load must go through it and give the same arrays.
+  gfile = _GsInRam(tf.io.gfile)
+  monkeypatch.setattr(files, "_gfile", lambda: gfile)
+  checkpoint.save(params, "gs://bucket/ckpt/out.npz")
+  assert tf.io.gfile.exists("ram://gs/bucket/ckpt/out.npz")
+  assert_saved("gs://bucket/ckpt/out.npz")
+  assert "gs://bucket/ckpt/out.npz" in gfile.paths and not os.listdir(".")  # nothing local
+  with pytest.raises(checkpoint.CheckpointError, match="gs://bucket/none.npz: no such file"):
+    checkpoint.load("gs://bucket/none.npz")
 
 
 def test_failed_save_leaves_the_old_file(tmp_path, original):

@@ -7,7 +7,6 @@ images and labels stayed together. Several devices need their own process
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -319,6 +318,46 @@ def test_random_crops_vary_and_keep_labels(folder):
   assert sum(not np.array_equal(first[i], im) for im, i in zip(cat(b, "image"), cat(b, "index"))) >= 12
 
 
+def test_inception_crop_area_and_aspect_within_limits(tmp_path):
+  # Images whose red level is the pixel's x and green its y, so each output tells its crop box.
+  width, height = 256, 224  # not square: catches swapped axes; the whole image (the crop's
+  y, x = np.mgrid[:height, :width]  # fallback) still has an aspect, 8/7, inside the limits
+  ramp = df.encode(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8))
+  for i in range(16):
+    df.write_file(str(tmp_path / "train" / "ab"[i % 2] / f"{i}.png"), ramp)
+  df.write_file(str(tmp_path / "val" / "a" / "0.png"), ramp)
+  c = cfg(dataset="folder", folder=str(tmp_path), batch_size=16, augment=dict(hflip=False))
+  images = cat(take(ip.host_batches(c, process_index=0, process_count=1), 4), "image")  # 64 crops
+  coords = images[..., :2].astype(np.float64) * 127.5 + 127.5  # back to [0, 255]: (x, y)
+  lo, hi = coords.min(axis=(1, 2)), coords.max(axis=(1, 2))
+  span = hi - lo
+  # The bilinear resize samples the crop at (j + 0.5) * n / SIZE - 0.5 and clamps at the border:
+  # shrinking (n >= SIZE), the ramp's extremes lie (n / SIZE - 1) / 2 px inside each edge, so the
+  # span is n (1 - 1 / SIZE); enlarging, they are the edge pixels, span n - 1. A ramp interpolates
+  # exactly, so this inverts to the crop's size in pixels, and its start.
+  n = np.maximum(span + 1, span * SIZE / (SIZE - 1))
+  start = lo - np.maximum(0.0, (n / SIZE - 1) / 2)
+  # Crops are whole pixels; float32 resizing of values <= 255 errs by ~1e-5 px (measured 8e-6).
+  np.testing.assert_allclose(n, np.round(n), atol=1e-3)
+  np.testing.assert_allclose(start, np.round(start), atol=1e-3)
+  (x0, y0), (w, h) = np.round(start).astype(int).T, np.round(n).astype(int).T
+  assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= width).all() and (y0 + h <= height).all()
+  area = w * h / (width * height)
+  # The documented limits (input_pipeline: area 5-100%, aspect 3/4-4/3), not the module's
+  # constants, so that changing those fails here. Area: TF rejects a box outside the range
+  # after rounding it to whole pixels, so no tolerance.
+  assert (0.05 <= area).all() and (area <= 1.0).all(), np.sort(area)[[0, -1]]
+  # Aspect: TF draws a ratio r in range and a height h, then rounds the width h * r to whole
+  # pixels, so w / h may overshoot r by up to 0.5 / h.
+  aspect = w / h
+  assert (aspect >= 3 / 4 - 0.5 / h).all() and (aspect <= 4 / 3 + 0.5 / h).all(), \
+      np.sort(aspect)[[0, -1]]
+  # And they spread over the ranges (each bound below fails by chance < 1e-5 in 64 crops).
+  assert area.min() < 0.15 and area.max() > 0.6, np.sort(area)[[0, -1]]
+  assert aspect.min() < 0.85 and aspect.max() > 1.2, np.sort(aspect)[[0, -1]]
+  assert len(set(zip(x0, y0, w, h))) > 60  # and the boxes differ, image to image and epoch to epoch
+
+
 def test_mixup_soft_targets(folder):
   c = cfg(dataset="folder", folder=folder, batch_size=8, augment=dict(mixup_alpha=0.4))
   batches = take(ip.host_batches(c, process_index=0, process_count=1), 4)
@@ -566,23 +605,12 @@ _TWO_PROCESSES_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_real_processes_assemble_one_global_batch(folder):
+def test_two_real_processes_assemble_one_global_batch(folder, run_on_free_port):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  coordinator = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES_SCRIPT, folder, coordinator, str(i)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = []
-  for p in procs:
-    stdout, stderr = p.communicate(timeout=300)
-    assert p.returncode == 0, stderr[-3000:]
-    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  runs = run_on_free_port(lambda port: [[sys.executable, "-c", _TWO_PROCESSES_SCRIPT, folder,
+                                         f"127.0.0.1:{port}", str(i)] for i in range(2)],
+                          env=env, timeout=300)
+  outs = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in runs]
   assert sorted(o["process"] for o in outs) == [0, 1]
   for o in outs:
     assert o["shape"] == [16, SIZE, SIZE, 3] and o["rows_are_this_hosts"] and o["eval_batches"] == 1
