@@ -102,3 +102,32 @@ def run_on_free_port():
         pytest.fail(f"process {failed[0]} failed:\n{out[failed[0]][1][-3000:]}")
     pytest.fail(f"the port was taken on all {attempts} tries:\n{taken[0][-3000:]}")
   return run
+
+
+class _GsInRam:
+  """tf.io.gfile with gs://BUCKET/... kept at ram://gs/BUCKET/...: gs:// paths run offline."""
+
+  def __init__(self, gfile):
+    self._gfile, self.paths = gfile, set()
+
+  def __getattr__(self, name):
+    def call(*args, **kw):
+      urls = [a for a in args if isinstance(a, str) and "://" in a]
+      self.paths.update(urls)
+      args = [a.replace("gs://", "ram://gs/", 1) if a in urls else a for a in args]
+      return getattr(self._gfile, name)(*args, **kw)
+    return call
+
+
+@pytest.fixture
+def gs_in_ram(monkeypatch):
+  """() -> the gfile stand-in that vit_jax.files now uses: gs:// served from TF's ram://.
+
+  `.paths` holds every URL the project handed to it.
+  """
+  def install():
+    from vit_jax import files, tf_setup  # pylint: disable=import-outside-toplevel
+    gfile = _GsInRam(tf_setup.tf().io.gfile)
+    monkeypatch.setattr(files, "_gfile", lambda: gfile)
+    return gfile
+  return install

@@ -15,7 +15,6 @@ import pytest
 
 import ckpt_fixtures as cf
 from vit_jax import checkpoint
-from vit_jax import files
 from vit_jax import models
 from vit_jax import tf_setup
 
@@ -268,22 +267,7 @@ def test_non_float_arrays_are_refused(tmp_path):
     checkpoint.load_pretrained(str(tmp_path / "int.npz"), _model())
 
 
-class _GsInRam:
-  """tf.io.gfile with gs://BUCKET/... kept at ram://gs/BUCKET/...: gs:// paths run offline."""
-
-  def __init__(self, gfile):
-    self._gfile, self.paths = gfile, set()
-
-  def __getattr__(self, name):
-    def call(*args, **kw):
-      urls = [a for a in args if isinstance(a, str) and "://" in a]
-      self.paths.update(urls)
-      args = [a.replace("gs://", "ram://gs/", 1) if a in urls else a for a in args]
-      return getattr(self._gfile, name)(*args, **kw)
-    return call
-
-
-def test_remote_paths_go_through_gfile(original, tmp_path, monkeypatch):
+def test_remote_paths_go_through_gfile(original, tmp_path, monkeypatch, gs_in_ram):
   # tf.io.gfile's in-memory filesystem stands in for gs://.
   path, arrays = original
   (tmp_path / "cwd").mkdir()
@@ -318,8 +302,7 @@ def test_remote_paths_go_through_gfile(original, tmp_path, monkeypatch):
     checkpoint.load("ram://ckpt/none.npz")
   # gs:// takes the same code: files.py hands every URL to tf.io.gfile. With gfile serving gs://
   # from memory, a gs:// save and load must go through it and give the same arrays.
-  gfile = _GsInRam(tf.io.gfile)
-  monkeypatch.setattr(files, "_gfile", lambda: gfile)
+  gfile = gs_in_ram()
   checkpoint.save(params, "gs://bucket/ckpt/out.npz")
   assert tf.io.gfile.exists("ram://gs/bucket/ckpt/out.npz")
   assert_saved("gs://bucket/ckpt/out.npz")

@@ -13,6 +13,7 @@ import ckpt_fixtures as cf
 import data_fixtures as df
 from vit_jax import checkpoint
 from vit_jax import cli
+from vit_jax import files
 from vit_jax import labels
 from vit_jax import models
 from vit_jax import preprocess
@@ -114,6 +115,30 @@ def test_convert_both_ways(capsys, tmp_path):
     for k in arrays:
       np.testing.assert_array_equal(back[k], arrays[k])
   assert (tmp_path / "back.labels.txt").read_text().splitlines()[0] == "tench, Tinca tinca"
+
+
+@pytest.mark.parametrize("root", ["ram://hf", "gs://bucket/hf"])
+def test_convert_to_and_from_a_remote_directory(capsys, tmp_path, gs_in_ram, root):
+  """A transformers directory on gs:// is a directory, not an .npz, both as source and as target."""
+  gfile = gs_in_ram()  # gs:// served from TensorFlow's in-memory filesystem
+  arrays = cf.write_original(tmp_path / "m.npz", cf.Spec(classes=1000))
+  code, out, err = _run(capsys, "convert", str(tmp_path / "m.npz"), f"{root}/vit")
+  assert code == 0, err
+  assert f"{root}/vit/config.json" in gfile.paths and f"{root}/vit/model.safetensors" in gfile.paths
+  code, out, err = _run(capsys, "convert", f"{root}/vit", f"{root}/back.npz")
+  assert code == 0, err
+  assert f"wrote {root}/back.labels.txt" in out
+  assert files.read_bytes(f"{root}/back.labels.txt").decode().splitlines()[1] == \
+      "goldfish, Carassius auratus"
+  (tmp_path / "back.npz").write_bytes(files.read_bytes(f"{root}/back.npz"))
+  with np.load(tmp_path / "back.npz") as back:
+    assert set(back.files) == set(arrays)
+    for k in arrays:
+      np.testing.assert_array_equal(back[k], arrays[k])
+  code, out, err = _run(capsys, "convert", f"{root}/empty", str(tmp_path / "x.npz"))
+  assert code == 2 and f"{root}/empty: no such file" in err
+  code, out, err = _run(capsys, "predict", "--checkpoint", f"{root}/vit", str(tmp_path / "x.png"))
+  assert code == 2 and f"{root}/vit: not a regular file" in err and len(err.splitlines()) == 1
 
 
 def test_convert_refuses_pre_logits_unless_dropped(capsys, tmp_path):

@@ -81,31 +81,16 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-  from vit_jax import checkpoint, convert  # pylint: disable=import-outside-toplevel
-  from vit_jax import labels as labels_lib  # pylint: disable=import-outside-toplevel
+  from vit_jax import convert, files  # pylint: disable=import-outside-toplevel
   convert.load_torch()
-  if os.path.isdir(args.src):
-    model, params, names = convert.from_transformers(args.src)
-    checkpoint.save(params, args.dst)
+  if files.isdir(args.src):
+    model, labels_path = convert.transformers_to_npz(args.src, args.dst)
     print(f"wrote {args.dst} ({model.num_layers} layers, {model.num_classes} classes, "
           f"{model.image_size}px)")
-    if names:
-      path = os.path.splitext(args.dst)[0] + ".labels.txt"
-      convert.write_labels(names, path)
-      print(f"wrote {path}")
+    if labels_path:
+      print(f"wrote {labels_path}")
     return 0
-  tree = checkpoint.load(args.src)
-  found = checkpoint.model_for(tree, args.src)
-  if found.representation_size and not args.drop_pre_logits:
-    raise convert.ConversionError(f"{args.src} has a pre_logits layer, which ViTForImageClassification "
-                                  "cannot hold; pass --drop-pre-logits to drop it (outputs change)")
-  if found.num_classes is None:
-    raise convert.ConversionError(f"{args.src} has no head; ViTForImageClassification needs one")
-  model = found.clone(representation_size=None)
-  params = checkpoint.load_pretrained(tree, model)
-  names = labels_lib.for_classes(model.num_classes, args.labels) \
-      if (args.labels or model.num_classes == 1000) else None
-  convert.to_transformers(params, model, args.dst, labels=names)
+  convert.npz_to_transformers(args.src, args.dst, args.labels, args.drop_pre_logits)
   print(f"wrote {args.dst} (load with transformers.ViTForImageClassification.from_pretrained)")
   return 0
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import Any, Callable
 
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import files
+from vit_jax import labels as labels_lib
 from vit_jax import models
 
 log = logging.getLogger(__name__)
@@ -153,7 +156,12 @@ def to_transformers(params: dict[str, Any], model: models.VisionTransformer, out
   pt = ViTForImageClassification(config)
   pt.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
   pt.eval()
-  pt.save_pretrained(out_dir, safe_serialization=True)
+  if files.is_remote(out_dir):
+    with tempfile.TemporaryDirectory() as local:
+      pt.save_pretrained(local, safe_serialization=True)
+      files.copy_dir(local, out_dir)
+  else:
+    pt.save_pretrained(out_dir, safe_serialization=True)
   return pt
 
 
@@ -180,10 +188,14 @@ def model_from_hf_config(config) -> models.VisionTransformer:
 
 
 def from_transformers(src: str) -> tuple[models.VisionTransformer, dict[str, Any], list[str] | None]:
-  """A transformers ViTForImageClassification directory to (our model, params, labels)."""
-  from transformers import ViTForImageClassification  # pylint: disable=import-outside-toplevel
-  if not os.path.isfile(os.path.join(src, "config.json")):
+  """A transformers ViTForImageClassification directory (local or gs://) to (our model, params, labels)."""
+  if not files.exists(os.path.join(src, "config.json")):
     raise ConversionError(f"{src}: not a transformers model directory (no config.json)")
+  if files.is_remote(src):
+    with tempfile.TemporaryDirectory() as local:
+      files.copy_dir(src, local)
+      return from_transformers(local)
+  from transformers import ViTForImageClassification  # pylint: disable=import-outside-toplevel
   pt = ViTForImageClassification.from_pretrained(src)
   model = model_from_hf_config(pt.config)
   state = {k: v.detach().cpu().numpy() for k, v in pt.state_dict().items()}
@@ -197,6 +209,39 @@ def from_transformers(src: str) -> tuple[models.VisionTransformer, dict[str, Any
 
 def write_labels(labels: list[str], path: str) -> None:
   """One class name per line, in index order (what `--labels` reads)."""
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(labels) + "\n")
+  with files.atomic_write(path) as f:
+    f.write(("\n".join(labels) + "\n").encode("utf-8"))
+
+
+def transformers_to_npz(src: str, dst: str) -> tuple[models.VisionTransformer, str | None]:
+  """Converts a transformers directory to an original-layout .npz; returns the model and the
+  labels file written beside `dst` (None when the directory names no classes)."""
+  model, params, names = from_transformers(src)
+  checkpoint.save(params, dst)
+  if not names:
+    return model, None
+  path = os.path.splitext(dst)[0] + ".labels.txt"
+  write_labels(names, path)
+  return model, path
+
+
+def npz_to_transformers(src: str, dst: str, labels: str | None = None,
+                        drop_pre_logits: bool = False) -> models.VisionTransformer:
+  """Converts an original-layout .npz (local or gs://) to a transformers directory.
+
+  `labels` is a class-name file; ImageNet's names are used for 1000-class heads without one.
+  """
+  tree = checkpoint.load(src)
+  found = checkpoint.model_for(tree, src)
+  if found.representation_size and not drop_pre_logits:
+    raise ConversionError(f"{src} has a pre_logits layer, which ViTForImageClassification "
+                          "cannot hold; pass --drop-pre-logits to drop it (outputs change)")
+  if found.num_classes is None:
+    raise ConversionError(f"{src} has no head; ViTForImageClassification needs one")
+  model = found.clone(representation_size=None)
+  params = checkpoint.load_pretrained(tree, model)
+  names = labels_lib.for_classes(model.num_classes, labels) \
+      if (labels or model.num_classes == 1000) else None
+  to_transformers(params, model, dst, labels=names)
+  return model
 

@@ -24,6 +24,8 @@ def read_bytes(path: str) -> bytes:
     gfile = _gfile()
     if not gfile.exists(path):
       raise FileNotFoundError(f"{path}: no such file")
+    if gfile.isdir(path):
+      raise FileNotFoundError(f"{path}: not a regular file")
     with gfile.GFile(path, "rb") as f:
       return f.read()
   if not os.path.isfile(path):
@@ -36,6 +38,25 @@ def read_bytes(path: str) -> bytes:
 def exists(path: str) -> bool:
   path = str(path)
   return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  path = str(path)
+  return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+
+
+def copy_dir(src: str, dst: str) -> None:
+  """Copies the files directly inside `src` into `dst` (created); either may be remote."""
+  src, dst = str(src), str(dst)
+  names = _gfile().listdir(src) if is_remote(src) else os.listdir(src)
+  plain = [n.rstrip("/") for n in names if not isdir(os.path.join(src, n.rstrip("/")))]
+  if is_remote(dst):
+    _gfile().makedirs(dst)
+  else:
+    os.makedirs(dst, exist_ok=True)
+  for name in plain:
+    with atomic_write(os.path.join(dst, name)) as f:
+      f.write(read_bytes(os.path.join(src, name)))
 
 
 @contextlib.contextmanager
