@@ -69,8 +69,8 @@ def test_multilabel_metrics_match_sklearn():
 
 def test_label_smoothing_and_soft_targets():
   logits = jnp.asarray([[2.0, 0.0, -1.0]])
-  hard = metrics.loss_fn(logits, jnp.asarray([0]), multilabel=False)
-  smooth = metrics.loss_fn(logits, jnp.asarray([0]), multilabel=False, label_smoothing=0.3)
+  hard = metrics.loss_fn(logits, jnp.asarray([0]), sigmoid=False)
+  smooth = metrics.loss_fn(logits, jnp.asarray([0]), sigmoid=False, label_smoothing=0.3)
   logp = jax_log_softmax(np.asarray(logits[0]))
   # A 3-logit log-softmax in float32 by XLA and by numpy, each with its own exp and log: each
   # side within ~3 u of the true value (exps, a 3-term sum ~1.2, log), so they differ by at
@@ -78,7 +78,7 @@ def test_label_smoothing_and_soft_targets():
   assert float(hard[0]) == pytest.approx(-logp[0], rel=3e-6)
   want = -(0.8 * logp[0] + 0.1 * logp[1] + 0.1 * logp[2])
   assert float(smooth[0]) == pytest.approx(want, rel=3e-6)
-  soft = metrics.loss_fn(logits, jnp.asarray([[0.25, 0.75, 0.0]]), multilabel=False)
+  soft = metrics.loss_fn(logits, jnp.asarray([[0.25, 0.75, 0.0]]), sigmoid=False)
   assert float(soft[0]) == pytest.approx(-(0.25 * logp[0] + 0.75 * logp[1]), rel=3e-6)
 
 

@@ -80,8 +80,8 @@ def test_label_smoothing_on_a_sigmoid_head():
   t = tags * (1 - a) + a / 2
   p = 1 / (1 + np.exp(-logits.astype(np.float64)))
   want = -(t * np.log(p) + (1 - t) * np.log(1 - p)).sum()
-  got = metrics.loss_fn(jnp.asarray(logits), jnp.asarray(tags), multilabel=True, label_smoothing=a)
+  got = metrics.loss_fn(jnp.asarray(logits), jnp.asarray(tags), sigmoid=True, label_smoothing=a)
   # Three float32 log-sigmoids (a few ulps each, values ~1) against float64: below 1e-6 relative.
   assert float(got[0]) == pytest.approx(want, rel=1e-6)
-  plain = metrics.loss_fn(jnp.asarray(logits), jnp.asarray(tags), multilabel=True)
+  plain = metrics.loss_fn(jnp.asarray(logits), jnp.asarray(tags), sigmoid=True)
   assert float(plain[0]) < float(got[0])  # smoothing costs confident right answers

@@ -41,7 +41,8 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="ViT-B_16", dtype="float32", param_dtype="float32", remat=False,
       remat_policy="nothing_saveable", scan=False, dropout_rate=0.0, attention_dropout_rate=0.0,
-      gelu_approximate=True, representation_size=config_dict.placeholder(int)))
+      gelu_approximate=True, representation_size=config_dict.placeholder(int),
+      head_bias_init=0.0))
   c.pretrained = config_dict.placeholder(str)  # original-layout .npz, local or gs://
   c.reset_head = True
   # Optimizer (optim.py): the paper's fine-tuning recipe by default.
@@ -53,8 +54,10 @@ def base() -> ml_collections.ConfigDict:
   c.warmup_steps = 500
   c.total_steps = 10_000
   c.decay_type = "cosine"
+  c.end_lr = 0.0                   # the learning rate the decay ends at (cosine and linear)
   c.grad_clip_norm = 1.0
   c.label_smoothing = 0.0
+  c.loss = "auto"                  # softmax_xent, sigmoid_xent; auto: sigmoid for multi-label data
   # Devices: all on `data` (pure data parallel); see sharding.py.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   # Loop.

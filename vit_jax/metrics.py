@@ -15,12 +15,19 @@ import numpy as np
 import optax
 
 
-def loss_fn(logits: jax.Array, labels: jax.Array, *, multilabel: bool,
+LOSSES = ("softmax_xent", "sigmoid_xent")
+
+
+def loss_fn(logits: jax.Array, labels: jax.Array, *, sigmoid: bool,
             label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example loss: softmax cross-entropy (int or soft labels) or sigmoid (multi-hot labels)."""
+  """Per-example loss: softmax cross-entropy, or a sigmoid one summed over the classes.
+
+  Labels are class indices, or [N, C] targets: soft (mixup) for softmax, multi-hot for sigmoid.
+  """
   logits = logits.astype(jnp.float32)
-  if multilabel:
-    targets = labels.astype(jnp.float32)
+  if sigmoid:
+    targets = (labels.astype(jnp.float32) if labels.ndim == logits.ndim
+               else jax.nn.one_hot(labels, logits.shape[-1]))
     if label_smoothing:
       targets = targets * (1 - label_smoothing) + 0.5 * label_smoothing
     return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1)
@@ -31,11 +38,14 @@ def loss_fn(logits: jax.Array, labels: jax.Array, *, multilabel: bool,
   return optax.softmax_cross_entropy(logits, onehot)
 
 
-def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, multilabel: bool
-               ) -> dict[str, jax.Array]:
-  """Sums over the valid examples of one batch; add them up across batches."""
+def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, multilabel: bool,
+               sigmoid: bool | None = None) -> dict[str, jax.Array]:
+  """Sums over the valid examples of one batch; add them up across batches.
+
+  The loss is the sigmoid one for multi-label data, unless `sigmoid` says otherwise.
+  """
   mask_f = mask.astype(jnp.float32)
-  loss = loss_fn(logits, labels, multilabel=multilabel)
+  loss = loss_fn(logits, labels, sigmoid=multilabel if sigmoid is None else sigmoid)
   out = {"loss_sum": jnp.sum(loss * mask_f), "count": jnp.sum(mask_f)}
   num_classes = logits.shape[-1]
   if multilabel:

@@ -2,7 +2,8 @@
 
 Fine-tuning: SGD with momentum 0.9, linear warmup then cosine decay, global-norm
 clipping at 1. Pre-training: Adam (b1 0.9, b2 0.999) with decoupled weight
-decay 0.1 on the kernels, 10k warmup steps then linear decay, clipping at 1.
+decay on the kernels, 10k warmup steps then linear decay, clipping at 1.
+Weight decay is optax's `adamw`: each step subtracts lr * weight_decay * param.
 """
 from __future__ import annotations
 
@@ -14,15 +15,18 @@ import optax
 
 
 def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup from 0 to `base_lr`, then `decay_type` ('cosine', 'linear' or 'constant') to 0."""
+  """Linear warmup from 0 to `base_lr`, then `decay_type` ('cosine', 'linear' or 'constant') to `end_lr`."""
   base, warmup, total = config.base_lr, config.warmup_steps, config.total_steps
+  end = config.get("end_lr", 0.0)
   if warmup >= total:
     raise ValueError(f"warmup_steps {warmup} must be below total_steps {total}")
+  if not 0.0 <= end <= base:
+    raise ValueError(f"end_lr {end} must be between 0 and base_lr {base}")
   decay_type = config.get("decay_type", "cosine")
   if decay_type == "cosine":
-    decay = optax.cosine_decay_schedule(base, total - warmup)
+    decay = optax.cosine_decay_schedule(base, total - warmup, alpha=end / base if base else 0.0)
   elif decay_type == "linear":
-    decay = optax.linear_schedule(base, 0.0, total - warmup)
+    decay = optax.linear_schedule(base, end, total - warmup)
   elif decay_type == "constant":
     decay = optax.constant_schedule(base)
   else:

@@ -55,6 +55,7 @@ class Setup:
     c = self.config
     self.model = create_model(c, self.num_classes)
     self.tx, self.lr_schedule = optim.make_optimizer(c)
+    self.sigmoid_loss = _sigmoid_loss(c.get("loss", "auto"), self.multilabel)
     self.accum_steps = int(c.get("accum_steps", 1))
     sharding.check_divisible(c.batch_size, self.mesh, "config.batch_size")
     if c.batch_size % self.accum_steps or (c.batch_size // self.accum_steps) % _data_size(self.mesh):
@@ -101,12 +102,12 @@ class Setup:
     """(state, batch, rng) -> (state, metrics); accumulation over micro-batches inside."""
     model, tx, accum = self.model, self.tx, self.accum_steps
     smoothing = self.config.get("label_smoothing", 0.0)
-    multilabel = self.multilabel
+    sigmoid = self.sigmoid_loss
     micro_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))
 
     def loss(params, images, labels, rng):
       logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-      return metrics.loss_fn(logits, labels, multilabel=multilabel, label_smoothing=smoothing).mean()
+      return metrics.loss_fn(logits, labels, sigmoid=sigmoid, label_smoothing=smoothing).mean()
 
     grad_fn = jax.value_and_grad(loss)
 
@@ -152,11 +153,12 @@ class Setup:
 
     Logits leave the step only for multi-label data, whose mAP needs every score.
     """
-    model, multilabel = self.model, self.multilabel
+    model, multilabel, sigmoid = self.model, self.multilabel, self.sigmoid_loss
 
     def step(params, batch):
       logits = model.apply({"params": params}, batch["image"], train=False)
-      sums = metrics.batch_sums(logits, batch["label"], batch["mask"], multilabel=multilabel)
+      sums = metrics.batch_sums(logits, batch["label"], batch["mask"], multilabel=multilabel,
+                                sigmoid=sigmoid)
       return sums, (logits if multilabel else None)
 
     return step
@@ -172,6 +174,18 @@ class Setup:
     return jax.jit(lambda p, x: model.apply({"params": p}, x, train=False, return_embedding=embedding),
                    in_shardings=(self.param_shardings, self.batch_sharding),
                    out_shardings=self.batch_sharding)
+
+
+def _sigmoid_loss(loss: str, multilabel: bool) -> bool:
+  """Whether `config.loss` ('auto': by the data) is the sigmoid cross-entropy."""
+  if loss == "auto":
+    return multilabel
+  if loss not in metrics.LOSSES:
+    raise ValueError(f"config.loss must be 'auto' or one of {', '.join(metrics.LOSSES)}, got {loss!r}")
+  if multilabel and loss == "softmax_xent":
+    raise ValueError("config.loss softmax_xent needs one label per image; this dataset is "
+                     "multi-label (use sigmoid_xent or auto)")
+  return loss == "sigmoid_xent"
 
 
 def _data_size(mesh: Mesh) -> int:
