@@ -16,6 +16,7 @@ Transposes, explicitly (D = hidden size, H = heads, d = head size, p = patch):
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -158,11 +159,33 @@ def to_transformers(params: dict[str, Any], model: models.VisionTransformer, out
   pt.eval()
   if files.is_remote(out_dir):
     with tempfile.TemporaryDirectory() as local:
-      pt.save_pretrained(local, safe_serialization=True)
+      _save_pretrained(pt, model, local)
       files.copy_dir(local, out_dir)
   else:
-    pt.save_pretrained(out_dir, safe_serialization=True)
+    _save_pretrained(pt, model, out_dir)
   return pt
+
+
+def _save_pretrained(pt, model: models.VisionTransformer, out_dir: str) -> None:
+  """The weights and config, and the image processor's config that `pipeline()` needs."""
+  pt.save_pretrained(out_dir, safe_serialization=True)
+  with files.atomic_write(os.path.join(out_dir, "preprocessor_config.json")) as f:
+    f.write(json.dumps(preprocessor_config(model.image_size), indent=2).encode())
+
+
+def preprocessor_config(image_size: int) -> dict[str, Any]:
+  """The transformers image-processor settings that reproduce the original preprocessing.
+
+  RGB, a bilinear resize to the model's size, then x / 255 normalised with mean and std
+  0.5, i.e. (x - 127.5) / 127.5 in [-1, 1]. At the model's size nothing is resized, and the
+  pixels the model sees are ours; at other sizes transformers' resize differs from ours
+  (PIL's bilinear filter widens when it downscales, an antialias; TensorFlow's does not).
+  """
+  return {"image_processor_type": "ViTImageProcessor", "do_convert_rgb": True,
+          "do_resize": True, "size": {"height": image_size, "width": image_size},
+          "resample": 2,  # PIL.Image.BILINEAR
+          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 
 def model_from_hf_config(config) -> models.VisionTransformer:
@@ -195,9 +218,9 @@ def from_transformers(src: str) -> tuple[models.VisionTransformer, dict[str, Any
     with tempfile.TemporaryDirectory() as local:
       files.copy_dir(src, local)
       return from_transformers(local)
-  from transformers import ViTForImageClassification  # pylint: disable=import-outside-toplevel
+  from transformers import ViTConfig, ViTForImageClassification  # pylint: disable=import-outside-toplevel
+  model = model_from_hf_config(ViTConfig.from_pretrained(src))  # refuses before loading weights
   pt = ViTForImageClassification.from_pretrained(src)
-  model = model_from_hf_config(pt.config)
   state = {k: v.detach().cpu().numpy() for k, v in pt.state_dict().items()}
   params = from_torch_state_dict(state, model.num_heads)
   id2label = pt.config.id2label or {}
