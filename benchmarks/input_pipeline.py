@@ -58,7 +58,7 @@ def tf_batches(root: str, threads: int):
   c.dataset, c.folder, c.image_size = "folder", root, SIZE
   c.batch_size = BATCH
   c.data_threads = threads
-  c.augment.update(dict(inception_crop=True, hflip=True))
+  c.augment.update(dict(inception_crop=True, hflip=0.5))
   return input_pipeline.host_batches(c, process_index=0, process_count=1)
 
 

@@ -127,9 +127,10 @@ def check(config: ml_collections.ConfigDict, topology: str, num_classes: int | N
   """Compiles the config's train and inference steps for `topology`; returns the report."""
   devices = get_devices(topology)
   capacity = TOPOLOGIES[topology].hbm_bytes
-  mesh = sharding.make_mesh(config.mesh.to_dict() if config.get("mesh") else None, devices)
-  classes = num_classes or config.get("num_classes", None) or _default_classes(config)
-  setup = steps.Setup(config, classes, config.get("multilabel", False), mesh)
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  classes = num_classes or config.num_classes or _default_classes(config)
+  # The data is not opened here: a multi-label list is the one kind known from the config.
+  setup = steps.Setup(config, classes, config.dataset == "multilabel", mesh)
   size = config.image_size
   data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
 
@@ -143,7 +144,7 @@ def check(config: ml_collections.ConfigDict, topology: str, num_classes: int | N
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
   train = _report(*_compile(setup.jit_train_step(), setup.abstract_state(), batch(config.batch_size), rng),
                   capacity)
-  eval_bs = config.get("eval_batch_size", config.batch_size)
+  eval_bs = config.eval_batch_size
   params = setup.abstract_state().params
   infer = _report(*_compile(setup.jit_eval_step(), params, batch(eval_bs, True)), capacity)
   return {
@@ -163,7 +164,7 @@ def check(config: ml_collections.ConfigDict, topology: str, num_classes: int | N
 def _default_classes(config: ml_collections.ConfigDict) -> int:
   known = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000, "imagenet21k": 21843,
            "oxford_iiit_pet": 37}
-  return known.get(config.get("dataset", ""), 1000)
+  return known.get(config.dataset, 1000)
 
 
 def table(report: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from typing import Callable, Mapping, Sequence
 
@@ -128,6 +129,7 @@ def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
   else:
     spec = argv[where].split("=", 1)[1]
   del argv[where]
+  argv, unset = _unset_args(argv)
   fv = flags.FlagValues()
   argv = ["vit-jax", *argv]
   config = read_config(spec)  # outside the try: a mistake inside a config file shows its traceback
@@ -135,12 +137,55 @@ def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
     # sys_argv: the override flags are registered from this list, not from sys.argv.
     config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True, sys_argv=argv)
     fv(argv)
-    return fv.config
-  except KeyError as e:
-    field = str(e.args[0] if e.args else e).strip("'\"")
-    raise ValueError(f"config {spec}: no field {field!r} to override") from None
-  except (flags.Error, AttributeError, TypeError) as e:
+    config = fv.config
+    for key in unset:
+      parent, _, name = key.rpartition(".")
+      (config[parent] if parent else config)[name] = None
+    return config
+  except (KeyError, AttributeError) as e:
+    # ml_collections' message holds the key in quotes and, for a near miss, 'Did you mean "x"'.
+    text = str(e.args[0] if e.args else e)
+    field = re.search(r"[\w.]+", text)
+    near = re.search(r'Did you mean "([\w.]+)"', text)
+    raise ValueError(f"config {spec}: no field {field.group(0) if field else text!r} to override"
+                     + (f" (did you mean {near.group(1)!r}?)" if near else "")) from None
+  except (flags.Error, TypeError) as e:
     raise ValueError(f"config {spec}: {str(e).splitlines()[0]}") from None
+
+
+def _print_config_schema(command: str, config_args: list[str]) -> int:
+  """`--help-config`: every config key, with the values of `--config ...` when given."""
+  from vit_jax import configs  # pylint: disable=import-outside-toplevel
+  try:
+    config = load_config(config_args) if config_args else None
+  except ValueError as e:
+    print(f"vit-jax {command}: error: {e}", file=sys.stderr)
+    return 2
+  print(f"config keys (--config.KEY=VALUE; optional keys take None){' and their values' if config else ''}:")
+  print(configs.describe(config))
+  return 0
+
+
+def _unset_args(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(argv without the `--config.key=None` ones, those keys); only optional keys may be unset."""
+  from vit_jax import configs  # pylint: disable=import-outside-toplevel
+  rest, unset = [], []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config.") and (a.endswith("=None") or (a.count("=") == 0 and argv[i + 1:i + 2] == ["None"])):
+      key = a[len("--config."):].split("=", 1)[0]
+      field = configs.FIELDS.get(key)
+      if field is None:
+        raise ValueError(f"--config.{key}=None: no such config field (vit-jax train --help-config lists them)")
+      if not field.optional:
+        raise ValueError(f"--config.{key}=None: {key} is not optional; it takes a {field.type.__name__}")
+      unset.append(key)
+      i += 1 if "=" in a else 2
+      continue
+    rest.append(a)
+    i += 1
+  return rest, unset
 
 
 def _recipes_help() -> str:
@@ -148,6 +193,12 @@ def _recipes_help() -> str:
   from vit_jax import recipes  # pylint: disable=import-outside-toplevel
   rows = [f"  {n:<24}{recipes.summary(n)}" for n in recipes.names()]
   return "recipes (--config NAME; a path to a config file works too):\n" + "\n".join(rows)
+
+
+def _add_config_help(p: argparse.ArgumentParser) -> None:
+  # Handled in main() before parsing, so that it needs no other argument.
+  p.add_argument("--help-config", action="store_true",
+                 help="print every config key (type, value, meaning) and exit")
 
 
 def _add_distributed(p: argparse.ArgumentParser) -> None:
@@ -163,6 +214,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                      epilog=_recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="checkpoints, logs and exports (local or gs://)")
   _add_distributed(p)
+  _add_config_help(p)
   p.set_defaults(run=_run_train, wants_config=True)
 
 
@@ -183,6 +235,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                  help="original-layout .npz, or a training workdir / Orbax checkpoint directory")
   p.add_argument("--split", default="eval", help="'eval', 'test', or a split string")
   _add_distributed(p)
+  _add_config_help(p)
   p.set_defaults(run=_run_eval, wants_config=True)
 
 
@@ -212,6 +265,7 @@ def _add_aot(sub: argparse._SubParsersAction) -> None:
                  help="v3-8, v3-32, v4-8, v4-32, v5e-8, v5e-16, v5p-8 or v6e-8")
   p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
   p.add_argument("--json-only", action="store_true", help="print only the JSON line")
+  _add_config_help(p)
   # Compiles for a TPU it does not have: nothing to run here, nothing to keep.
   p.set_defaults(run=_run_aot, wants_config=True, cpu_only=True, keeps_programs=False)
 
@@ -411,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   argv, rest = _split_config_args(argv)
+  if "--help-config" in argv and argv[:1] in (["train"], ["eval"], ["aot"]):
+    return _print_config_schema(argv[0], rest)
   args = parser.parse_args(argv)
   if rest and not getattr(args, "wants_config", False):
     parser.error(f"{args.command} takes no config: unrecognized arguments: {' '.join(rest)}")

@@ -188,26 +188,26 @@ def preprocessor_config(image_size: int) -> dict[str, Any]:
           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 
-def model_from_hf_config(config) -> models.VisionTransformer:
-  """Our VisionTransformer for a transformers ViTConfig."""
-  if config.hidden_act not in _GELU_FROM_HF:
-    raise ConversionError(f"hidden_act {config.hidden_act!r} has no counterpart here "
+def model_from_hf_config(hf) -> models.VisionTransformer:
+  """Our VisionTransformer for a transformers ViTConfig `hf`."""
+  if hf.hidden_act not in _GELU_FROM_HF:
+    raise ConversionError(f"hidden_act {hf.hidden_act!r} has no counterpart here "
                           f"(supported: {sorted(_GELU_FROM_HF)})")
-  if config.num_channels != 3 or not config.qkv_bias:
+  if hf.num_channels != 3 or not hf.qkv_bias:
     raise ConversionError("only 3-channel ViTs with qkv biases are supported")
-  if abs(config.layer_norm_eps - 1e-6) > 1e-9:
+  if abs(hf.layer_norm_eps - 1e-6) > 1e-9:
     log.warning("layer_norm_eps %g differs from this model's 1e-6; outputs differ slightly",
-                config.layer_norm_eps)
+                hf.layer_norm_eps)
   name = next((n for n, v in models.VARIANTS.items()
                if (v.hidden_size, v.mlp_dim, v.num_heads, v.num_layers, v.patch_size) ==
-               (config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                config.num_hidden_layers, config.patch_size)), "ViT-B_16")
+               (hf.hidden_size, hf.intermediate_size, hf.num_attention_heads,
+                hf.num_hidden_layers, hf.patch_size)), "ViT-B_16")
   # Fields given explicitly, so that non-standard widths and depths work too.
   return models.create_model(
-      name, num_classes=config.num_labels, image_size=config.image_size,
-      hidden_size=config.hidden_size, mlp_dim=config.intermediate_size,
-      num_heads=config.num_attention_heads, num_layers=config.num_hidden_layers,
-      patch_size=config.patch_size, gelu_approximate=_GELU_FROM_HF[config.hidden_act])
+      name, num_classes=hf.num_labels, image_size=hf.image_size,
+      hidden_size=hf.hidden_size, mlp_dim=hf.intermediate_size,
+      num_heads=hf.num_attention_heads, num_layers=hf.num_hidden_layers,
+      patch_size=hf.patch_size, gelu_approximate=_GELU_FROM_HF[hf.hidden_act])
 
 
 def from_transformers(src: str) -> tuple[models.VisionTransformer, dict[str, Any], list[str] | None]:

@@ -17,12 +17,12 @@ import optax
 def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 to `base_lr`, then `decay_type` ('cosine', 'linear' or 'constant') to `end_lr`."""
   base, warmup, total = config.base_lr, config.warmup_steps, config.total_steps
-  end = config.get("end_lr", 0.0)
+  end = config.end_lr
   if warmup >= total:
     raise ValueError(f"warmup_steps {warmup} must be below total_steps {total}")
   if not 0.0 <= end <= base:
     raise ValueError(f"end_lr {end} must be between 0 and base_lr {base}")
-  decay_type = config.get("decay_type", "cosine")
+  decay_type = config.decay_type
   if decay_type == "cosine":
     decay = optax.cosine_decay_schedule(base, total - warmup, alpha=end / base if base else 0.0)
   elif decay_type == "linear":
@@ -44,13 +44,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
   lr = schedule(config)
   name = config.optimizer
   if name == "sgd":
-    opt = optax.sgd(lr, momentum=config.get("momentum", 0.9), nesterov=False,
-                    accumulator_dtype=config.get("accumulator_dtype", None))
+    opt = optax.sgd(lr, momentum=config.momentum, nesterov=False,
+                    accumulator_dtype=config.accumulator_dtype)
   elif name == "adam":
-    opt = optax.adamw(lr, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
-                      weight_decay=config.get("weight_decay", 0.0), mask=_kernels_only)
+    opt = optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                      mask=_kernels_only)
   else:
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
-  clip = config.get("grad_clip_norm", 1.0)
+  clip = config.grad_clip_norm
   chain = [optax.clip_by_global_norm(clip)] if clip else []
   return optax.chain(*chain, opt), lr

@@ -33,7 +33,8 @@ class TrainState:
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.VisionTransformer:
   """The model of `config.model` (name plus field overrides) at `config.image_size`."""
-  m = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+  # Unset (None) fields keep the variant's value.
+  m = {k: v for k, v in config.model.to_dict().items() if v is not None}
   name = m.pop("name")
   for key in ("dtype", "param_dtype"):
     if key in m:
@@ -55,14 +56,14 @@ class Setup:
     c = self.config
     self.model = create_model(c, self.num_classes)
     self.tx, self.lr_schedule = optim.make_optimizer(c)
-    self.sigmoid_loss = _sigmoid_loss(c.get("loss", "auto"), self.multilabel)
-    self.accum_steps = int(c.get("accum_steps", 1))
+    self.sigmoid_loss = _sigmoid_loss(c.loss, self.multilabel)
+    self.accum_steps = int(c.accum_steps)
     sharding.check_divisible(c.batch_size, self.mesh, "config.batch_size")
     if c.batch_size % self.accum_steps or (c.batch_size // self.accum_steps) % _data_size(self.mesh):
       raise ValueError(f"config.batch_size {c.batch_size} with accum_steps {self.accum_steps} gives "
                        f"micro-batches that do not split over {_data_size(self.mesh)} data-parallel devices")
-    sharding.check_divisible(c.get("eval_batch_size", c.batch_size), self.mesh, "config.eval_batch_size")
-    self.rules = list(c.get("logical_rules", sharding.LOGICAL_RULES))
+    sharding.check_divisible(c.eval_batch_size, self.mesh, "config.eval_batch_size")
+    self.rules = list(c.logical_rules or sharding.LOGICAL_RULES)
     dummy = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
     boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), dummy, train=False)["params"])
     self.param_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
@@ -101,7 +102,7 @@ class Setup:
   def train_step_fn(self) -> Callable:
     """(state, batch, rng) -> (state, metrics); accumulation over micro-batches inside."""
     model, tx, accum = self.model, self.tx, self.accum_steps
-    smoothing = self.config.get("label_smoothing", 0.0)
+    smoothing = self.config.label_smoothing
     sigmoid = self.sigmoid_loss
     micro_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))
 

@@ -38,15 +38,15 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
                ) -> tuple[steps.Setup, input_pipeline.DatasetInfo]:
   """The dataset's info and the Setup (model, mesh, shardings, steps) for `config`."""
   info = input_pipeline.get_info(config)
-  mesh = mesh or sharding.make_mesh(config.get("mesh", None) and config.mesh.to_dict())
+  mesh = mesh or sharding.make_mesh(config.mesh.to_dict())
   return steps.Setup(config, info.num_classes, info.multilabel, mesh), info
 
 
 def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.get("keep_checkpoints", 2), create=True,
-      save_interval_steps=config.get("checkpoint_every", 1000),
-      enable_async_checkpointing=config.get("async_checkpointing", True))
+      max_to_keep=config.keep_checkpoints, create=True,
+      save_interval_steps=config.checkpoint_every,
+      enable_async_checkpointing=config.async_checkpointing)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir) if "://" not in workdir
                                             else workdir, "checkpoints"), options=options)
 
@@ -97,21 +97,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     log.info("resumed from %s at step %d", mngr.directory, latest)
   else:
     pretrained = None
-    if config.get("pretrained"):
+    if config.pretrained:
       pretrained = checkpoint.load_pretrained(config.pretrained, setup.model,
-                                              reset_head=config.get("reset_head", True))
+                                              reset_head=config.reset_head)
     state = setup.init_state(init_rng, pretrained)
   start = int(jax.device_get(state.step))
   total = config.total_steps
   train_step = setup.jit_train_step()
   eval_step = setup.jit_eval_step()
-  best_metric = config.get("best_metric", "loss")
+  best_metric = config.best_metric
   best_path = os.path.join(workdir, "best.json")
   best = json.loads(files.read_bytes(best_path))["value"] if files.exists(best_path) else None
 
   batches = input_pipeline.train_iterator(config, setup.batch_sharding, start_step=start)
   progress = _progress(start, total, is_main)
-  log_every, eval_every = config.get("log_every", 50), config.get("eval_every", 1000)
+  log_every, eval_every = config.log_every, config.eval_every
   pending, t0, seen = None, time.perf_counter(), 0
   step = start
   for step in range(start + 1, total + 1):
@@ -145,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           with files.atomic_write(best_path) as f:
             f.write(json.dumps({"step": step, "metric": best_metric, "value": best}).encode())
     preempted = mngr.reached_preemption(step)
-    if step % config.get("checkpoint_every", 1000) == 0 or preempted:
+    if step % config.checkpoint_every == 0 or preempted:
       _check_finite(m, step)
       mngr.save(step, args=ocp.args.StandardSave(state), force=preempted)
       if preempted:

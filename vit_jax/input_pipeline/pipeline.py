@@ -125,7 +125,7 @@ def _host_batch(global_batch: Any, count: int, what: str) -> int:
 
 
 def _image_size(config: Any) -> int:
-  size = config.get("image_size", None)
+  size = config.image_size
   if not size or int(size) < 1:
     raise ValueError(f"config.image_size must be a positive integer, not {size!r}")
   return int(size)
@@ -133,7 +133,7 @@ def _image_size(config: Any) -> int:
 
 def _crop_ratio(config: Any) -> float | None:
   """config.eval_crop: False -> plain resize; True -> short side to size; r in (0, 1] -> to size / r."""
-  v = config.get("eval_crop", False)
+  v = config.eval_crop
   if v is True:
     return 1.0
   if not v:
@@ -144,7 +144,7 @@ def _crop_ratio(config: Any) -> float | None:
 
 
 def _threads(config: Any) -> int:
-  n = config.get("data_threads", None)
+  n = config.data_threads
   return int(n) if n else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
       else (os.cpu_count() or 1)
 
@@ -305,11 +305,11 @@ def _check_decodable(ds, describe: Callable[[int], str] | None) -> None:
 
 def _train_stream(config: Any, start_step: int, index: int, count: int) -> _Stream:
   tf = tf_setup.tf()
-  host_batch = _host_batch(config.get("batch_size", None), count, "batch_size")
+  host_batch = _host_batch(config.batch_size, count, "batch_size")
   size = _image_size(config)
-  aug = transforms.Augment.from_config(config.get("augment", None))
-  seed = int(config.get("seed", 0) or 0)
-  balance = bool(config.get("balance_classes", False))
+  aug = transforms.Augment.from_config(config.augment)
+  seed = int(config.seed)
+  balance = bool(config.balance_classes)
   source = sources.make_source(config)
   if balance and source.multilabel:
     raise ValueError("config.balance_classes needs single-label data; this dataset is multi-label")
@@ -322,8 +322,8 @@ def _train_stream(config: Any, start_step: int, index: int, count: int) -> _Stre
     ds, length, describe = _indexed_train(source.records(spec), index, count, seed, start, balance)
   else:
     ds, length = _tfds_train(source, spec, index, count, seed, start, balance,
-                             int(config.get("shuffle_buffer", 10_000) or 1),
-                             int(config.get("tfds_cycle_length", 16)))
+                             int(config.shuffle_buffer or 1),
+                             int(config.tfds_cycle_length))
   aug_key = tf.constant(_key(seed, _SALT_AUG), tf.int64)
 
   def example(x):
@@ -350,7 +350,7 @@ def _train_stream(config: Any, start_step: int, index: int, count: int) -> _Stre
 def _eval_stream(config: Any, split: str, index: int, count: int) -> tuple[_Stream, int]:
   """This host's share of `split`, padded with masked examples to the same batch count on every host."""
   tf = tf_setup.tf()
-  host_batch = _host_batch(config.get("eval_batch_size", None) or config.get("batch_size", None),
+  host_batch = _host_batch(config.eval_batch_size,
                            count, "eval_batch_size")
   size, crop = _image_size(config), _crop_ratio(config)
   source = sources.make_source(config)
@@ -453,10 +453,10 @@ def train_iterator(config: Any, sharding: jax.sharding.NamedSharding, *, start_s
                    ) -> Iterator[dict[str, jax.Array]]:
   """Endless global training batches {'image', 'label'} placed with `sharding`, from step `start_step`."""
   index, count = _processes(process_index, process_count)
-  host_batch = _host_batch(config.get("batch_size", None), count, "batch_size")
+  host_batch = _host_batch(config.batch_size, count, "batch_size")
   rows = _global_rows(int(config.batch_size), host_batch, count, sharding, "batch_size")
   stream = iter(_train_stream(config, start_step, index, count))
-  return _to_devices(stream, ("image", "label"), sharding, rows, int(config.get("prefetch", 2)))
+  return _to_devices(stream, ("image", "label"), sharding, rows, int(config.prefetch))
 
 
 def eval_iterator(config: Any, split: str, sharding: jax.sharding.NamedSharding, *,
@@ -467,9 +467,9 @@ def eval_iterator(config: Any, split: str, sharding: jax.sharding.NamedSharding,
   with_index adds 'index': int32 [B], each row's example index in the split (-1 on padding).
   """
   index, count = _processes(process_index, process_count)
-  global_batch = config.get("eval_batch_size", None) or config.get("batch_size", None)
+  global_batch = config.eval_batch_size
   host_batch = _host_batch(global_batch, count, "eval_batch_size")
   rows = _global_rows(int(global_batch), host_batch, count, sharding, "eval_batch_size")
   stream, _ = _eval_stream(config, split, index, count)
   keys = ("image", "label", "mask") + (("index",) if with_index else ())
-  return _to_devices(iter(stream), keys, sharding, rows, int(config.get("prefetch", 2)))
+  return _to_devices(iter(stream), keys, sharding, rows, int(config.prefetch))

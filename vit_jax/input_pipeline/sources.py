@@ -439,23 +439,23 @@ class TfdsSource:
 
 def make_source(config: Any) -> FolderSource | ListSource | TfdsSource:
   """The source `config.dataset` names."""
-  name = config.get("dataset", None)
+  name = config.dataset
   if not name:
     raise ValueError("config.dataset is not set (a TFDS name, 'folder' or 'multilabel')")
   if name == "folder":
-    return FolderSource(config.get("folder", None))
+    return FolderSource(config.folder)
   if name == "multilabel":
-    names = config.get("class_names", None)
-    return ListSource(config.get("multilabel_file", None), config.get("multilabel_root", None),
-                      config.get("num_classes", None), list(names) if names else None)
-  return TfdsSource(name, config.get("tfds_data_dir", None), config.get("tfds_image_key", "image"),
-                    config.get("tfds_label_key", "label"))
+    names = config.class_names
+    return ListSource(config.multilabel_file, config.multilabel_root,
+                      config.num_classes, list(names) if names else None)
+  return TfdsSource(name, config.tfds_data_dir, config.tfds_image_key,
+                    config.tfds_label_key)
 
 
 def split_spec(source: Any, config: Any, split: str) -> str:
   """'train'/'eval'/'test' -> the configured or preset split string; anything else is used as is."""
   if split in SPLIT_KEYS:
-    return config.get(f"{split}_split", None) or source.default_split(split)
+    return config[f"{split}_split"] or source.default_split(split)
   return split
 
 
@@ -465,7 +465,7 @@ def get_info(config: Any) -> DatasetInfo:
   counts = {}
   for key in SPLIT_KEYS:
     spec = split_spec(source, config, key)
-    explicit = bool(config.get(f"{key}_split", None))
+    explicit = bool(config[f"{key}_split"])
     if key == "test" and not explicit and not source.has_split(spec):
       counts[key] = 0  # no test split: fine, the training code skips the test evaluation
       continue

@@ -47,16 +47,15 @@ class Augment:
 
   @classmethod
   def from_config(cls, aug: Any) -> "Augment":
-    get = (lambda k, d: aug.get(k, d)) if aug is not None else (lambda k, d: d)
-    scale = tuple(float(s) for s in get("rrc_scale", (0.05, 1.0)))
+    scale = tuple(float(s) for s in aug.rrc_scale)
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
       raise ValueError(f"augment.rrc_scale {scale} is not a range (lo, hi) with 0 < lo <= hi <= 1")
-    alpha = float(get("mixup_alpha", 0.0) or 0.0)
+    alpha = float(aug.mixup_alpha)
     if alpha < 0:
       raise ValueError(f"augment.mixup_alpha {alpha} is negative")
-    return cls(inception_crop=bool(get("inception_crop", True)), hflip=_prob(get("hflip", True)),
-                vflip=_prob(get("vflip", 0.0)), rot90=_prob(get("rot90", 0.0)),
-                rrc_prob=_prob(get("rrc_prob", 0.0)), rrc_scale=scale, mixup_alpha=alpha)
+    return cls(inception_crop=bool(aug.inception_crop), hflip=_prob(aug.hflip), vflip=_prob(aug.vflip),
+                rot90=_prob(aug.rot90), rrc_prob=_prob(aug.rrc_prob), rrc_scale=scale,
+                mixup_alpha=alpha)
 
 
 # -- decoding ------------------------------------------------------------------
