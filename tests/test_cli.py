@@ -277,3 +277,40 @@ def test_train_help_lists_the_recipes(capsys):
     assert f"  {name} " in out and recipes.summary(name).split(":")[0] in out
   assert {"tiny", "vit_b16_cifar10", "vit_b16_imagenet", "vit_b16_pretrain_i21k", "vit_folder"} <= set(
       recipes.names())
+
+
+# -- user mistakes against bugs ----------------------------------------------------------------
+
+def test_a_user_mistake_is_one_line_and_exit_2(capsys, tmp_path):
+  code, out, err = _run(capsys, "predict", "--checkpoint", str(tmp_path / "none.npz"), "x.png")
+  assert code == 2 and out == "" and err.strip().splitlines() == \
+      [f"vit-jax predict: error: {tmp_path / 'none.npz'}: no such file"]
+
+
+def test_a_bug_is_not_taken_for_a_user_mistake(capsys, imagenet_ckpt, images, monkeypatch):
+  """A ValueError from inside the library is a bug: it propagates (traceback, exit 1)."""
+  from vit_jax import predict  # pylint: disable=import-outside-toplevel
+
+  def broken(*args, **kw):
+    raise ValueError("an internal invariant failed")
+
+  monkeypatch.setattr(predict, "classify_files", broken)
+  with pytest.raises(ValueError, match="an internal invariant failed"):
+    cli.main(["predict", "--checkpoint", imagenet_ckpt, images["rgb.jpg"]])
+  # The installed command: the traceback is printed and the exit status is 1.
+  code = ("import sys; from vit_jax import cli, predict\n"
+          "def broken(*a, **k): raise ValueError('an internal invariant failed')\n"
+          "predict.classify_files = broken\n"
+          f"sys.exit(cli.main(['predict', '--checkpoint', {imagenet_ckpt!r}, {images['rgb.jpg']!r}]))\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 1 and "Traceback" in proc.stderr and "an internal invariant failed" in proc.stderr
+
+
+def test_a_missing_extra_names_the_install_command(capsys, monkeypatch, imagenet_ckpt):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "httpx" else find_spec(name, *a))
+  code, out, err = _run(capsys, "serve", "--checkpoint", imagenet_ckpt)
+  assert code == 2 and err.strip().splitlines() == \
+      ["vit-jax serve: error: httpx is not installed; this command needs pip install 'vit-jax[serve]'"]

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import errors
 from vit_jax import models
 
 
@@ -52,7 +53,7 @@ def test_ti_alias_and_unknown_names():
 
 
 def test_unknown_override_and_bad_image_size():
-  with pytest.raises(TypeError, match="unknown model field"):
+  with pytest.raises(errors.ConfigError, match="unknown model field"):  # a user mistake, one line
     models.create_model("B/16", hiden_size=3)
   with pytest.raises(ValueError, match="not divisible by the patch size 16"):
     models.create_model("B/16", image_size=225)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vit_jax import errors
 from vit_jax import sharding
 from vit_jax import steps
 
@@ -69,12 +70,12 @@ def get_devices(topology: str) -> list:
   """The devices of a TPU slice described by libtpu (no hardware needed)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   if topology not in TOPOLOGIES:
-    raise ValueError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
+    raise errors.ConfigError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
   t = TOPOLOGIES[topology]
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=t.topology, **dict(t.options))
   except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f"cannot describe TPU topology {topology} ({str(e).splitlines()[0]}); "
+    raise errors.UserError(f"cannot describe TPU topology {topology} ({str(e).splitlines()[0]}); "
                        "is libtpu installed (pip install 'vit-jax[aot]')?") from None
   return list(desc.devices)
 

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import scipy.ndimage
 
+from vit_jax import errors
 from vit_jax import files
 from vit_jax import models
 
@@ -46,7 +47,7 @@ _BLOCK = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$")
 _PREFIXES = ("opt/target/",)  # checkpoints saved with the optimizer wrap params like this
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint file that cannot be read, or does not fit the model."""
 
 

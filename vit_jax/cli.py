@@ -9,8 +9,15 @@ import re
 import sys
 from typing import Callable, Mapping, Sequence
 
-# User mistakes end in one line naming what is wrong; VIT_JAX_DEBUG=1 shows tracebacks.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+from vit_jax import errors
+
+# The optional dependencies each command needs: (extra, modules).
+_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "serve": ("serve", ("fastapi", "uvicorn", "httpx")),
+    "demo": ("demo", ("sklearn", "matplotlib")),
+    "convert": ("torch", ("torch", "transformers", "safetensors")),
+    "aot": ("aot", ("libtpu",)),
+}
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -38,17 +45,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
   if args.top_k < 1 or args.batch_size < 1:
-    raise ValueError("--top-k and --batch-size must be at least 1")
+    raise errors.ConfigError("--top-k and --batch-size must be at least 1")
   if args.config is not None:
     if args.images or not args.output:
-      raise ValueError("with --config, predict runs over a dataset split: give --output, no IMAGEs")
+      raise errors.ConfigError("with --config, predict runs over a dataset split: give --output, no IMAGEs")
     from vit_jax import infer  # pylint: disable=import-outside-toplevel
     out = infer.predict_dataset(args.config, args.checkpoint, args.output, split=args.split,
                                 embeddings=args.embeddings, top_k=args.top_k)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in out.items()))
     return 0
   if not args.images:
-    raise ValueError("give IMAGE files, or --config RECIPE_OR_FILE --output OUT.npz for a dataset split")
+    raise errors.ConfigError("give IMAGE files, or --config RECIPE_OR_FILE --output OUT.npz for a dataset split")
   from vit_jax import predict  # pylint: disable=import-outside-toplevel
   clf = predict.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
                                 labels_path=args.labels, batch_size=args.batch_size)
@@ -103,14 +110,14 @@ def read_config(spec: str) -> "ml_collections.ConfigDict":
   name, sep, arg = spec.partition(":")
   path = name if os.path.isfile(name) else recipes.path(name)
   if path is None:
-    raise ValueError(f"--config {spec}: no such recipe or config file "
+    raise errors.ConfigError(f"--config {spec}: no such recipe or config file "
                      f"(recipes: {', '.join(recipes.names())})")
   # Imported as a file, not through the package, so that a user's file and a recipe load alike.
   module_spec = importlib.util.spec_from_file_location("vit_jax_user_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not callable(getattr(module, "get_config", None)):
-    raise ValueError(f"--config {spec}: {path} defines no get_config()")
+    raise errors.ConfigError(f"--config {spec}: {path} defines no get_config()")
   return module.get_config(arg) if sep else module.get_config()
 
 
@@ -121,10 +128,10 @@ def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
   argv = list(argv)
   where = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
   if where is None:
-    raise ValueError("--config is required: a recipe name (e.g. vit_b16_cifar10) or a config file")
+    raise errors.ConfigError("--config is required: a recipe name (e.g. vit_b16_cifar10) or a config file")
   if argv[where] == "--config":
     if where + 1 == len(argv):
-      raise ValueError("--config needs a value: a recipe name (e.g. vit_b16_cifar10) or a config file")
+      raise errors.ConfigError("--config needs a value: a recipe name (e.g. vit_b16_cifar10) or a config file")
     spec = argv.pop(where + 1)
   else:
     spec = argv[where].split("=", 1)[1]
@@ -147,10 +154,10 @@ def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
     text = str(e.args[0] if e.args else e)
     field = re.search(r"[\w.]+", text)
     near = re.search(r'Did you mean "([\w.]+)"', text)
-    raise ValueError(f"config {spec}: no field {field.group(0) if field else text!r} to override"
+    raise errors.ConfigError(f"config {spec}: no field {field.group(0) if field else text!r} to override"
                      + (f" (did you mean {near.group(1)!r}?)" if near else "")) from None
   except (flags.Error, TypeError) as e:
-    raise ValueError(f"config {spec}: {str(e).splitlines()[0]}") from None
+    raise errors.ConfigError(f"config {spec}: {str(e).splitlines()[0]}") from None
 
 
 def _print_config_schema(command: str, config_args: list[str]) -> int:
@@ -177,9 +184,9 @@ def _unset_args(argv: list[str]) -> tuple[list[str], list[str]]:
       key = a[len("--config."):].split("=", 1)[0]
       field = configs.FIELDS.get(key)
       if field is None:
-        raise ValueError(f"--config.{key}=None: no such config field (vit-jax train --help-config lists them)")
+        raise errors.ConfigError(f"--config.{key}=None: no such config field (vit-jax train --help-config lists them)")
       if not field.optional:
-        raise ValueError(f"--config.{key}=None: {key} is not optional; it takes a {field.type.__name__}")
+        raise errors.ConfigError(f"--config.{key}=None: {key} is not optional; it takes a {field.type.__name__}")
       unset.append(key)
       i += 1 if "=" in a else 2
       continue
@@ -334,7 +341,7 @@ def _run_serve(args: argparse.Namespace) -> int:
   try:
     sizes = tuple(int(s) for s in args.batch_sizes.split(",")) if args.batch_sizes else ()
   except ValueError:
-    raise ValueError(f"--batch-sizes {args.batch_sizes}: expected integers separated by commas") from None
+    raise errors.ConfigError(f"--batch-sizes {args.batch_sizes}: expected integers separated by commas") from None
   options = serve.Options(top_k=args.top_k, max_batch=max(sizes) if sizes else args.max_batch,
                           batch_sizes=sizes, max_wait_ms=args.max_wait_ms,
                           max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
@@ -451,6 +458,15 @@ class _StderrHandler(logging.Handler):
     print(self.format(record), file=sys.stderr)
 
 
+def _check_extras(command: str) -> None:
+  """A one-line error naming the extra to install when a command's dependencies are missing."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  extra, modules = _EXTRAS.get(command, ("", ()))
+  for module in modules:
+    if importlib.util.find_spec(module) is None:
+      raise errors.MissingExtraError(extra, module)
+
+
 def _show_our_logs() -> None:
   """The library's own progress lines (e.g. "resumed from ... at step N") on stderr."""
   log = logging.getLogger("vit_jax")
@@ -474,16 +490,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   _show_our_logs()
   if getattr(args, "keeps_programs", True):
     _keep_compiled_programs()
-  from vit_jax import checkpoint, convert, preprocess  # pylint: disable=import-outside-toplevel
-  errors = _USER_ERRORS + (checkpoint.CheckpointError, convert.ConversionError,
-                           preprocess.ImageError, OSError)
+  # User mistakes (errors.UserError, or an OSError about a path given) end in one line naming
+  # what is wrong, exit 2; anything else is a bug and shows its traceback (exit 1).
+  # VIT_JAX_DEBUG=1 shows the traceback of user mistakes too.
   try:
+    _check_extras(args.command)
     if getattr(args, "wants_config", False):
       optional = getattr(args, "config_optional", False)
       args.config = load_config(rest) if (rest or not optional) else None
     return args.run(args)
-  except errors as e:
-    if os.environ.get("VIT_JAX_DEBUG"):
+  except (errors.UserError, OSError) as e:
+    if os.environ.get("VIT_JAX_DEBUG") or not (isinstance(e, errors.UserError) or e.filename):
       raise
     print(f"vit-jax {args.command}: error: {e}", file=sys.stderr)
     return 2

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vit_jax import errors
 from vit_jax import checkpoint
 from vit_jax import files
 from vit_jax import labels as labels_lib
@@ -74,7 +75,7 @@ _GELU = {True: "gelu_pytorch_tanh", False: "gelu"}
 _GELU_FROM_HF = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast": True, "gelu": False}
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """Params or a model that have no counterpart on the other side."""
 
 

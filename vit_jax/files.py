@@ -6,6 +6,8 @@ import os
 import tempfile
 from typing import IO, Iterator
 
+from vit_jax import errors
+
 
 def is_remote(path: str) -> bool:
   """True for `gs://...` and other URL-style paths that tf.io.gfile serves."""
@@ -23,13 +25,13 @@ def read_bytes(path: str) -> bytes:
   if is_remote(path):
     gfile = _gfile()
     if not gfile.exists(path):
-      raise FileNotFoundError(f"{path}: no such file")
+      raise errors.MissingFileError(f"{path}: no such file")
     if gfile.isdir(path):
-      raise FileNotFoundError(f"{path}: not a regular file")
+      raise errors.MissingFileError(f"{path}: not a regular file")
     with gfile.GFile(path, "rb") as f:
       return f.read()
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file" if not os.path.exists(path)
+    raise errors.MissingFileError(f"{path}: no such file" if not os.path.exists(path)
                             else f"{path}: not a regular file")
   with open(path, "rb") as f:
     return f.read()

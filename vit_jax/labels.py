@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
+from vit_jax import errors
+
 
 @functools.lru_cache(maxsize=None)
 def imagenet2012() -> tuple[str, ...]:
@@ -24,10 +26,10 @@ def read(path: str) -> list[str]:
   try:
     text = files.read_bytes(path).decode("utf-8")
   except UnicodeDecodeError:
-    raise ValueError(f"{path}: labels file is not UTF-8 text") from None
+    raise errors.DataError(f"{path}: labels file is not UTF-8 text") from None
   names = text.rstrip("\n").split("\n") if text.strip() else []
   if not names:
-    raise ValueError(f"{path}: labels file is empty")
+    raise errors.DataError(f"{path}: labels file is empty")
   return [n.rstrip("\r") for n in names]
 
 
@@ -36,7 +38,7 @@ def for_classes(num_classes: int, path: str | None = None) -> list[str]:
   if path is not None:
     names = read(path)
     if len(names) != num_classes:
-      raise ValueError(f"{path}: {len(names)} labels for a model with {num_classes} classes")
+      raise errors.DataError(f"{path}: {len(names)} labels for a model with {num_classes} classes")
     return names
   if num_classes == 1000:
     return list(imagenet2012())

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax import errors
+
 Dtype = Any
 Array = jax.Array
 
@@ -50,7 +52,7 @@ def canonical_name(name: str) -> str:
     canon = f"ViT-{size}_{m.group(2)}"
     if canon in VARIANTS:
       return canon
-  raise ValueError(
+  raise errors.ConfigError(
       f"unknown model {name!r}; known: {', '.join(VARIANTS)} (or B/16-style aliases)")
 
 
@@ -257,7 +259,7 @@ class VisionTransformer(nn.Module):
                        (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
     elif self.classifier != "gap":
-      raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+      raise errors.ConfigError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     x = Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                 dtype=self.dtype, param_dtype=self.param_dtype,
@@ -295,10 +297,10 @@ def create_model(name: str, num_classes: int | None = 1000, image_size: int = 22
   known = {f.name for f in dataclasses.fields(VisionTransformer)} - {"parent", "name"}
   unknown = set(overrides) - known
   if unknown:
-    raise TypeError(f"unknown model field(s) {sorted(unknown)}; known: {sorted(known)}")
+    raise errors.ConfigError(f"unknown model field(s) {sorted(unknown)}; known: {sorted(known)}")
   fields.update(overrides)
   if image_size % fields["patch_size"]:
-    raise ValueError(f"image_size {image_size} is not divisible by the patch size "
+    raise errors.ConfigError(f"image_size {image_size} is not divisible by the patch size "
                      f"{fields['patch_size']} of {canon}")
   return VisionTransformer(num_classes=num_classes, image_size=image_size, **fields)
 

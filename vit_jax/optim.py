@@ -13,15 +13,17 @@ import jax
 import ml_collections
 import optax
 
+from vit_jax import errors
+
 
 def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 to `base_lr`, then `decay_type` ('cosine', 'linear' or 'constant') to `end_lr`."""
   base, warmup, total = config.base_lr, config.warmup_steps, config.total_steps
   end = config.end_lr
   if warmup >= total:
-    raise ValueError(f"warmup_steps {warmup} must be below total_steps {total}")
+    raise errors.ConfigError(f"warmup_steps {warmup} must be below total_steps {total}")
   if not 0.0 <= end <= base:
-    raise ValueError(f"end_lr {end} must be between 0 and base_lr {base}")
+    raise errors.ConfigError(f"end_lr {end} must be between 0 and base_lr {base}")
   decay_type = config.decay_type
   if decay_type == "cosine":
     decay = optax.cosine_decay_schedule(base, total - warmup, alpha=end / base if base else 0.0)
@@ -30,7 +32,7 @@ def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   elif decay_type == "constant":
     decay = optax.constant_schedule(base)
   else:
-    raise ValueError(f"decay_type must be cosine, linear or constant, got {decay_type!r}")
+    raise errors.ConfigError(f"decay_type must be cosine, linear or constant, got {decay_type!r}")
   return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), decay], [warmup])
 
 
@@ -50,7 +52,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     opt = optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
                       mask=_kernels_only)
   else:
-    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+    raise errors.ConfigError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
   clip = config.grad_clip_norm
   chain = [optax.clip_by_global_norm(clip)] if clip else []
   return optax.chain(*chain, opt), lr

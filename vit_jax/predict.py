@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import errors
 from vit_jax import checkpoint
 from vit_jax import labels as labels_lib
 from vit_jax import models
@@ -83,7 +84,7 @@ class Classifier:
 def batch_sizes(max_batch: int) -> tuple[int, ...]:
   """The batch shapes a server compiles: powers of two below max_batch, and max_batch."""
   if max_batch < 1:
-    raise ValueError(f"the largest batch size must be at least 1, not {max_batch}")
+    raise errors.ConfigError(f"the largest batch size must be at least 1, not {max_batch}")
   return tuple(sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch}
                       | {max_batch}))
 
@@ -104,7 +105,7 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
   else:
     model = found.clone(image_size=image_size or found.image_size, **model_overrides)
     if model.image_size % model.patch_size:
-      raise ValueError(f"image size {model.image_size} is not divisible by the patch size "
+      raise errors.ConfigError(f"image size {model.image_size} is not divisible by the patch size "
                        f"{model.patch_size}")
   name = models.canonical_name(model_name) if model_name else \
       checkpoint.infer_model(tree, checkpoint_path)["name"] or "custom"

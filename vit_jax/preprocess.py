@@ -12,11 +12,13 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vit_jax import errors
+
 # Decompression-bomb guard; serve passes a stricter limit.
 DEFAULT_MAX_PIXELS = 178_956_970
 
 
-class ImageError(ValueError):
+class ImageError(errors.UserError, ValueError):
   """An input that is not a readable image."""
 
 

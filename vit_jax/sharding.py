@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vit_jax import errors
+
 MESH_AXES = ("data", "fsdp", "model")
 # The batch is split over every axis that holds a different part of the batch.
 BATCH_AXES = ("data", "fsdp")
@@ -44,17 +46,17 @@ def make_mesh(axes: Mapping[str, int] | None = None,
   sizes = dict(axes or {"data": -1})
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"unknown mesh axes {sorted(unknown)}; known: {', '.join(MESH_AXES)}")
+    raise errors.ConfigError(f"unknown mesh axes {sorted(unknown)}; known: {', '.join(MESH_AXES)}")
   shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh {sizes}: at most one axis may be -1")
+    raise errors.ConfigError(f"mesh {sizes}: at most one axis may be -1")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f"mesh {sizes}: {len(devices)} devices do not divide by {known}")
+      raise errors.ConfigError(f"mesh {sizes}: {len(devices)} devices do not divide by {known}")
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f"mesh {sizes} has {math.prod(shape)} places for {len(devices)} devices")
+    raise errors.ConfigError(f"mesh {sizes} has {math.prod(shape)} places for {len(devices)} devices")
   # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
   # Axis types are set to Auto explicitly: make_mesh defaults to Explicit since 0.9.
   return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
@@ -81,10 +83,10 @@ def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> 
   """A clear error when a batch does not split evenly over the data axes and the hosts."""
   n = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if global_batch % n:
-    raise ValueError(f"{what} {global_batch} does not divide over {n} data-parallel devices "
+    raise errors.ConfigError(f"{what} {global_batch} does not divide over {n} data-parallel devices "
                      f"(mesh {dict(mesh.shape)})")
   if global_batch % jax.process_count():
-    raise ValueError(f"{what} {global_batch} does not divide over {jax.process_count()} hosts")
+    raise errors.ConfigError(f"{what} {global_batch} does not divide over {jax.process_count()} hosts")
 
 
 def put_global(tree: Any, shardings: Any) -> Any:

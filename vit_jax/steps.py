@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vit_jax import errors
 from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
@@ -39,7 +40,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.
   for key in ("dtype", "param_dtype"):
     if key in m:
       if m[key] not in _DTYPES:
-        raise ValueError(f"config.model.{key} must be one of {sorted(_DTYPES)}, got {m[key]!r}")
+        raise errors.ConfigError(f"config.model.{key} must be one of {sorted(_DTYPES)}, got {m[key]!r}")
       m[key] = _DTYPES[m[key]]
   return models.create_model(name, num_classes=num_classes, image_size=config.image_size, **m)
 
@@ -60,7 +61,7 @@ class Setup:
     self.accum_steps = int(c.accum_steps)
     sharding.check_divisible(c.batch_size, self.mesh, "config.batch_size")
     if c.batch_size % self.accum_steps or (c.batch_size // self.accum_steps) % _data_size(self.mesh):
-      raise ValueError(f"config.batch_size {c.batch_size} with accum_steps {self.accum_steps} gives "
+      raise errors.ConfigError(f"config.batch_size {c.batch_size} with accum_steps {self.accum_steps} gives "
                        f"micro-batches that do not split over {_data_size(self.mesh)} data-parallel devices")
     sharding.check_divisible(c.eval_batch_size, self.mesh, "config.eval_batch_size")
     self.rules = list(c.logical_rules or sharding.LOGICAL_RULES)
@@ -182,9 +183,9 @@ def _sigmoid_loss(loss: str, multilabel: bool) -> bool:
   if loss == "auto":
     return multilabel
   if loss not in metrics.LOSSES:
-    raise ValueError(f"config.loss must be 'auto' or one of {', '.join(metrics.LOSSES)}, got {loss!r}")
+    raise errors.ConfigError(f"config.loss must be 'auto' or one of {', '.join(metrics.LOSSES)}, got {loss!r}")
   if multilabel and loss == "softmax_xent":
-    raise ValueError("config.loss softmax_xent needs one label per image; this dataset is "
+    raise errors.ConfigError("config.loss softmax_xent needs one label per image; this dataset is "
                      "multi-label (use sigmoid_xent or auto)")
   return loss == "sigmoid_xent"
 

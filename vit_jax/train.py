@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vit_jax import errors
 from vit_jax import checkpoint
 from vit_jax import files
 from vit_jax import input_pipeline
@@ -30,7 +31,7 @@ from vit_jax import steps
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.UserError, RuntimeError):
   """Training produced a NaN or Inf loss."""
 
 
@@ -186,7 +187,7 @@ def _restore(mngr: ocp.CheckpointManager, step: int, setup: steps.Setup) -> step
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(setup.abstract_state()))
   except ValueError as e:
-    raise ValueError(f"{mngr.directory}/{step}: this checkpoint was written with another model or "
+    raise errors.ConfigError(f"{mngr.directory}/{step}: this checkpoint was written with another model or "
                      f"optimizer config ({str(e).splitlines()[0]}); use a new --workdir, or the "
                      "config it was trained with") from None
 
@@ -201,7 +202,7 @@ def load_params(setup: steps.Setup, path: str) -> Any:
                                options=ocp.CheckpointManagerOptions(read_only=True))
   step = mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f"{path}: no .npz file and no Orbax checkpoint in it")
+    raise errors.MissingFileError(f"{path}: no .npz file and no Orbax checkpoint in it")
   return _restore(mngr, step, setup).params
 
 

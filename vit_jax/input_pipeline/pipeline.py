@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from vit_jax import errors
 from vit_jax import tf_setup
 from vit_jax.input_pipeline import sources
 from vit_jax.input_pipeline import transforms
@@ -118,16 +119,16 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 
 def _host_batch(global_batch: Any, count: int, what: str) -> int:
   if not global_batch or int(global_batch) < 1:
-    raise ValueError(f"config.{what} must be a positive integer, not {global_batch!r}")
+    raise errors.ConfigError(f"config.{what} must be a positive integer, not {global_batch!r}")
   if int(global_batch) % count:
-    raise ValueError(f"config.{what} {global_batch} does not divide over {count} processes")
+    raise errors.ConfigError(f"config.{what} {global_batch} does not divide over {count} processes")
   return int(global_batch) // count
 
 
 def _image_size(config: Any) -> int:
   size = config.image_size
   if not size or int(size) < 1:
-    raise ValueError(f"config.image_size must be a positive integer, not {size!r}")
+    raise errors.ConfigError(f"config.image_size must be a positive integer, not {size!r}")
   return int(size)
 
 
@@ -139,7 +140,7 @@ def _crop_ratio(config: Any) -> float | None:
   if not v:
     return None
   if not 0.0 < float(v) <= 1.0:
-    raise ValueError(f"config.eval_crop {v!r} is not a bool or a crop fraction in (0, 1]")
+    raise errors.ConfigError(f"config.eval_crop {v!r} is not a bool or a crop fraction in (0, 1]")
   return float(v)
 
 
@@ -210,7 +211,7 @@ def _indexed_train(records: sources.Records, index: int, count: int, seed: int, 
   total = len(order)
   length = total // count
   if length == 0:
-    raise ValueError(f"the training split has {total} examples, fewer than the {count} processes")
+    raise errors.DataError(f"the training split has {total} examples, fewer than the {count} processes")
   order_t = tf.constant(order, tf.int64)
   paths, labels = tf.constant(records.paths), tf.constant(records.labels)
   key = tf.constant(_key(seed, _SALT_ORDER), tf.int64)
@@ -258,7 +259,7 @@ def _tfds_train(source: sources.TfdsSource, spec: str, index: int, count: int, s
   else:
     length = source.num_examples(host)
   if length == 0:
-    raise ValueError(f"{source.name}: process {index} of {count} has no examples of {spec!r}")
+    raise errors.DataError(f"{source.name}: process {index} of {count} has no examples of {spec!r}")
   first_epoch, skip = divmod(start, length)
   key = tf.constant(_key(seed, _SALT_ORDER), tf.int64)
   buffer = min(int(buffer), length)
@@ -299,7 +300,7 @@ def _check_decodable(ds, describe: Callable[[int], str] | None) -> None:
   if next(iter(sample), None) is None:
     first = int(next(iter(ds.take(1)))["pos"])
     example = f" (the first: {describe(first)})" if describe else ""
-    raise ValueError(f"none of the first {_CHECKED} training images could be decoded{example}; "
+    raise errors.DataError(f"none of the first {_CHECKED} training images could be decoded{example}; "
                      "are these image files?")
 
 
@@ -312,7 +313,7 @@ def _train_stream(config: Any, start_step: int, index: int, count: int) -> _Stre
   balance = bool(config.balance_classes)
   source = sources.make_source(config)
   if balance and source.multilabel:
-    raise ValueError("config.balance_classes needs single-label data; this dataset is multi-label")
+    raise errors.ConfigError("config.balance_classes needs single-label data; this dataset is multi-label")
   spec = sources.split_spec(source, config, "train")
   start = int(start_step) * host_batch
   if start < 0:
@@ -421,7 +422,7 @@ def _global_rows(config_batch: int, host_batch: int, count: int, sharding, what:
   rows = config_batch if count == jax.process_count() else host_batch
   shards = _batch_shards(sharding)
   if rows % shards:
-    raise ValueError(f"config.{what} {rows} does not divide over the {shards} devices of the batch "
+    raise errors.ConfigError(f"config.{what} {rows} does not divide over the {shards} devices of the batch "
                      f"axes (mesh {dict(sharding.mesh.shape)})")
   return rows
 

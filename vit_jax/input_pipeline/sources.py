@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vit_jax import errors
 from vit_jax import files
 from vit_jax import tf_setup
 
@@ -72,7 +73,7 @@ def parse_split(spec: str) -> tuple[str, tuple[str | None, str | None] | None]:
   """'train[10%:]' -> ('train', ('10%', None)); 'val' -> ('val', None)."""
   m = _SPLIT_RE.fullmatch(spec)
   if not m:
-    raise ValueError(f"split {spec!r} is not NAME or NAME[a:b] (a, b: counts or percents)")
+    raise errors.ConfigError(f"split {spec!r} is not NAME or NAME[a:b] (a, b: counts or percents)")
   name, lo, hi = m.groups()
   return name, (None if "[" not in spec else (lo, hi))
 
@@ -136,17 +137,17 @@ class FolderSource:
 
   def __init__(self, root: str | None):
     if not root:
-      raise ValueError("config.folder is not set (dataset 'folder' reads ROOT/{train,val,test}/CLASS/*.jpg)")
+      raise errors.ConfigError("config.folder is not set (dataset 'folder' reads ROOT/{train,val,test}/CLASS/*.jpg)")
     self.root = str(root).rstrip("/") or "/"
     if not _is_dir(self.root):
-      raise FileNotFoundError(f"{self.root}: no such folder (config.folder)")
+      raise errors.MissingFileError(f"{self.root}: no such folder (config.folder)")
     train = _join(self.root, "train")
     if not _is_dir(train):
-      raise FileNotFoundError(f"{train}: no such folder; a folder dataset is ROOT/train/CLASS/*.jpg "
+      raise errors.MissingFileError(f"{train}: no such folder; a folder dataset is ROOT/train/CLASS/*.jpg "
                               "(plus ROOT/val and ROOT/test)")
     self.class_names = _list_dir(train)[0]
     if not self.class_names:
-      raise ValueError(f"{train}: no class folders in it (expected {train}/CLASS_NAME/*.jpg)")
+      raise errors.DataError(f"{train}: no class folders in it (expected {train}/CLASS_NAME/*.jpg)")
     self._ids = {c: i for i, c in enumerate(self.class_names)}
     self.num_classes = len(self.class_names)
 
@@ -160,20 +161,20 @@ class FolderSource:
     name, bounds = parse_split(spec)
     split_dir = _join(self.root, name)
     if not _is_dir(split_dir):
-      raise FileNotFoundError(f"{split_dir}: no such folder (split {spec!r})")
+      raise errors.MissingFileError(f"{split_dir}: no such folder (split {spec!r})")
     paths, labels, keys = [], [], []
     for cls in _list_dir(split_dir)[0]:
       class_dir = _join(split_dir, cls)
       if cls not in self._ids:
-        raise ValueError(f"{class_dir}: class {cls!r} has no folder in {self.root}/train")
+        raise errors.DataError(f"{class_dir}: class {cls!r} has no folder in {self.root}/train")
       images = [n for n in _list_dir(class_dir)[1] if _is_image(n)]
       if not images and name == "train":
-        raise ValueError(f"{class_dir}: no images ({', '.join('*' + e for e in IMAGE_EXTENSIONS)})")
+        raise errors.DataError(f"{class_dir}: no images ({', '.join('*' + e for e in IMAGE_EXTENSIONS)})")
       paths += [_join(class_dir, n) for n in images]
       keys += [f"{cls}/{n}" for n in images]
       labels += [self._ids[cls]] * len(images)
     if not paths:
-      raise ValueError(f"{split_dir}: no images in its class folders")
+      raise errors.DataError(f"{split_dir}: no images in its class folders")
     records = Records(_path_array(paths), np.array(labels, np.int32))
     return slice_records(records, bounds, keys)
 
@@ -192,19 +193,19 @@ class ListSource:
   def __init__(self, list_file: str | None, root: str | None = None, num_classes: int | None = None,
                class_names: Sequence[str] | None = None):
     if not list_file:
-      raise ValueError("config.multilabel_file is not set (dataset 'multilabel' reads a CSV/JSON "
+      raise errors.ConfigError("config.multilabel_file is not set (dataset 'multilabel' reads a CSV/JSON "
                        "list of path,labels)")
     self.list_file = str(list_file)
     try:
       text = files.read_bytes(self.list_file).decode("utf-8-sig")
     except FileNotFoundError:
-      raise FileNotFoundError(f"{self.list_file}: no such file (config.multilabel_file)") from None
+      raise errors.MissingFileError(f"{self.list_file}: no such file (config.multilabel_file)") from None
     if self.list_file.lower().endswith(".json"):
       items, file_classes = self._parse_json(text)
     else:
       items, file_classes = self._parse_csv(text), None
     if not items:
-      raise ValueError(f"{self.list_file}: no items")
+      raise errors.DataError(f"{self.list_file}: no items")
     if root:
       base = str(root)
     elif files.is_remote(self.list_file):
@@ -222,16 +223,16 @@ class ListSource:
       names = sorted(set(all_labels))
       ids = {n: i for i, n in enumerate(names)}
     if num_classes and num_classes != len(names):
-      raise ValueError(f"{self.list_file}: {len(names)} classes, but config.num_classes is {num_classes}")
+      raise errors.DataError(f"{self.list_file}: {len(names)} classes, but config.num_classes is {num_classes}")
     if not names:
-      raise ValueError(f"{self.list_file}: no labels in any item, and no class list")
+      raise errors.DataError(f"{self.list_file}: no labels in any item, and no class list")
     self.class_names, self.num_classes = names, len(names)
     self._items: dict[str, list[tuple[str, list[int]]]] = {}
     for path, labs, split in items:
       try:
         target = [ids[str(lab)] for lab in labs]
       except KeyError as e:
-        raise ValueError(f"{self.list_file}: {path}: label {e.args[0]!r} is not one of the "
+        raise errors.DataError(f"{self.list_file}: {path}: label {e.args[0]!r} is not one of the "
                          f"{len(names)} classes") from None
       full = path if (files.is_remote(path) or os.path.isabs(path)) else _join(base, path)
       self._items.setdefault(split or "train", []).append((full, target))
@@ -240,14 +241,14 @@ class ListSource:
     try:
       data = json.loads(text)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{self.list_file}: not valid JSON ({e})") from None
+      raise errors.DataError(f"{self.list_file}: not valid JSON ({e})") from None
     classes = None
     if isinstance(data, dict):
       classes, data = data.get("classes"), data.get("items", [])
     out = []
     for i, it in enumerate(data):
       if not isinstance(it, dict) or "path" not in it:
-        raise ValueError(f"{self.list_file}: item {i} is not an object with a 'path'")
+        raise errors.DataError(f"{self.list_file}: item {i} is not an object with a 'path'")
       labels = it.get("labels", [])
       out.append((str(it["path"]), list(labels) if isinstance(labels, list) else [labels], it.get("split")))
     return out, classes
@@ -266,7 +267,7 @@ class ListSource:
       labels = [lab.strip() for lab in re.split(r"[;|]", cell) if lab.strip()]
       split = row[cols["split"]].strip() if cols["split"] is not None and len(row) > cols["split"] else None
       if not row[0].strip():
-        raise ValueError(f"{self.list_file}: row {n} has no path")
+        raise errors.DataError(f"{self.list_file}: row {n} has no path")
       out.append((row[0].strip(), labels, split or None))
     return out
 
@@ -279,7 +280,7 @@ class ListSource:
   def records(self, spec: str) -> Records:
     name, bounds = parse_split(spec)
     if name not in self._items:
-      raise ValueError(f"{self.list_file}: no items in split {name!r} (splits: {sorted(self._items)})")
+      raise errors.DataError(f"{self.list_file}: no items in split {name!r} (splits: {sorted(self._items)})")
     items = self._items[name]
     multi_hot = np.zeros((len(items), self.num_classes), np.float32)
     for row, (_, target) in enumerate(items):
@@ -302,22 +303,22 @@ class TfdsSource:
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
     except registered.DatasetNotFoundError:
-      raise ValueError(f"unknown dataset {name!r}: no TFDS dataset of that name is registered or "
+      raise errors.ConfigError(f"unknown dataset {name!r}: no TFDS dataset of that name is registered or "
                        f"prepared{where}, and it is not 'folder' or 'multilabel'") from None
     if not self.builder.is_prepared():
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"TFDS dataset {name!r} is not prepared in {self.builder.data_dir}: run `tfds build {name} "
           f"--data_dir DIR` where there is network and set config.tfds_data_dir=DIR (this never downloads)")
     info = self.builder.info
     if str(info.file_format.value) != "tfrecord":
-      raise ValueError(f"{name}: stored as {info.file_format.value}; the pipeline reads tfrecord "
+      raise errors.DataError(f"{name}: stored as {info.file_format.value}; the pipeline reads tfrecord "
                        "datasets (tfds build --file_format=tfrecord)")
     features = info.features
     if image_key not in features:
-      raise ValueError(f"{name}: no image feature {image_key!r} (features: {sorted(features.keys())}); "
+      raise errors.DataError(f"{name}: no image feature {image_key!r} (features: {sorted(features.keys())}); "
                        "set config.tfds_image_key")
     if label_key not in features:
-      raise ValueError(f"{name}: no label feature {label_key!r} (features: {sorted(features.keys())}); "
+      raise errors.DataError(f"{name}: no label feature {label_key!r} (features: {sorted(features.keys())}); "
                        "set config.tfds_label_key")
     label = features[label_key]
     if isinstance(label, tfds.features.ClassLabel):
@@ -325,7 +326,7 @@ class TfdsSource:
     elif isinstance(label, tfds.features.Sequence) and isinstance(label.feature, tfds.features.ClassLabel):
       self.multilabel, classes = True, label.feature
     else:
-      raise ValueError(f"{name}: feature {label_key!r} is {type(label).__name__}, not a ClassLabel "
+      raise errors.DataError(f"{name}: feature {label_key!r} is {type(label).__name__}, not a ClassLabel "
                        "or a Sequence of ClassLabel")
     self.num_classes = classes.num_classes
     self.class_names = list(classes.names)
@@ -362,7 +363,7 @@ class TfdsSource:
     try:
       return self.builder.info.splits[split]
     except (KeyError, ValueError) as e:
-      raise ValueError(f"{self.name}: bad split {split!r} ({e}); splits: "
+      raise errors.ConfigError(f"{self.name}: bad split {split!r} ({e}); splits: "
                        f"{sorted(self.builder.info.splits.keys())}") from None
 
   def num_examples(self, split: Any) -> int:
@@ -441,7 +442,7 @@ def make_source(config: Any) -> FolderSource | ListSource | TfdsSource:
   """The source `config.dataset` names."""
   name = config.dataset
   if not name:
-    raise ValueError("config.dataset is not set (a TFDS name, 'folder' or 'multilabel')")
+    raise errors.ConfigError("config.dataset is not set (a TFDS name, 'folder' or 'multilabel')")
   if name == "folder":
     return FolderSource(config.folder)
   if name == "multilabel":
@@ -479,6 +480,6 @@ def write_class_names(info: DatasetInfo, workdir: str) -> None:
   names = info.class_names or [f"class_{i}" for i in range(info.num_classes)]
   bad = [n for n in names if "\n" in n or "\r" in n]
   if bad:
-    raise ValueError(f"class name {bad[0]!r} has a line break; labels.txt holds one name per line")
+    raise errors.DataError(f"class name {bad[0]!r} has a line break; labels.txt holds one name per line")
   with files.atomic_write(_join(str(workdir), LABELS_FILE)) as f:
     f.write(("\n".join(names) + "\n").encode("utf-8"))

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vit_jax import errors
 from vit_jax import preprocess
 from vit_jax import tf_setup
 
@@ -30,7 +31,7 @@ def _prob(value: Any) -> float:
     return 0.0
   p = float(value)
   if not 0.0 <= p <= 1.0:
-    raise ValueError(f"augmentation probability {value!r} is not in [0, 1]")
+    raise errors.ConfigError(f"augmentation probability {value!r} is not in [0, 1]")
   return p
 
 
@@ -49,10 +50,10 @@ class Augment:
   def from_config(cls, aug: Any) -> "Augment":
     scale = tuple(float(s) for s in aug.rrc_scale)
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
-      raise ValueError(f"augment.rrc_scale {scale} is not a range (lo, hi) with 0 < lo <= hi <= 1")
+      raise errors.ConfigError(f"augment.rrc_scale {scale} is not a range (lo, hi) with 0 < lo <= hi <= 1")
     alpha = float(aug.mixup_alpha)
     if alpha < 0:
-      raise ValueError(f"augment.mixup_alpha {alpha} is negative")
+      raise errors.ConfigError(f"augment.mixup_alpha {alpha} is negative")
     return cls(inception_crop=bool(aug.inception_crop), hflip=_prob(aug.hflip), vflip=_prob(aug.vflip),
                 rot90=_prob(aug.rot90), rrc_prob=_prob(aug.rrc_prob), rrc_scale=scale,
                 mixup_alpha=alpha)
