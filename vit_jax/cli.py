@@ -330,13 +330,30 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
   g.add_argument("--max-body-bytes", type=int, default=16 << 20, help="request body (and fetched URL) size")
   g.add_argument("--max-pixels", type=int, default=25_000_000, help="pixels in one image")
   g.add_argument("--max-images", type=int, default=64, help="images in one request")
-  g.add_argument("--allow-urls", action="store_true", help="fetch http(s) URL inputs (off: 400)")
+  g.add_argument("--max-queue", type=int, default=256,
+                 help="images waiting for the model (being fetched, decoded or queued); a request "
+                      "that would pass it gets 503 with Retry-After at once. An accepted request "
+                      "waits for at most ceil(MAX_QUEUE / --max-batch) + 1 model calls, so this "
+                      "bounds latency and memory. The default, 256, is 16 full calls of the default "
+                      "--max-batch (enough to keep the model busy through a burst; an accepted "
+                      "request waits for at most 17 calls) and 4 requests of the default "
+                      "--max-images. At least --max-images")
+  g.add_argument("--allow-urls", action="store_true",
+                 help="fetch http(s) URL inputs (off: 400), from public addresses only")
+  g.add_argument("--allow-private-urls", action="store_true",
+                 help="with --allow-urls, also fetch from hosts that resolve to loopback, private, "
+                      "link-local (cloud metadata), multicast or reserved addresses: only where "
+                      "every client may reach the server's network")
   g.add_argument("--url-timeout", type=float, default=10.0, help="seconds for one URL fetch")
+  g.add_argument("--drain-timeout", type=float, default=25.0,
+                 help="on SIGTERM or Ctrl-C, seconds to finish the requests in flight before "
+                      "cancelling them (default under Kubernetes' 30 s grace period)")
   g.add_argument("--no-access-log", action="store_true", help="no log line per request")
   p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+  import signal  # pylint: disable=import-outside-toplevel
   from vit_jax import predict, serve  # pylint: disable=import-outside-toplevel
   try:
     sizes = tuple(int(s) for s in args.batch_sizes.split(",")) if args.batch_sizes else ()
@@ -345,18 +362,31 @@ def _run_serve(args: argparse.Namespace) -> int:
   options = serve.Options(top_k=args.top_k, max_batch=max(sizes) if sizes else args.max_batch,
                           batch_sizes=sizes, max_wait_ms=args.max_wait_ms,
                           max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
-                          max_images=args.max_images, allow_urls=args.allow_urls,
+                          max_images=args.max_images, max_queue=args.max_queue,
+                          allow_urls=args.allow_urls, allow_private_urls=args.allow_private_urls,
                           url_timeout_s=args.url_timeout)
+  if args.drain_timeout < 0:
+    raise errors.ConfigError(f"--drain-timeout {args.drain_timeout}: must be at least 0")
   clf = predict.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
                                 labels_path=args.labels)
   sock = serve.bind(args.host, args.port)
   print(f"vit-jax serve: {clf.model_name} listening on {serve.url_of(sock)} "
         f"(ready when GET /healthz answers 200)", flush=True)
+  server = serve.server(serve.create_app(clf, options), access_log=not args.no_access_log,
+                        drain_timeout_s=args.drain_timeout)
+
+  def interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+  # uvicorn drains on SIGTERM as on Ctrl-C, then raises the signal again for the handler it
+  # found: this one ends the run as Ctrl-C does, so a drained server exits 0, not killed by it.
+  sigterm = signal.signal(signal.SIGTERM, interrupt)
   try:
-    serve.server(serve.create_app(clf, options), access_log=not args.no_access_log).run(sockets=[sock])
-  except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raised the Ctrl-C
+    server.run(sockets=[sock])
+  except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raised the signal
     pass
   finally:
+    signal.signal(signal.SIGTERM, sigterm)
     sock.close()
   print("vit-jax serve: stopped", flush=True)
   return 0
