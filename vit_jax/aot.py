@@ -76,7 +76,7 @@ def get_devices(topology: str) -> list:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=t.topology, **dict(t.options))
   except Exception as e:  # pylint: disable=broad-except
     raise errors.UserError(f"cannot describe TPU topology {topology} ({str(e).splitlines()[0]}); "
-                       "is libtpu installed (pip install 'vit-jax[aot]')?") from None
+                           "is libtpu installed (pip install 'vit-jax[aot]')?") from None
   return list(desc.devices)
 
 

@@ -111,7 +111,7 @@ def read_config(spec: str) -> "ml_collections.ConfigDict":
   path = name if os.path.isfile(name) else recipes.path(name)
   if path is None:
     raise errors.ConfigError(f"--config {spec}: no such recipe or config file "
-                     f"(recipes: {', '.join(recipes.names())})")
+                             f"(recipes: {', '.join(recipes.names())})")
   # Imported as a file, not through the package, so that a user's file and a recipe load alike.
   module_spec = importlib.util.spec_from_file_location("vit_jax_user_config", path)
   module = importlib.util.module_from_spec(module_spec)
@@ -155,7 +155,7 @@ def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
     field = re.search(r"[\w.]+", text)
     near = re.search(r'Did you mean "([\w.]+)"', text)
     raise errors.ConfigError(f"config {spec}: no field {field.group(0) if field else text!r} to override"
-                     + (f" (did you mean {near.group(1)!r}?)" if near else "")) from None
+                             + (f" (did you mean {near.group(1)!r}?)" if near else "")) from None
   except (flags.Error, TypeError) as e:
     raise errors.ConfigError(f"config {spec}: {str(e).splitlines()[0]}") from None
 

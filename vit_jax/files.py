@@ -32,7 +32,7 @@ def read_bytes(path: str) -> bytes:
       return f.read()
   if not os.path.isfile(path):
     raise errors.MissingFileError(f"{path}: no such file" if not os.path.exists(path)
-                            else f"{path}: not a regular file")
+                                  else f"{path}: not a regular file")
   with open(path, "rb") as f:
     return f.read()
 

@@ -301,7 +301,7 @@ def create_model(name: str, num_classes: int | None = 1000, image_size: int = 22
   fields.update(overrides)
   if image_size % fields["patch_size"]:
     raise errors.ConfigError(f"image_size {image_size} is not divisible by the patch size "
-                     f"{fields['patch_size']} of {canon}")
+                             f"{fields['patch_size']} of {canon}")
   return VisionTransformer(num_classes=num_classes, image_size=image_size, **fields)
 
 

@@ -106,7 +106,7 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
     model = found.clone(image_size=image_size or found.image_size, **model_overrides)
     if model.image_size % model.patch_size:
       raise errors.ConfigError(f"image size {model.image_size} is not divisible by the patch size "
-                       f"{model.patch_size}")
+                               f"{model.patch_size}")
   name = models.canonical_name(model_name) if model_name else \
       checkpoint.infer_model(tree, checkpoint_path)["name"] or "custom"
   params = checkpoint.load_pretrained(tree, model)

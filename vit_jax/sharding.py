@@ -84,7 +84,7 @@ def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> 
   n = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if global_batch % n:
     raise errors.ConfigError(f"{what} {global_batch} does not divide over {n} data-parallel devices "
-                     f"(mesh {dict(mesh.shape)})")
+                             f"(mesh {dict(mesh.shape)})")
   if global_batch % jax.process_count():
     raise errors.ConfigError(f"{what} {global_batch} does not divide over {jax.process_count()} hosts")
 

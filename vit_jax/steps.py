@@ -62,7 +62,7 @@ class Setup:
     sharding.check_divisible(c.batch_size, self.mesh, "config.batch_size")
     if c.batch_size % self.accum_steps or (c.batch_size // self.accum_steps) % _data_size(self.mesh):
       raise errors.ConfigError(f"config.batch_size {c.batch_size} with accum_steps {self.accum_steps} gives "
-                       f"micro-batches that do not split over {_data_size(self.mesh)} data-parallel devices")
+                               f"micro-batches that do not split over {_data_size(self.mesh)} data-parallel devices")
     sharding.check_divisible(c.eval_batch_size, self.mesh, "config.eval_batch_size")
     self.rules = list(c.logical_rules or sharding.LOGICAL_RULES)
     dummy = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
@@ -186,7 +186,7 @@ def _sigmoid_loss(loss: str, multilabel: bool) -> bool:
     raise errors.ConfigError(f"config.loss must be 'auto' or one of {', '.join(metrics.LOSSES)}, got {loss!r}")
   if multilabel and loss == "softmax_xent":
     raise errors.ConfigError("config.loss softmax_xent needs one label per image; this dataset is "
-                     "multi-label (use sigmoid_xent or auto)")
+                             "multi-label (use sigmoid_xent or auto)")
   return loss == "sigmoid_xent"
 
 

@@ -188,8 +188,8 @@ def _restore(mngr: ocp.CheckpointManager, step: int, setup: steps.Setup) -> step
     return mngr.restore(step, args=ocp.args.StandardRestore(setup.abstract_state()))
   except ValueError as e:
     raise errors.ConfigError(f"{mngr.directory}/{step}: this checkpoint was written with another model or "
-                     f"optimizer config ({str(e).splitlines()[0]}); use a new --workdir, or the "
-                     "config it was trained with") from None
+                             f"optimizer config ({str(e).splitlines()[0]}); use a new --workdir, or the "
+                             "config it was trained with") from None
 
 
 def load_params(setup: steps.Setup, path: str) -> Any:

@@ -301,7 +301,7 @@ def _check_decodable(ds, describe: Callable[[int], str] | None) -> None:
     first = int(next(iter(ds.take(1)))["pos"])
     example = f" (the first: {describe(first)})" if describe else ""
     raise errors.DataError(f"none of the first {_CHECKED} training images could be decoded{example}; "
-                     "are these image files?")
+                             "are these image files?")
 
 
 def _train_stream(config: Any, start_step: int, index: int, count: int) -> _Stream:
@@ -423,7 +423,7 @@ def _global_rows(config_batch: int, host_batch: int, count: int, sharding, what:
   shards = _batch_shards(sharding)
   if rows % shards:
     raise errors.ConfigError(f"config.{what} {rows} does not divide over the {shards} devices of the batch "
-                     f"axes (mesh {dict(sharding.mesh.shape)})")
+                             f"axes (mesh {dict(sharding.mesh.shape)})")
   return rows
 
 

@@ -144,7 +144,7 @@ class FolderSource:
     train = _join(self.root, "train")
     if not _is_dir(train):
       raise errors.MissingFileError(f"{train}: no such folder; a folder dataset is ROOT/train/CLASS/*.jpg "
-                              "(plus ROOT/val and ROOT/test)")
+                                    "(plus ROOT/val and ROOT/test)")
     self.class_names = _list_dir(train)[0]
     if not self.class_names:
       raise errors.DataError(f"{train}: no class folders in it (expected {train}/CLASS_NAME/*.jpg)")
@@ -194,7 +194,7 @@ class ListSource:
                class_names: Sequence[str] | None = None):
     if not list_file:
       raise errors.ConfigError("config.multilabel_file is not set (dataset 'multilabel' reads a CSV/JSON "
-                       "list of path,labels)")
+                               "list of path,labels)")
     self.list_file = str(list_file)
     try:
       text = files.read_bytes(self.list_file).decode("utf-8-sig")
@@ -233,7 +233,7 @@ class ListSource:
         target = [ids[str(lab)] for lab in labs]
       except KeyError as e:
         raise errors.DataError(f"{self.list_file}: {path}: label {e.args[0]!r} is not one of the "
-                         f"{len(names)} classes") from None
+                               f"{len(names)} classes") from None
       full = path if (files.is_remote(path) or os.path.isabs(path)) else _join(base, path)
       self._items.setdefault(split or "train", []).append((full, target))
 
@@ -304,7 +304,7 @@ class TfdsSource:
       self.builder = tfds.builder(name, data_dir=data_dir)
     except registered.DatasetNotFoundError:
       raise errors.ConfigError(f"unknown dataset {name!r}: no TFDS dataset of that name is registered or "
-                       f"prepared{where}, and it is not 'folder' or 'multilabel'") from None
+                               f"prepared{where}, and it is not 'folder' or 'multilabel'") from None
     if not self.builder.is_prepared():
       raise errors.MissingFileError(
           f"TFDS dataset {name!r} is not prepared in {self.builder.data_dir}: run `tfds build {name} "
@@ -312,14 +312,14 @@ class TfdsSource:
     info = self.builder.info
     if str(info.file_format.value) != "tfrecord":
       raise errors.DataError(f"{name}: stored as {info.file_format.value}; the pipeline reads tfrecord "
-                       "datasets (tfds build --file_format=tfrecord)")
+                             "datasets (tfds build --file_format=tfrecord)")
     features = info.features
     if image_key not in features:
       raise errors.DataError(f"{name}: no image feature {image_key!r} (features: {sorted(features.keys())}); "
-                       "set config.tfds_image_key")
+                             "set config.tfds_image_key")
     if label_key not in features:
       raise errors.DataError(f"{name}: no label feature {label_key!r} (features: {sorted(features.keys())}); "
-                       "set config.tfds_label_key")
+                             "set config.tfds_label_key")
     label = features[label_key]
     if isinstance(label, tfds.features.ClassLabel):
       self.multilabel, classes = False, label
@@ -327,7 +327,7 @@ class TfdsSource:
       self.multilabel, classes = True, label.feature
     else:
       raise errors.DataError(f"{name}: feature {label_key!r} is {type(label).__name__}, not a ClassLabel "
-                       "or a Sequence of ClassLabel")
+                             "or a Sequence of ClassLabel")
     self.num_classes = classes.num_classes
     self.class_names = list(classes.names)
     base = name.split(":")[0].split("/")[0]
@@ -364,7 +364,7 @@ class TfdsSource:
       return self.builder.info.splits[split]
     except (KeyError, ValueError) as e:
       raise errors.ConfigError(f"{self.name}: bad split {split!r} ({e}); splits: "
-                       f"{sorted(self.builder.info.splits.keys())}") from None
+                               f"{sorted(self.builder.info.splits.keys())}") from None
 
   def num_examples(self, split: Any) -> int:
     return int(self._split_info(split).num_examples)
