@@ -180,15 +180,18 @@ def _unset_args(argv: list[str]) -> tuple[list[str], list[str]]:
   i = 0
   while i < len(argv):
     a = argv[i]
-    if a.startswith("--config.") and (a.endswith("=None") or (a.count("=") == 0 and argv[i + 1:i + 2] == ["None"])):
+    spaced = "=" not in a and argv[i + 1:i + 2] == ["None"]  # --config.key None
+    if a.startswith("--config.") and (a.endswith("=None") or spaced):
       key = a[len("--config."):].split("=", 1)[0]
       field = configs.FIELDS.get(key)
       if field is None:
-        raise errors.ConfigError(f"--config.{key}=None: no such config field (vit-jax train --help-config lists them)")
+        raise errors.ConfigError(f"--config.{key}=None: no such config field "
+                                 "(vit-jax train --help-config lists them)")
       if not field.optional:
-        raise errors.ConfigError(f"--config.{key}=None: {key} is not optional; it takes a {field.type.__name__}")
+        raise errors.ConfigError(f"--config.{key}=None: {key} is not optional; "
+                                 f"it takes a {field.type.__name__}")
       unset.append(key)
-      i += 1 if "=" in a else 2
+      i += 2 if spaced else 1
       continue
     rest.append(a)
     i += 1
