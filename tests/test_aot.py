@@ -22,6 +22,7 @@ def _aot(*args):
   return proc
 
 
+@pytest.mark.slow
 def test_tiny_config_compiles_for_v3_8():
   proc = _aot("--config", os.path.join(CONFIGS, "tiny.py"), "--topology", "v3-8",
               "--config.batch_size=64", "--num-classes", "10")
@@ -50,6 +51,7 @@ def test_tiny_config_compiles_for_v3_8():
   assert any(line.startswith("train step HBM") for line in lines[:-1])
 
 
+@pytest.mark.slow
 def test_a_step_too_big_for_hbm_does_not_fit():
   # 4096 images of 384 px in float32 are 1.8 GB per v3 core before the model even starts;
   # a ViT-S at that batch without remat cannot fit in 16 GiB.
@@ -66,6 +68,7 @@ def test_a_step_too_big_for_hbm_does_not_fit():
   assert report["hbm_peak_bytes"] > report["train"]["hbm_limit_bytes"]
 
 
+@pytest.mark.slow
 def test_unknown_topology_is_a_one_line_error():
   proc = _aot("--config", os.path.join(CONFIGS, "tiny.py"), "--topology", "v9-8")
   assert proc.returncode == 2

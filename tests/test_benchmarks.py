@@ -41,6 +41,7 @@ def test_flop_counts():
   assert bench.gflop_per_image("ViT-L_32") == pytest.approx(want, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_runs_both_sides_and_reports(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(

@@ -67,6 +67,7 @@ def test_linen_named_files_load_too(tmp_path):
     np.testing.assert_array_equal(cf.get(params, key), value)
 
 
+@pytest.mark.slow
 def test_load_pretrained_is_exact_and_runs(original):
   path, arrays = original
   model = _model()
@@ -90,6 +91,7 @@ def test_save_round_trip_gives_the_original_names_and_arrays(original, tmp_path)
       np.testing.assert_array_equal(saved[key], arrays[key])
 
 
+@pytest.mark.slow
 def test_scanned_model_loads_and_saves(original, tmp_path):
   path, arrays = original
   plain = _model()
@@ -311,6 +313,7 @@ def test_remote_paths_go_through_gfile(original, tmp_path, monkeypatch, gs_in_ra
     checkpoint.load("gs://bucket/none.npz")
 
 
+@pytest.mark.slow
 def test_failed_save_leaves_the_old_file(tmp_path, original):
   """A write that fails halfway (the file-size limit, as a full disk would) keeps the old file.
 
@@ -344,6 +347,7 @@ def test_failed_save_leaves_the_old_file(tmp_path, original):
   assert os.listdir(tmp_path / "out") == ["keep.npz"], "no temporary file left behind"
 
 
+@pytest.mark.slow
 def test_infer_model(tmp_path):
   path = _write(tmp_path, cf.Spec(**cf.B16, image_size=384, classes=1000, pre_logits=None))
   assert checkpoint.infer_model(checkpoint.load(str(path))) == dict(

@@ -59,6 +59,7 @@ def test_predict_json_matches_the_model(capsys, imagenet_ckpt, images):
     np.testing.assert_allclose([p["score"] for p in row["predictions"]], probs[best], rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_predict_human_output_and_unreadable_files(capsys, imagenet_ckpt, images):
   paths = [images[k] for k in ("broken.jpg", "palette.png", "alpha.png", "cmyk.jpg")]
   code, out, err = _run(capsys, "predict", "--checkpoint", imagenet_ckpt, "--top-k", "2", *paths)
@@ -73,6 +74,7 @@ def test_predict_human_output_and_unreadable_files(capsys, imagenet_ckpt, images
   assert code == 1 and missing in err and images["rgb.jpg"] in out
 
 
+@pytest.mark.slow
 def test_predict_with_a_labels_file_and_wrong_count(capsys, tmp_path, images):
   ckpt = tmp_path / "c3.npz"
   cf.write_original(ckpt, cf.Spec(classes=3))
@@ -88,6 +90,7 @@ def test_predict_with_a_labels_file_and_wrong_count(capsys, tmp_path, images):
                                       "a model with 3 classes"
 
 
+@pytest.mark.slow
 def test_predict_at_another_size_and_bad_checkpoint(capsys, tmp_path, imagenet_ckpt, images):
   code, out, _ = _run(capsys, "predict", "--checkpoint", imagenet_ckpt, "--image-size", "48",
                       "--json", images["rgb.jpg"])
@@ -219,6 +222,7 @@ def test_eval_resize_is_a_plain_bilinear_resize_to_unit_range(shape, size):
   assert out.min() >= -1 and out.max() <= 1
 
 
+@pytest.mark.slow
 def test_a_second_run_loads_its_compiled_programs_from_the_cache(tmp_path, imagenet_ckpt, images):
   exe = os.path.join(os.path.dirname(sys.executable), "vit-jax")
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")
@@ -287,6 +291,7 @@ def test_a_user_mistake_is_one_line_and_exit_2(capsys, tmp_path):
       [f"vit-jax predict: error: {tmp_path / 'none.npz'}: no such file"]
 
 
+@pytest.mark.slow
 def test_a_bug_is_not_taken_for_a_user_mistake(capsys, imagenet_ckpt, images, monkeypatch):
   """A ValueError from inside the library is a bug: it propagates (traceback, exit 1)."""
   from vit_jax import predict  # pylint: disable=import-outside-toplevel

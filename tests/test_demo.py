@@ -4,6 +4,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+# End to end by nature: the whole `vit-jax demo` (pre-training and fine-tuning) in a subprocess.
+pytestmark = pytest.mark.slow
+
 
 def test_demo_runs_offline_and_fine_tunes_above_90_percent(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -120,6 +120,7 @@ def test_random_key_sets_shapes_and_dtypes(tmp_path_factory, arrays_):
   check_loads_or_refuses(savez(arrays_), tmp_path_factory.mktemp("ck"))
 
 
+@pytest.mark.slow
 @examples(150)
 @given(mutations)
 def test_mutated_checkpoints(tmp_path_factory, ops):
@@ -132,6 +133,7 @@ valid_variants = st.fixed_dictionaries(dict(
     dtype=st.sampled_from([np.float32, np.float16, np.float64]), order=st.permutations(sorted(VALID))))
 
 
+@pytest.mark.slow
 @examples(60)
 @given(valid_variants)
 def test_valid_variants_load(tmp_path_factory, variant):
@@ -220,6 +222,7 @@ def test_truncated_archives(tmp_path_factory, compressed, fraction):
   check_loads_or_refuses(data[:int(len(data) * fraction)], tmp_path_factory.mktemp("ck"))
 
 
+@pytest.mark.slow
 @examples(150)
 @given(st.booleans(), st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
                                min_size=1, max_size=8))
@@ -230,6 +233,7 @@ def test_bit_flipped_archives(tmp_path_factory, compressed, flips):
   check_loads_or_refuses(bytes(data), tmp_path_factory.mktemp("ck"))
 
 
+@pytest.mark.slow
 @examples(100)
 @given(st.integers(0, 2000).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, 255))))
 def test_bit_flips_in_the_zip_headers(tmp_path_factory, spot):
@@ -334,6 +338,7 @@ overrides = st.lists(st.tuples(st.one_of(st.sampled_from(FIELDS),
                                values), max_size=4)
 
 
+@pytest.mark.slow
 @examples(300)
 @given(overrides)
 def test_random_config_overrides(pairs):
@@ -382,6 +387,7 @@ bodies = st.one_of(
         lambda v: json.dumps(v).encode()))
 
 
+@pytest.mark.slow
 @examples(300)
 @given(bodies)
 def test_random_request_bodies(body):

@@ -20,6 +20,7 @@ torch.set_num_threads(2)
 NAMES = [f"class {i}" for i in range(10)]
 
 
+@pytest.mark.slow
 def test_pipeline_on_a_conversion_gives_predicts_top_5(tmp_path):
   """transformers.pipeline("image-classification") on `vit-jax convert`'s output, on files at the
   model's size, ranks the classes as `vit-jax predict` does, with the same scores."""

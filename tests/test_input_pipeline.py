@@ -130,6 +130,7 @@ def test_tfds_dataset_by_name_and_data_dir(tfds_dir):
   np.testing.assert_array_equal(colour(cat(ev, "image")[:13]), cat(ev, "label")[:13])
 
 
+@pytest.mark.slow
 def test_cifar10_presets_hold_out_the_end_of_train(cifar_dir):
   c = cfg(dataset="cifar10", tfds_data_dir=cifar_dir, batch_size=14)
   info = ip.get_info(c)
@@ -197,7 +198,7 @@ def _host_eval(c, split, count):
   return [list(ip.host_batches(c, split, process_index=i, process_count=count)) for i in range(count)]
 
 
-@pytest.mark.parametrize("count", [1, 2, 4])
+@pytest.mark.parametrize("count", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("split,n", [("train", 16), ("train[:13]", 13), ("val", 7), ("train[5:]", 11)])
 def test_eval_every_example_once_padded_and_masked(folder, count, split, n):
   c = cfg(dataset="folder", folder=folder, eval_batch_size=3 * count)
@@ -217,7 +218,7 @@ def test_eval_every_example_once_padded_and_masked(folder, count, split, n):
   assert set(seen) == set(cat(reference, "index")[cat(reference, "mask")].tolist())
 
 
-@pytest.mark.parametrize("count", [2, 4])
+@pytest.mark.parametrize("count", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_tfds_eval_shares_cover_the_split_once(tfds_dir, count):
   c = cfg(dataset=df.TFDS_NAME, tfds_data_dir=tfds_dir, eval_batch_size=2 * count)
   hosts = _host_eval(c, "test", count)
@@ -228,7 +229,7 @@ def test_tfds_eval_shares_cover_the_split_once(tfds_dir, count):
 
 # -- per-host training shares, determinism, resuming -------------------------------------------
 
-@pytest.mark.parametrize("count", [1, 2, 4])
+@pytest.mark.parametrize("count", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_train_host_shares_disjoint_and_complete(folder, count):
   c = cfg(dataset="folder", folder=folder, batch_size=2 * count)
   steps = 16 // count // 2  # one epoch: 16 examples, 2 per host per step
@@ -245,6 +246,7 @@ def test_train_host_shares_disjoint_and_complete(folder, count):
     assert epochs[0] != epochs[1]  # hosts draw different examples each epoch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", [2, 4])
 def test_tfds_train_host_shares_disjoint_and_complete(tfds_dir, count):
   c = cfg(dataset=df.TFDS_NAME, tfds_data_dir=tfds_dir, batch_size=count)
@@ -261,6 +263,7 @@ def _same(a, b):
              np.array_equal(x["index"], y["index"]) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["folder", "tfds"])
 def test_seeded_streams_repeat_and_resume_exactly(folder, tfds_dir, kind):
   source = dict(dataset="folder", folder=folder) if kind == "folder" else \
@@ -451,6 +454,7 @@ def test_tfds_sequence_of_class_labels_gives_multi_hot(tmp_path):
   assert targets[:, 3].sum() == sum(3 in df.tfds_tags(i) for i in range(50))
 
 
+@pytest.mark.slow
 def test_balanced_classes_are_even(tmp_path, tfds_dir):
   root = str(tmp_path)
   df.write_folder(root, {"train": {"a": 9, "b": 3, "c": 1}, "val": {"a": 1}})
@@ -565,6 +569,7 @@ _DEVICES_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_global_arrays_sharded_over_eight_devices(folder):
   # The script also exits with training iterators still open, which must not hang.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -605,6 +610,7 @@ _TWO_PROCESSES_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_real_processes_assemble_one_global_batch(folder, run_on_free_port):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
   runs = run_on_free_port(lambda port: [[sys.executable, "-c", _TWO_PROCESSES_SCRIPT, folder,

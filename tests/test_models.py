@@ -24,7 +24,9 @@ def test_vit_b16_has_86_567_656_parameters():
   assert models.count_params(models.param_shapes(model)) == 86_567_656
 
 
-@pytest.mark.parametrize("name", list(models.VARIANTS))
+# The large variants (L, H) take seconds each to trace: in the slow lane only.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("ViT-L", "ViT-H"))
+                                  else n for n in models.VARIANTS])
 def test_variant_parameter_counts_match_the_architecture(name):
   v = models.VARIANTS[name]
   model = models.create_model(name, num_classes=1000, image_size=224)
@@ -94,6 +96,7 @@ def test_input_shape_is_checked():
     model.apply({"params": params}, jnp.zeros((1, 48, 48, 3)))
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_fp32_params():
   model = _tiny()
   params = _randomize(models.init_params(model))
@@ -109,6 +112,7 @@ def test_bf16_compute_with_fp32_params():
   assert not np.allclose(np.asarray(out, np.float32), ref, atol=1e-6)  # bf16 really was used
 
 
+@pytest.mark.slow
 def test_bf16_params():
   model = _tiny(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
   params = models.init_params(model)
@@ -116,6 +120,7 @@ def test_bf16_params():
   assert model.apply({"params": params}, jnp.zeros((1, 32, 32, 3))).dtype == jnp.bfloat16
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training():
   model = _tiny(dropout_rate=0.3, attention_dropout_rate=0.3)
   params = _randomize(models.init_params(model))
@@ -129,6 +134,7 @@ def test_dropout_only_in_training():
   assert not np.allclose(t1, a)
 
 
+@pytest.mark.slow
 def test_embedding_is_what_the_head_sees():
   model = _tiny(representation_size=16)
   params = _randomize(models.init_params(model))
@@ -153,6 +159,7 @@ def _stack(params, n):
   return params
 
 
+@pytest.mark.slow
 def test_scan_and_remat_give_the_same_outputs_and_gradients():
   model = _tiny()
   params = _randomize(models.init_params(model))
@@ -183,6 +190,7 @@ def test_scan_and_remat_give_the_same_outputs_and_gradients():
                          grad, ref_grad)
 
 
+@pytest.mark.slow
 def test_last_block_on_the_class_token_alone_equals_the_full_block():
   block = models.Encoder1DBlock(mlp_dim=32, num_heads=2)
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 16))
@@ -212,6 +220,7 @@ def test_last_block_on_the_class_token_alone_equals_the_full_block():
                          grads[1], grads[0])
 
 
+@pytest.mark.slow
 def test_a_token_classifier_runs_the_last_block_on_the_class_token_alone():
   model = _tiny()
   params = models.init_params(model)
@@ -252,6 +261,7 @@ def _qkv(seed, shape=(2, 7, 3, 8)):
   return [jax.random.normal(k, shape) * 2 for k in keys]
 
 
+@pytest.mark.slow
 def test_attention_matches_flax_attention():
   # The heads-first layout is only a speed choice: values and gradients must be Flax's.
   # Other einsums, so other summation orders (over 8 features, 7 keys) on values up to ~6:
@@ -270,6 +280,7 @@ def test_attention_matches_flax_attention():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_dropout_drops_normalized_weights():
   # Dropout zeroes whole attention weights and rescales the rest by 1/keep: with
   # v = one-hot over keys, the output rows are the (dropped) weights themselves.

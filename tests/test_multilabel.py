@@ -48,6 +48,7 @@ def _config(list_file):
   return c
 
 
+@pytest.mark.slow
 def test_multilabel_training_learns_the_tags_and_infers_them(tagged, tmp_path):
   config = _config(tagged)
   work = str(tmp_path / "run")

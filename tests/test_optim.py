@@ -130,6 +130,7 @@ def test_pretraining_recipe_is_the_released_checkpoints_recipe():
   assert model.head_bias_init == -10.0 and model.representation_size == 768
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,bias", [("sigmoid_xent", -10.0), ("softmax_xent", 0.0), ("auto", 0.0)])
 def test_the_loss_and_head_bias_fields_reach_the_train_step(loss, bias):
   """At init the head's kernel is zero, so every logit is the head bias: the loss is known.

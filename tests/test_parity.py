@@ -80,6 +80,7 @@ def test_full_size_vit_b16_matches_pytorch(tmp_path, gelu_approximate):
   _check_parity(tmp_path, spec, gelu_approximate)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ViT-Ti_16", "ViT-S_32"])
 def test_small_variants_match_pytorch(tmp_path, name):
   v = models.VARIANTS[name]
@@ -104,6 +105,7 @@ def _resize_posemb(posemb, g_new):
   return np.concatenate([cls, grid.reshape(1, g_new * g_new, -1).astype(np.float32)], axis=1)
 
 
+@pytest.mark.slow
 def test_384_and_resized_checkpoint_match_pytorch(tmp_path):
   # A 224 checkpoint loaded at 384 (the 7 x 7 grid resized to 12 x 12) against PyTorch given
   # the file's position embeddings resized independently: this checks our resize too.
@@ -127,6 +129,7 @@ def test_384_and_resized_checkpoint_match_pytorch(tmp_path):
                              atol=2e-5 * float(np.abs(ours).max()))
 
 
+@pytest.mark.slow
 def test_stock_pytorch_vit_matches_our_exact_gelu_model_and_not_the_default(tmp_path):
   """A stock transformers ViT (exact GELU, eps 1e-12) against our model, both directions:
   its directory converted to our params, and those params converted back to a directory."""

@@ -92,6 +92,7 @@ def url(clf):
     yield u
 
 
+@pytest.mark.slow
 def test_scores_equal_predict_on_the_same_files(url, imagenet_ckpt, images):
   names = ["rgb.jpg", "gray.png", "palette.png", "alpha.png", "cmyk.jpg", "pic.bmp"]
   paths = [images[n] for n in names]
@@ -121,6 +122,7 @@ def test_scores_equal_predict_on_the_same_files(url, imagenet_ckpt, images):
   assert len(r.json()[0]) == 3
 
 
+@pytest.mark.slow
 def test_healthz_and_metadata(url):
   assert httpx.get(f"{url}/healthz").json() == {"status": "ready"}
   meta = httpx.get(f"{url}/metadata").json()
@@ -232,6 +234,7 @@ def test_the_batcher_refuses_images_past_its_queue_bound_and_frees_places_as_cal
   asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_a_full_queue_refuses_at_once_with_retry_after_and_healthz_answers_meanwhile(clf, images):
   """The model is held shut throughout: refusals that waited for it would never come."""
   started, gate = threading.Event(), threading.Event()
@@ -281,6 +284,7 @@ def test_a_full_queue_refuses_at_once_with_retry_after_and_healthz_answers_meanw
   assert [(r.status_code, len(r.json())) for r in held] == [(200, 2), (200, 2), (200, 1), (200, 1)]
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_model_calls_and_never_compile(url, clf, images):
   compiles = []
   listener = lambda event, secs, **kw: compiles.append(kw) if event == COMPILE_EVENT else None
@@ -311,6 +315,7 @@ def test_concurrent_requests_share_model_calls_and_never_compile(url, clf, image
   assert clf._probs._cache_size() == cached == len(OPTIONS.sizes)  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_healthz_says_ready_only_after_warm_up(clf, images):
   gate = threading.Event()
 
@@ -355,6 +360,7 @@ def _post(url: str, **kw) -> httpx.Response:
   return httpx.post(f"{url}/score", timeout=30, **kw)
 
 
+@pytest.mark.slow
 def test_every_bad_input_gets_a_4xx_naming_it_and_the_server_goes_on(url, images):
   good = b64(images["rgb.jpg"])
   with open(images["rgb.jpg"], "rb") as f:
@@ -441,6 +447,7 @@ def _files(directory, tls: ssl.SSLContext | None = None):
     files.server_close()
 
 
+@pytest.mark.slow
 def test_urls_are_fetched_only_when_allowed_with_a_timeout_and_a_size_cap(clf, images, tmp_path):
   for name in ("rgb.jpg", "pic.bmp"):
     shutil.copy(images[name], tmp_path / name)
@@ -589,6 +596,7 @@ def test_an_https_fetch_sends_the_name_in_sni_and_checks_the_certificate_against
   assert names == ["localhost", "elsewhere.example"]
 
 
+@pytest.mark.slow
 def test_urls_that_reach_inside_are_refused_unless_allowed(clf, images, tmp_path):
   shutil.copy(images["rgb.jpg"], tmp_path / "rgb.jpg")
   good = b64(images["rgb.jpg"])

@@ -50,6 +50,7 @@ def _assert_same(a, b):
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["data8", "data8_accum4", "model_sharded"])
 def test_same_result_as_one_device(single_process, case):
   ref = _params(single_process, "one_device")
@@ -60,6 +61,7 @@ def test_same_result_as_one_device(single_process, case):
   assert single_process["one_device/losses"][0] != single_process["one_device/losses"][2]
 
 
+@pytest.mark.slow
 def test_parameters_are_sharded_as_the_rules_say(single_process):
   # MLP kernel [embed=32, mlp=64]: embed over fsdp (2), mlp over model (2).
   assert str(single_process["model_sharded/spec"]) == "('fsdp', 'model')"
@@ -68,6 +70,7 @@ def test_parameters_are_sharded_as_the_rules_say(single_process):
   assert single_process["data8/shard_shape"].tolist() == [32, 64]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(single_process, tmp_path, run_on_free_port):
   out = tmp_path / "two.npz"
   run_on_free_port(lambda port: [[sys.executable, SCRIPT, str(out), "--processes", "2", "--process-id",
@@ -78,6 +81,7 @@ def test_two_processes_match_one(single_process, tmp_path, run_on_free_port):
   _assert_same(_params(two, "data8"), _params(single_process, "one_device"))
 
 
+@pytest.mark.slow
 def test_launch_retries_on_a_taken_port_only(run_on_free_port):
   # The race is rare, so force it: the first port offered is held by a listening socket. This
   # also checks that the coordinator's bind error still reads as run_on_free_port expects.

@@ -145,6 +145,7 @@ def ssh_command(argv: list[str]) -> list[str]:
 
 # ---- shellcheck -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_scripts_are_shellcheck_clean():
   scripts = sorted(p.name for p in TPU.glob("*.sh"))
   for needed in ("env.sh", "create.sh", "install.sh", "train.sh", "logs.sh", "delete.sh",
@@ -380,6 +381,7 @@ def _kinds(argvs):
   return [a[2] + " " + a[3] if a[3] != "ssh" else "ssh " + ssh_command(a)[2] for a in argvs]
 
 
+@pytest.mark.slow
 def test_run_all_with_delete_when_done(stub):
   env = dict(BASE, DATASET="cifar10", DELETE_WHEN_DONE="1", POLL_SECONDS="0")
   ok(stub.run("run_all.sh", CONFIG, env=env,
@@ -389,6 +391,7 @@ def test_run_all_with_delete_when_done(stub):
       "ssh status", "tpu-vm delete"]
 
 
+@pytest.mark.slow
 def test_run_all_waits_while_running(stub):
   env = dict(BASE, DELETE_WHEN_DONE="1", POLL_SECONDS="0")
   ok(stub.run("run_all.sh", CONFIG, env=env,
@@ -397,6 +400,7 @@ def test_run_all_waits_while_running(stub):
   assert _kinds(stub.argvs())[-4:] == ["ssh status", "ssh status", "ssh status", "tpu-vm delete"]
 
 
+@pytest.mark.slow
 def test_run_all_deletes_after_worker_0_is_unreachable(stub):
   env = dict(BASE, DELETE_WHEN_DONE="1", POLL_SECONDS="0")
   ok(stub.run("run_all.sh", CONFIG, env=env, responses=[("remote.sh status", "", 255)]))
@@ -405,6 +409,7 @@ def test_run_all_deletes_after_worker_0_is_unreachable(stub):
       "ssh status", "ssh status", "ssh status", "tpu-vm delete"]
 
 
+@pytest.mark.slow
 def test_run_all_failed_setup(stub):
   failing = [("remote.sh install", "", 1)]
   r = stub.run("run_all.sh", CONFIG, env=dict(BASE, DELETE_WHEN_DONE="1"), responses=failing)
@@ -413,12 +418,14 @@ def test_run_all_failed_setup(stub):
                                   "tpu-vm delete"]
 
 
+@pytest.mark.slow
 def test_run_all_failed_setup_keeps_the_tpu_by_default(stub):
   r = stub.run("run_all.sh", CONFIG, responses=[("remote.sh install", "", 1)])
   assert r.returncode != 0 and "tpu/delete.sh" in r.stderr
   assert _kinds(stub.argvs())[-1] == "ssh install"
 
 
+@pytest.mark.slow
 def test_run_all_follows_logs_by_default(stub):
   ok(stub.run("run_all.sh", CONFIG))
   assert _kinds(stub.argvs()) == ["tpu-vm create", "tpu-vm scp", "tpu-vm scp", "ssh install",
@@ -489,6 +496,7 @@ def _wait_for(run, needle, seconds=60.0):  # a bound on a wait, not a speed requ
     time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_remote_launch_is_detached_tracked_and_stoppable(worker):
   home, run = worker
   # The fake run cannot end before ~/release exists, so launch returning at all shows that it
@@ -516,6 +524,7 @@ def test_remote_launch_is_detached_tracked_and_stoppable(worker):
   assert "nothing running" in ok(run("stop")).stdout
 
 
+@pytest.mark.slow
 def test_remote_run_that_ends_by_itself_is_recorded_as_finished(worker):
   home, run = worker
   ok(run("launch", "vit-jax", "train", "--config", CONFIG, "--workdir", "gs://b/r", timeout=120))
@@ -695,6 +704,7 @@ def fake_worker(tmp_path):
   return FakeWorker(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pythons,chosen", [
     ({"python3": "3.10", "python3.12": "3.12"}, "python3.12"),   # Ubuntu 22.04 + deadsnakes
     ({"python3": "3.12"}, "python3"),                             # Ubuntu 24.04
@@ -709,6 +719,7 @@ def test_install_uses_a_python_312_or_newer_already_there(fake_worker, pythons, 
   assert fake_worker.calls("sudo", "apt-get", "add-apt-repository") == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("has_add_apt_repository", [True, False])
 def test_install_adds_deadsnakes_when_the_distribution_has_no_312(fake_worker,
                                                                    has_add_apt_repository):
@@ -730,6 +741,7 @@ def test_install_adds_deadsnakes_when_the_distribution_has_no_312(fake_worker,
   assert "Unable to locate" not in r.stderr, "the expected first failure is not shown"
 
 
+@pytest.mark.slow
 def test_install_takes_312_from_the_distribution_when_it_has_it(fake_worker):
   fake_worker.tool(fake_worker.bin / "python3", "3.10")
   fake_worker.tool(fake_worker.bin / "add-apt-repository")
@@ -769,6 +781,7 @@ def test_install_refuses_a_remote_python_older_than_312(fake_worker, remote_pyth
   assert fake_worker.venv_made_by() == [] and not fake_worker.venv.exists()
 
 
+@pytest.mark.slow
 def test_install_uses_the_remote_python_given_and_installs_it_when_missing(fake_worker):
   fake_worker.tool(fake_worker.bin / "python3.12", "3.12")
   fake_worker.tool(fake_worker.bin / "add-apt-repository")
@@ -779,6 +792,7 @@ def test_install_uses_the_remote_python_given_and_installs_it_when_missing(fake_
                                          "python3.13-venv"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("old_version,remade", [("3.11", True), ("3.12", False), (None, True)])
 def test_install_remakes_a_venv_of_another_python(fake_worker, old_version, remade):
   fake_worker.tool(fake_worker.bin / "python3.12", "3.12")
@@ -793,6 +807,7 @@ def test_install_remakes_a_venv_of_another_python(fake_worker, old_version, rema
   assert (fake_worker.venv / "from-before").exists() is not remade
 
 
+@pytest.mark.slow
 def test_install_gets_the_venv_module_when_python_lacks_it(fake_worker):
   # Ubuntu 24.04: python3 is 3.12, but venv's ensurepip is in python3.12-venv, not installed.
   fake_worker.tool(fake_worker.bin / "python3", "3.12")

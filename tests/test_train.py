@@ -57,6 +57,7 @@ def pretrained(digits, tmp_path_factory):
   return os.path.join(work, "final.npz")
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_a_checkpoint_learns(digits, pretrained, tmp_path):
   # Digits 5-9, at 24 px: position embeddings are resized 4x4 -> 6x6, the head is reset.
   cfg = tiny_config(os.path.join(digits, "b"), image_size=24, total_steps=150, pretrained=pretrained,
@@ -106,6 +107,7 @@ def straight_run(digits, tmp_path_factory):
   return work
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when,resume_step", [("after-save", 20), ("mid-save", 10)])
 def test_sigkill_during_an_async_save_then_rerun_resumes_to_the_same_params(
     digits, straight_run, tmp_path, when, resume_step):
@@ -145,6 +147,7 @@ def test_sigkill_during_an_async_save_then_rerun_resumes_to_the_same_params(
   assert steps_logged[len(first):] == rerun_part, steps_logged
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path):
   # A healthy run to step 10 (checkpointed), then the same run resumed with a learning
   # rate that blows up: training stops with a clear error and step 10 stays intact.
@@ -167,6 +170,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path):
     np.testing.assert_array_equal(np.asarray(params[k]), v, err_msg=k)
 
 
+@pytest.mark.slow
 def test_eval_command_prints_metrics(digits, pretrained, tmp_path, capsys):
   from vit_jax import cli
   code = cli.main(["eval", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--checkpoint", pretrained,
@@ -187,6 +191,7 @@ def test_train_command_errors_are_one_line(tmp_path, capsys):
   assert code == 2 and len(err) == 1 and "/nonexistent/folder" in err[0]
 
 
+@pytest.mark.slow
 def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp_path):
   from vit_jax import infer
   cfg = tiny_config(os.path.join(digits, "a"))
@@ -221,6 +226,7 @@ def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp
   assert list(four["class_names"]) == [f"digit_{i}" for i in range(5)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [{}, dict(scan=True, remat=True, dtype="bfloat16")],
                          ids=["plain", "scan_remat_bf16"])
 def test_preemption_saves_and_exits_then_the_rerun_ends_like_a_straight_run(
@@ -256,6 +262,7 @@ def test_preemption_saves_and_exits_then_the_rerun_ends_like_a_straight_run(
   assert resumed == straight
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["model", "optimizer"])
 def test_resuming_with_another_config_is_a_clear_error(digits, tmp_path, change):
   folder = os.path.join(digits, "a")
@@ -270,6 +277,7 @@ def test_resuming_with_another_config_is_a_clear_error(digits, tmp_path, change)
     train.train_and_evaluate(other, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_resuming_on_another_mesh_restores_the_same_params_resharded(digits, tmp_path):
   """Written on 4 devices as pure data parallelism, resumed on a 2x2 data x model mesh."""
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
