@@ -36,6 +36,7 @@ def _run(capsys, *argv):
   return code, out, err
 
 
+@pytest.mark.slow
 def test_predict_json_matches_the_model(capsys, imagenet_ckpt, images):
   code, out, err = _run(capsys, "predict", "--checkpoint", imagenet_ckpt, "--json", "--top-k", "3",
                         "--batch-size", "4", *[images[k] for k in ("rgb.jpg", "gray.png", "pic.bmp")])

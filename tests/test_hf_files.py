@@ -67,6 +67,7 @@ def _transformers_model(tmp_path, **overrides):
   return pt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh"])
 def test_a_directory_transformers_wrote_converts_and_predicts_the_same(tmp_path, capsys, hidden_act):
   pt = _transformers_model(tmp_path, hidden_act=hidden_act)

@@ -361,6 +361,7 @@ def test_inception_crop_area_and_aspect_within_limits(tmp_path):
   assert len(set(zip(x0, y0, w, h))) > 60  # and the boxes differ, image to image and epoch to epoch
 
 
+@pytest.mark.slow
 def test_mixup_soft_targets(folder):
   c = cfg(dataset="folder", folder=folder, batch_size=8, augment=dict(mixup_alpha=0.4))
   batches = take(ip.host_batches(c, process_index=0, process_count=1), 4)

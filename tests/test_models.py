@@ -24,9 +24,8 @@ def test_vit_b16_has_86_567_656_parameters():
   assert models.count_params(models.param_shapes(model)) == 86_567_656
 
 
-# The large variants (L, H) take seconds each to trace: in the slow lane only.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("ViT-L", "ViT-H"))
-                                  else n for n in models.VARIANTS])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(models.VARIANTS))
 def test_variant_parameter_counts_match_the_architecture(name):
   v = models.VARIANTS[name]
   model = models.create_model(name, num_classes=1000, image_size=224)
@@ -89,6 +88,7 @@ def _randomize(params, seed=0):
   return tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 def test_input_shape_is_checked():
   model = _tiny()
   params = models.init_params(model)

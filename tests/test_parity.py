@@ -189,6 +189,7 @@ def test_round_trip_through_transformers_is_exact(tmp_path):
       np.testing.assert_array_equal(saved[k], arrays[k])
 
 
+@pytest.mark.slow
 def test_pre_logits_have_no_transformers_counterpart(tmp_path):
   model = models.create_model("Ti/16", num_classes=5, image_size=32, num_layers=1,
                               representation_size=16)
