@@ -17,6 +17,7 @@ import ckpt_fixtures as cf
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax import tf_setup
+from vit_jax import layout
 
 SPEC = cf.Spec()  # Ti-width, 2 blocks, patch 16, 32 px, 10 classes
 
@@ -52,11 +53,11 @@ def test_every_prefix_and_naming_loads_exactly(tmp_path, prefix, naming):
     arrays = {cf.linen_key(k): v for k, v in arrays.items()}
   np.savez(tmp_path / "ckpt.npz", **{prefix + k: v for k, v in arrays.items()})
   params = checkpoint.load_pretrained(str(tmp_path / "ckpt.npz"), _model())
-  assert checkpoint.flatten(params).keys() == {cf.linen_key(k) for k in arrays}
+  assert layout.flatten(params).keys() == {cf.linen_key(k) for k in arrays}
   for key, value in arrays.items():
     np.testing.assert_array_equal(cf.get(params, cf.linen_key(key)), value)
   tree = checkpoint.load(str(tmp_path / "ckpt.npz"))
-  assert checkpoint.flatten(tree).keys() == {cf.linen_key(k) for k in arrays}
+  assert layout.flatten(tree).keys() == {cf.linen_key(k) for k in arrays}
 
 
 def test_linen_named_files_load_too(tmp_path):
@@ -187,7 +188,7 @@ def _corner_aligned_zoom(grid: np.ndarray, n: int) -> np.ndarray:
 def test_posemb_resize_is_the_corner_aligned_order_1_zoom(g_old, g_new):
   """ViT-B/16 224 -> 384 (14 -> 24), the way back, B/32's 7 -> 12, and no change."""
   posemb = np.random.default_rng(0).normal(size=(1, 1 + g_old * g_old, 8)).astype(np.float32)
-  out = checkpoint.resize_posemb(posemb, 1 + g_new * g_new, has_cls=True)
+  out = layout.resize_posemb(posemb, 1 + g_new * g_new, has_cls=True)
   assert out.shape == (1, 1 + g_new * g_new, 8) and out.dtype == np.float32
   np.testing.assert_array_equal(out[:, 0], posemb[:, 0])  # the class token is copied
   want = _corner_aligned_zoom(posemb[0, 1:].reshape(g_old, g_old, 8), g_new)
@@ -285,10 +286,10 @@ def test_remote_paths_go_through_gfile(original, tmp_path, monkeypatch, gs_in_ra
   rng = np.random.default_rng(1)
   params = jax.tree_util.tree_map(lambda v: rng.normal(size=v.shape).astype(np.float32),
                                   checkpoint.load_pretrained(url, _model()))
-  want = checkpoint.flatten(params)
+  want = layout.flatten(params)
 
   def assert_saved(saved_url):
-    back = checkpoint.flatten(checkpoint.load_pretrained(saved_url, _model()))
+    back = layout.flatten(checkpoint.load_pretrained(saved_url, _model()))
     assert back.keys() == want.keys()
     for key, value in want.items():
       np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -345,22 +346,6 @@ def test_failed_save_leaves_the_old_file(tmp_path, original):
   assert os.path.getsize(path) > 4096, "the checkpoint must be larger than the limit"
   assert target.read_bytes() == b"previous contents"
   assert os.listdir(tmp_path / "out") == ["keep.npz"], "no temporary file left behind"
-
-
-@pytest.mark.slow
-def test_infer_model(tmp_path):
-  path = _write(tmp_path, cf.Spec(**cf.B16, image_size=384, classes=1000, pre_logits=None))
-  assert checkpoint.infer_model(checkpoint.load(str(path))) == dict(
-      name="ViT-B_16", num_classes=1000, image_size=384, representation_size=None, classifier="token",
-      hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12, patch_size=16)
-  # A non-standard width still builds the model the file fits, and loads.
-  path = _write(tmp_path, cf.Spec(hidden=48, heads=2, mlp=64, layers=3, pre_logits=8), "odd.npz")
-  tree = checkpoint.load(str(path))
-  assert checkpoint.infer_model(tree)["name"] is None
-  model = checkpoint.model_for(tree)
-  assert (model.hidden_size, model.num_heads, model.num_layers, model.representation_size) == (48, 2, 3, 8)
-  params = checkpoint.load_pretrained(tree, model)
-  assert model.apply({"params": params}, jnp.zeros((1, 32, 32, 3))).shape == (1, 10)
 
 
 def test_image_size_argument_must_match_the_model(original):

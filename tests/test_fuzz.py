@@ -33,6 +33,9 @@ from vit_jax import cli
 from vit_jax import preprocess
 from vit_jax import recipes
 from vit_jax import serve
+from vit_jax import models
+from vit_jax import spec
+from vit_jax import layout
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:PIL"),  # "Corrupt EXIF data"
               pytest.mark.timeout(900, method="thread")]
@@ -58,7 +61,7 @@ DTYPES = [np.float32, np.float16, np.float64, np.int32, np.int8, np.uint8, np.bo
 def load_all(path: str) -> None:
   """What `vit-jax predict` and `convert` do with a file: read it, infer the model, fill it."""
   tree = checkpoint.load(path)
-  model = checkpoint.model_for(tree, path)
+  model = models.build(spec.ModelSpec.from_params(tree, path))
   checkpoint.load_pretrained(tree, model)
 
 
@@ -146,9 +149,9 @@ def test_valid_variants_load(tmp_path_factory, variant):
   path = tmp_path_factory.mktemp("ck") / "valid.npz"
   path.write_bytes(savez(arrays, variant["compressed"]))
   tree = checkpoint.load(str(path))
-  model = checkpoint.model_for(tree, str(path))
+  model = models.build(spec.ModelSpec.from_params(tree, str(path)))
   params = checkpoint.load_pretrained(tree, model)
-  assert checkpoint.flatten(params).keys() == {cf.linen_key(k) for k in VALID}
+  assert layout.flatten(params).keys() == {cf.linen_key(k) for k in VALID}
   for key, value in VALID.items():
     np.testing.assert_array_equal(cf.get(params, cf.linen_key(key)),
                                   value.astype(variant["dtype"]).astype(np.float32))

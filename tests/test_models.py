@@ -7,6 +7,7 @@ import pytest
 
 from vit_jax import errors
 from vit_jax import models
+from vit_jax import spec
 
 
 def analytic_params(d, mlp, layers, patch, image_size, classes, rep=None):
@@ -25,9 +26,9 @@ def test_vit_b16_has_86_567_656_parameters():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(models.VARIANTS))
+@pytest.mark.parametrize("name", list(spec.VARIANTS))
 def test_variant_parameter_counts_match_the_architecture(name):
-  v = models.VARIANTS[name]
+  v = spec.VARIANTS[name]
   model = models.create_model(name, num_classes=1000, image_size=224)
   want = analytic_params(v.hidden_size, v.mlp_dim, v.num_layers, v.patch_size, 224, 1000)
   assert models.count_params(models.param_shapes(model)) == want
@@ -42,11 +43,11 @@ def test_representation_size_adds_pre_logits():
 
 @pytest.mark.parametrize("alias", ["B/16", "ViT-B/16", "vit_b16", "b_16", "ViT-B_16", "vit-b-16"])
 def test_aliases(alias):
-  assert models.canonical_name(alias) == "ViT-B_16"
+  assert spec.canonical_name(alias) == "ViT-B_16"
 
 
 def test_ti_alias_and_unknown_names():
-  assert models.canonical_name("Ti/16") == "ViT-Ti_16"
+  assert spec.canonical_name("Ti/16") == "ViT-Ti_16"
   with pytest.raises(ValueError, match="unknown model 'ViT-Q_16'"):
     models.create_model("ViT-Q_16")
   with pytest.raises(ValueError, match="unknown model"):

@@ -126,7 +126,7 @@ def test_pretraining_recipe_is_the_released_checkpoints_recipe():
   lr = optim.schedule(c)
   assert float(lr(10_000)) == pytest.approx(1e-3, rel=1e-6)  # float32 ulps
   assert float(lr(c.total_steps)) == pytest.approx(1e-5, rel=1e-5)
-  model = steps.create_model(c, 21_843)
+  model = steps.model_from_config(c, 21_843)
   assert model.head_bias_init == -10.0 and model.representation_size == 768
 
 

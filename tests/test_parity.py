@@ -19,6 +19,8 @@ import ckpt_fixtures as cf
 from vit_jax import checkpoint
 from vit_jax import convert
 from vit_jax import models
+from vit_jax import spec
+from vit_jax import layout
 
 torch.set_num_threads(2)
 
@@ -83,7 +85,7 @@ def test_full_size_vit_b16_matches_pytorch(tmp_path, gelu_approximate):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ViT-Ti_16", "ViT-S_32"])
 def test_small_variants_match_pytorch(tmp_path, name):
-  v = models.VARIANTS[name]
+  v = spec.VARIANTS[name]
   spec = cf.Spec(hidden=v.hidden_size, mlp=v.mlp_dim, heads=v.num_heads, layers=v.num_layers,
                  patch=v.patch_size, image_size=224 if v.patch_size == 32 else 96, classes=100)
   _check_parity(tmp_path, spec, gelu_approximate=True, n=3)
@@ -114,7 +116,7 @@ def test_384_and_resized_checkpoint_match_pytorch(tmp_path):
   model = models.create_model("ViT-Ti_16", num_classes=10, image_size=384, num_layers=2, patch_size=32)
   params = checkpoint.load_pretrained(str(tmp_path / "224.npz"), model)
   state = convert.to_torch_state_dict(params, model.num_heads)
-  state["vit.embeddings.position_embeddings"] = _resize_posemb(arrays[checkpoint.POSEMB], 12)
+  state["vit.embeddings.position_embeddings"] = _resize_posemb(arrays[layout.POSEMB], 12)
   pt = ViTForImageClassification(convert.hf_config(model)).eval()
   pt.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
                      strict=True)

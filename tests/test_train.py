@@ -18,6 +18,7 @@ from vit_jax import configs
 from vit_jax import demo
 from vit_jax import models
 from vit_jax import train
+from vit_jax import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +95,7 @@ _KILL_ARGS = ["--config.image_size=16", "--config.model.patch_size=4", "--config
 
 
 def _final_params(workdir):
-  return checkpoint.flatten(checkpoint.load(os.path.join(workdir, "final.npz")))
+  return layout.flatten(checkpoint.load(os.path.join(workdir, "final.npz")))
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path):
   folder = os.path.join(digits, "a")
   train.train_and_evaluate(tiny_config(folder, total_steps=10, checkpoint_every=10, eval_every=10),
                            str(tmp_path))
-  before = checkpoint.flatten(checkpoint.load(str(tmp_path / "final.npz")))
+  before = layout.flatten(checkpoint.load(str(tmp_path / "final.npz")))
   (tmp_path / "final.npz").unlink()
   cfg = tiny_config(folder, total_steps=30, checkpoint_every=5, eval_every=30, base_lr=1e9,
                     warmup_steps=1, decay_type="constant")
@@ -165,7 +166,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path):
                  if os.path.basename(d).isdigit())
   assert saved[-1] == 10, saved  # nothing was saved after the loss went bad
   setup, _ = train.make_setup(cfg)
-  params = checkpoint.flatten(jax.device_get(train.load_params(setup, str(tmp_path))))
+  params = layout.flatten(jax.device_get(train.load_params(setup, str(tmp_path))))
   for k, v in before.items():
     np.testing.assert_array_equal(np.asarray(params[k]), v, err_msg=k)
 

@@ -151,7 +151,7 @@ def check(config: ml_collections.ConfigDict, topology: str, num_classes: int | N
   return {
       "topology": topology, "devices": len(devices),
       "hosts": len({d.process_index for d in devices}),
-      "mesh": dict(mesh.shape), "model": config.model.name, "image_size": size,
+      "mesh": dict(mesh.shape), "model": str(setup.model.spec), "image_size": size,
       "dtype": config.model.dtype, "remat": bool(config.model.remat),
       "accum_steps": setup.accum_steps,
       "global_batch": config.batch_size, "per_device_batch": config.batch_size // data_devices,

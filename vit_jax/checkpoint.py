@@ -15,7 +15,6 @@ Flax uses, so no array is transposed or reshaped on the way in or out.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import re
@@ -25,10 +24,10 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
-import scipy.ndimage
 
 from vit_jax import errors
 from vit_jax import files
+from vit_jax import layout
 from vit_jax import models
 
 log = logging.getLogger(__name__)
@@ -42,40 +41,16 @@ PRE_LINEN_TO_LINEN = {
 }
 LINEN_TO_PRE_LINEN = {v: k for k, v in PRE_LINEN_TO_LINEN.items()}
 
-POSEMB = "Transformer/posembed_input/pos_embedding"
 _BLOCK = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$")
 _PREFIXES = ("opt/target/",)  # checkpoints saved with the optimizer wrap params like this
 
 
-class CheckpointError(errors.UserError, ValueError):
-  """A checkpoint file that cannot be read, or does not fit the model."""
+CheckpointError = errors.CheckpointError
+POSEMB = layout.POSEMB
 
 
 def _shape(x: Any) -> tuple[int, ...]:
   return tuple(int(d) for d in x.shape)
-
-
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x}."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update({f"{k}/{kk}": vv for kk, vv in flatten(v).items()})
-    else:
-      out[k] = v
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """{'a/b': x} -> {'a': {'b': x}}."""
-  tree: dict[str, Any] = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -138,49 +113,7 @@ def _to_linen(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
 
 def load(path: str) -> dict[str, Any]:
   """The raw nested tree of an original `.npz` checkpoint, with Linen names."""
-  return unflatten(_to_linen(_read_npz(path), path))
-
-
-def resize_posemb(posemb: np.ndarray, num_tokens: int, has_cls: bool) -> np.ndarray:
-  """Resizes [1, (1+)g*g, D] position embeddings to `num_tokens` tokens.
-
-  The class-token row is kept as is; the square grid of patch embeddings is
-  resized with first-order (bilinear, corner-aligned) zoom, as the original does.
-  """
-  n_extra = 1 if has_cls else 0
-  tok, grid = posemb[:, :n_extra], posemb[0, n_extra:]
-  g_old, g_new = int(round(np.sqrt(len(grid)))), int(round(np.sqrt(num_tokens - n_extra)))
-  if g_old * g_old != len(grid):
-    raise CheckpointError(f"{POSEMB}: {len(grid)} patch positions do not form a square grid")
-  if g_new * g_new != num_tokens - n_extra:
-    raise CheckpointError(f"{POSEMB}: cannot resize to {num_tokens - n_extra} patch positions "
-                          "(not a square grid)")
-  grid = grid.reshape(g_old, g_old, -1)
-  grid = scipy.ndimage.zoom(grid, (g_new / g_old, g_new / g_old, 1), order=1)
-  return np.concatenate([tok, grid.reshape(1, g_new * g_new, -1)], axis=1).astype(posemb.dtype)
-
-
-def _stack_blocks(flat: dict[str, Any], num_layers: int) -> dict[str, Any]:
-  """encoderblock_{i}/... -> encoderblock/... stacked on a leading axis (nn.scan layout)."""
-  out = {k: v for k, v in flat.items() if not k.startswith("Transformer/encoderblock_")}
-  suffixes = {k.split("/", 2)[2] for k in flat if k.startswith("Transformer/encoderblock_0/")}
-  for s in suffixes:
-    out[f"Transformer/encoderblock/{s}"] = np.stack(
-        [flat[f"Transformer/encoderblock_{i}/{s}"] for i in range(num_layers)])
-  return out
-
-
-def _unstack_blocks(flat: dict[str, Any]) -> dict[str, Any]:
-  """The inverse of _stack_blocks."""
-  out = {}
-  for k, v in flat.items():
-    if k.startswith("Transformer/encoderblock/"):
-      suffix = k[len("Transformer/encoderblock/"):]
-      for i in range(v.shape[0]):
-        out[f"Transformer/encoderblock_{i}/{suffix}"] = v[i]
-    else:
-      out[k] = v
-  return out
+  return layout.unflatten(_to_linen(_read_npz(path), path))
 
 
 def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransformer,
@@ -199,10 +132,10 @@ def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransform
     raise CheckpointError(f"image_size={image_size} differs from the model's image_size="
                           f"{model.image_size}; create the model at the size you want")
   if isinstance(path, Mapping):
-    path, have = "checkpoint", _to_linen(flatten(path), "checkpoint")
+    path, have = "checkpoint", _to_linen(layout.flatten(path), "checkpoint")
   else:
     have = _to_linen(_read_npz(path), path)
-  want = flatten(models.param_shapes(model.clone(scan=False)))
+  want = layout.flatten(models.param_shapes(model.clone(scan=False)))
   out: dict[str, np.ndarray] = {}
   for key, spec in want.items():
     expected = _shape(spec)
@@ -219,7 +152,7 @@ def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransform
       if value.ndim != 3 or value.shape[-1] != expected[-1]:
         raise CheckpointError(f"{path}: {key} has shape {_shape(value)}, expected {expected}")
       log.info("checkpoint: resizing %s from %s to %s", key, _shape(value), expected)
-      value = resize_posemb(value, expected[1], has_cls=model.classifier == "token")
+      value = layout.resize_posemb(value, expected[1], has_cls=model.classifier == "token")
     if _shape(value) != expected:
       raise CheckpointError(f"{path}: {key} has shape {_shape(value)}, expected {expected}")
     if not np.issubdtype(value.dtype, np.floating):
@@ -240,8 +173,8 @@ def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransform
   dtype = np.dtype(model.param_dtype)
   out = {k: np.asarray(v, dtype=dtype) for k, v in out.items()}
   if model.scan:
-    out = _stack_blocks(out, model.num_layers)
-  return unflatten(out)
+    out = layout.stack_blocks(out, model.num_layers)
+  return layout.unflatten(out)
 
 
 def save(params: Mapping[str, Any], path: str) -> None:
@@ -250,7 +183,7 @@ def save(params: Mapping[str, Any], path: str) -> None:
   The file loads in the original vision_transformer code, in timm, and here.
   The write is atomic: a failure leaves any existing file at `path` intact.
   """
-  flat = _unstack_blocks(flatten(nn.meta.unbox(params)))
+  flat = layout.unstack_blocks(layout.flatten(nn.meta.unbox(params)))
   out = {}
   for key, value in flat.items():
     m = _BLOCK.match(key)
@@ -263,47 +196,3 @@ def save(params: Mapping[str, Any], path: str) -> None:
     f.write(buf.getvalue())
 
 
-
-def infer_model(tree: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]:
-  """The model a raw tree (from `load`) fits, read off its shapes.
-
-  Returns every architecture field, plus `name`: the variant these fields are,
-  or None for a non-standard width or depth. `model_for` builds the model.
-  """
-  flat = flatten(tree)
-  try:
-    patch, _, _, hidden = _shape(flat["embedding/kernel"])
-    blocks = {k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")}
-    _, heads, _ = _shape(flat["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"])
-    mlp = _shape(flat["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"])[1]
-    tokens = _shape(flat[POSEMB])[1]
-  except (KeyError, ValueError, IndexError) as e:
-    raise CheckpointError(f"{path}: cannot tell the model from the file (missing or odd {e})") from None
-  if min(patch, hidden, heads, mlp) < 1 or hidden % heads:
-    raise CheckpointError(f"{path}: inconsistent shapes: patch {patch}, hidden size {hidden}, "
-                          f"{heads} heads, MLP size {mlp}")
-  has_cls = "cls" in flat
-  grid = int(round(np.sqrt(max(tokens - has_cls, 0))))
-  if grid < 1 or grid * grid != tokens - has_cls:
-    raise CheckpointError(f"{path}: {POSEMB} has {tokens} tokens, not a square grid"
-                          f"{' plus a class token' if has_cls else ''}")
-  fields = dict(hidden_size=hidden, mlp_dim=mlp, num_heads=heads, num_layers=len(blocks),
-                patch_size=patch)
-  name = next((n for n, v in models.VARIANTS.items() if dataclasses.asdict(v) == fields), None)
-  head = flat.get("head/kernel")
-  pre = flat.get("pre_logits/kernel")
-  for key, kernel in (("head/kernel", head), ("pre_logits/kernel", pre)):
-    if kernel is not None and (len(_shape(kernel)) != 2 or min(_shape(kernel)) < 1):
-      raise CheckpointError(f"{path}: {key} has shape {_shape(kernel)}, expected [inputs, outputs]")
-  return dict(name=name, num_classes=None if head is None else _shape(head)[1],
-              image_size=grid * patch, representation_size=None if pre is None else _shape(pre)[1],
-              classifier="token" if has_cls else "gap", **fields)
-
-
-def model_for(tree: Mapping[str, Any], path: str = "checkpoint", **overrides: Any
-              ) -> models.VisionTransformer:
-  """The VisionTransformer a raw tree fits; keyword overrides of any model field."""
-  found = infer_model(tree, path)
-  name = found.pop("name") or "ViT-B_16"  # every field is given, so the name is only a base
-  found.update(overrides)
-  return models.create_model(name, **found)

@@ -22,11 +22,12 @@ class Field:
   type: type
   default: Any
   help: str
+  nullable: bool = False  # a key with a default that None may still unset
 
   @property
   def optional(self) -> bool:
-    """Optional keys default to None, and None unsets them."""
-    return self.default is None
+    """Optional keys default to None or are nullable; None unsets them."""
+    return self.default is None or self.nullable
 
 
 _f = Field
@@ -63,7 +64,8 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         _f("augment.mixup_alpha", float, 0.0, "mixup's Beta(alpha, alpha); 0 turns it off"),
     ),
     "model": (
-        _f("model.name", str, "ViT-B_16", "a variant (ViT-B_16, B/16, ...); the fields below override it"),
+        _f("model.name", str, "ViT-B_16", "a variant (ViT-B_16, B/16, ...) the fields below "
+           "override; None: no variant, the five fields below are all given", nullable=True),
         _f("model.hidden_size", int, None, "width; None: the variant's"),
         _f("model.mlp_dim", int, None, "MLP hidden width; None: the variant's"),
         _f("model.num_heads", int, None, "attention heads; None: the variant's"),
@@ -128,7 +130,10 @@ def base() -> ml_collections.ConfigDict:
   for f in FIELDS.values():
     parent, _, name = f.key.rpartition(".")
     target = c[parent] if parent else c
-    target[name] = config_dict.placeholder(f.type) if f.optional else f.default
+    if f.nullable:
+      target[name] = ml_collections.FieldReference(f.default, field_type=f.type)
+    else:
+      target[name] = config_dict.placeholder(f.type) if f.optional else f.default
   c.lock()
   return c
 

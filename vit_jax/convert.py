@@ -27,8 +27,10 @@ import numpy as np
 from vit_jax import errors
 from vit_jax import checkpoint
 from vit_jax import files
+from vit_jax import layout
 from vit_jax import labels as labels_lib
 from vit_jax import models
+from vit_jax import spec as spec_lib
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,6 @@ BLOCK_KEYS: list[tuple[str, str, _Op]] = [
 ]
 
 _GELU = {True: "gelu_pytorch_tanh", False: "gelu"}
-_GELU_FROM_HF = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast": True, "gelu": False}
 
 
 class ConversionError(errors.UserError, ValueError):
@@ -90,7 +91,7 @@ def key_table(num_layers: int) -> list[tuple[str, str, _Op]]:
 
 def to_torch_state_dict(params: dict[str, Any], num_heads: int) -> dict[str, np.ndarray]:
   """Our params (unscanned) to a ViTForImageClassification state dict of numpy arrays."""
-  flat = checkpoint._unstack_blocks(checkpoint.flatten(params))  # pylint: disable=protected-access
+  flat = layout.unstack_blocks(layout.flatten(params))
   if any(k.startswith("pre_logits/") for k in flat):
     raise ConversionError("the params have pre_logits (a representation layer), which "
                           "ViTForImageClassification has no place for; load the checkpoint "
@@ -115,7 +116,7 @@ def from_torch_state_dict(state: dict[str, np.ndarray], num_heads: int) -> dict[
   if missing or extra:
     raise ConversionError(f"not a ViTForImageClassification state dict of this transformers "
                           f"version: missing {missing[:5]}, unexpected {extra[:5]}")
-  return checkpoint.unflatten({ours: np.asarray(op[1](np.asarray(state[pt], np.float32), num_heads))
+  return layout.unflatten({ours: np.asarray(op[1](np.asarray(state[pt], np.float32), num_heads))
                                for ours, pt, op in rows})
 
 
@@ -191,24 +192,14 @@ def preprocessor_config(image_size: int) -> dict[str, Any]:
 
 def model_from_hf_config(hf) -> models.VisionTransformer:
   """Our VisionTransformer for a transformers ViTConfig `hf`."""
-  if hf.hidden_act not in _GELU_FROM_HF:
-    raise ConversionError(f"hidden_act {hf.hidden_act!r} has no counterpart here "
-                          f"(supported: {sorted(_GELU_FROM_HF)})")
-  if hf.num_channels != 3 or not hf.qkv_bias:
-    raise ConversionError("only 3-channel ViTs with qkv biases are supported")
+  try:
+    model_spec = spec_lib.ModelSpec.from_hf_config(hf)
+  except errors.ConfigError as e:
+    raise ConversionError(str(e)) from None
   if abs(hf.layer_norm_eps - 1e-6) > 1e-9:
     log.warning("layer_norm_eps %g differs from this model's 1e-6; outputs differ slightly",
                 hf.layer_norm_eps)
-  name = next((n for n, v in models.VARIANTS.items()
-               if (v.hidden_size, v.mlp_dim, v.num_heads, v.num_layers, v.patch_size) ==
-               (hf.hidden_size, hf.intermediate_size, hf.num_attention_heads,
-                hf.num_hidden_layers, hf.patch_size)), "ViT-B_16")
-  # Fields given explicitly, so that non-standard widths and depths work too.
-  return models.create_model(
-      name, num_classes=hf.num_labels, image_size=hf.image_size,
-      hidden_size=hf.hidden_size, mlp_dim=hf.intermediate_size,
-      num_heads=hf.num_attention_heads, num_layers=hf.num_hidden_layers,
-      patch_size=hf.patch_size, gelu_approximate=_GELU_FROM_HF[hf.hidden_act])
+  return models.build(model_spec)
 
 
 def from_transformers(src: str) -> tuple[models.VisionTransformer, dict[str, Any], list[str] | None]:
@@ -256,7 +247,7 @@ def npz_to_transformers(src: str, dst: str, labels: str | None = None,
   `labels` is a class-name file; ImageNet's names are used for 1000-class heads without one.
   """
   tree = checkpoint.load(src)
-  found = checkpoint.model_for(tree, src)
+  found = models.build(spec_lib.ModelSpec.from_params(tree, src))
   if found.representation_size and not drop_pre_logits:
     raise ConversionError(f"{src} has a pre_logits layer, which ViTForImageClassification "
                           "cannot hold; pass --drop-pre-logits to drop it (outputs change)")

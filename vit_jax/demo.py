@@ -53,7 +53,7 @@ def _config(folder: str, image_size: int, steps: int, pretrained: str | None):
   c.dataset = "folder"
   c.folder = folder
   c.image_size = image_size
-  c.model.name = "ViT-Ti_16"
+  c.model.name = None  # not a published variant: every field is given
   c.model.update(dict(hidden_size=96, mlp_dim=192, num_heads=3, num_layers=4, patch_size=4))
   c.pretrained = pretrained
   # Digits are small and centred: a mild crop, no flips (a flipped 2 is not a 2).

@@ -27,3 +27,7 @@ class MissingExtraError(UserError, ImportError):
 
   def __init__(self, extra: str, module: str):
     super().__init__(f"{module} is not installed; this command needs pip install 'vit-jax[{extra}]'")
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint file that cannot be read, or does not fit the model."""

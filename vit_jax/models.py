@@ -7,8 +7,6 @@ that `sharding.py` maps onto a device mesh.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,44 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import errors
+from vit_jax import spec as spec_lib
 
 Dtype = Any
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  """Width, depth and patch size of one ViT variant."""
-  hidden_size: int
-  mlp_dim: int
-  num_heads: int
-  num_layers: int
-  patch_size: int
-
-
-# Table 1 of the ViT paper, plus Ti/S from "How to train your ViT" (AugReg).
-VARIANTS: dict[str, Variant] = {
-    "ViT-Ti_16": Variant(192, 768, 3, 12, 16),
-    "ViT-S_16": Variant(384, 1536, 6, 12, 16),
-    "ViT-S_32": Variant(384, 1536, 6, 12, 32),
-    "ViT-B_16": Variant(768, 3072, 12, 12, 16),
-    "ViT-B_32": Variant(768, 3072, 12, 12, 32),
-    "ViT-L_16": Variant(1024, 4096, 16, 24, 16),
-    "ViT-L_32": Variant(1024, 4096, 16, 24, 32),
-    "ViT-H_14": Variant(1280, 5120, 16, 32, 14),
-}
-
-
-def canonical_name(name: str) -> str:
-  """Maps `B/16`, `ViT-B/16`, `vit_b16`, `b_16` ... to `ViT-B_16`."""
-  m = re.fullmatch(r"(?:vit[-_]?)?(ti|s|b|l|h)[-_/]?(\d+)", name.strip(), re.I)
-  if m:
-    size = "Ti" if m.group(1).lower() == "ti" else m.group(1).upper()
-    canon = f"ViT-{size}_{m.group(2)}"
-    if canon in VARIANTS:
-      return canon
-  raise errors.ConfigError(
-      f"unknown model {name!r}; known: {', '.join(VARIANTS)} (or B/16-style aliases)")
 
 
 def _init(init: Callable, names: tuple[str | None, ...]) -> Callable:
@@ -237,6 +201,11 @@ class VisionTransformer(nn.Module):
   head_bias_init: float = 0.0  # the head's initial bias, every class alike
 
   @property
+  def spec(self) -> spec_lib.ModelSpec:
+    """Which model this is, apart from how it runs."""
+    return spec_lib.ModelSpec.of(self)
+
+  @property
   def grid_size(self) -> int:
     return self.image_size // self.patch_size
 
@@ -287,22 +256,26 @@ class VisionTransformer(nn.Module):
                     name="head")(x)
 
 
-def create_model(name: str, num_classes: int | None = 1000, image_size: int = 224,
-                 **overrides: Any) -> VisionTransformer:
-  """A VisionTransformer by variant name; keyword overrides of any model field."""
-  canon = canonical_name(name)
-  v = VARIANTS[canon]
-  fields = dict(patch_size=v.patch_size, hidden_size=v.hidden_size, mlp_dim=v.mlp_dim,
-                num_heads=v.num_heads, num_layers=v.num_layers)
-  known = {f.name for f in dataclasses.fields(VisionTransformer)} - {"parent", "name"}
-  unknown = set(overrides) - known
+# How a model runs, as opposed to which model it is (`spec.ModelSpec`).
+RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "dtype", "param_dtype", "remat",
+                  "remat_policy", "scan", "head_bias_init")
+
+
+def build(model_spec: spec_lib.ModelSpec, **options: Any) -> VisionTransformer:
+  """The VisionTransformer of `model_spec`; keyword `options` say how it runs (RUNTIME_FIELDS)."""
+  unknown = set(options) - set(RUNTIME_FIELDS)
   if unknown:
-    raise errors.ConfigError(f"unknown model field(s) {sorted(unknown)}; known: {sorted(known)}")
-  fields.update(overrides)
-  if image_size % fields["patch_size"]:
-    raise errors.ConfigError(f"image_size {image_size} is not divisible by the patch size "
-                             f"{fields['patch_size']} of {canon}")
-  return VisionTransformer(num_classes=num_classes, image_size=image_size, **fields)
+    raise errors.ConfigError(f"unknown model option(s) {sorted(unknown)}; known: "
+                             f"{list(RUNTIME_FIELDS)}")
+  return VisionTransformer(**model_spec.asdict(), **options)
+
+
+def create_model(name: str | None, num_classes: int | None = 1000, image_size: int = 224,
+                 **fields: Any) -> VisionTransformer:
+  """A VisionTransformer by variant name, with keyword fields overriding any model field."""
+  options = {k: fields.pop(k) for k in RUNTIME_FIELDS if k in fields}
+  return build(spec_lib.ModelSpec.from_fields(name, num_classes=num_classes,
+                                              image_size=image_size, **fields), **options)
 
 
 def init_params(model: VisionTransformer, rng: Array | int = 0) -> dict:

@@ -13,6 +13,7 @@ from vit_jax import checkpoint
 from vit_jax import labels as labels_lib
 from vit_jax import models
 from vit_jax import preprocess
+from vit_jax import spec as spec_lib
 
 
 @dataclasses.dataclass
@@ -94,21 +95,17 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
                     batch_size: int = 8, **model_overrides: Any) -> Classifier:
   """A Classifier for an original-layout checkpoint; the model is read off the file by default."""
   tree = checkpoint.load(checkpoint_path)
-  found = checkpoint.model_for(tree, checkpoint_path)
+  found = spec_lib.ModelSpec.from_params(tree, checkpoint_path)
   if found.num_classes is None:
-    raise checkpoint.CheckpointError(f"{checkpoint_path}: has no head; it cannot classify")
-  if model_name:  # the named variant; a file of another shape then fails with the key and shapes
-    model = models.create_model(model_name, num_classes=found.num_classes,
-                                image_size=image_size or found.image_size,
-                                representation_size=found.representation_size,
-                                classifier=found.classifier, **model_overrides)
-  else:
-    model = found.clone(image_size=image_size or found.image_size, **model_overrides)
-    if model.image_size % model.patch_size:
-      raise errors.ConfigError(f"image size {model.image_size} is not divisible by the patch size "
-                               f"{model.patch_size}")
-  name = models.canonical_name(model_name) if model_name else \
-      checkpoint.infer_model(tree, checkpoint_path)["name"] or "custom"
+    raise errors.CheckpointError(f"{checkpoint_path}: has no head; it cannot classify")
+  # A named variant must match the file: one of another shape fails in the loader, with
+  # the key and both shapes.
+  model_spec = spec_lib.ModelSpec.from_fields(
+      model_name, **({} if model_name else dataclasses.asdict(found.variant)),
+      num_classes=found.num_classes, image_size=image_size or found.image_size,
+      representation_size=found.representation_size, classifier=found.classifier)
+  model = models.build(model_spec, **model_overrides)
+  name = model_spec.name or "custom"
   params = checkpoint.load_pretrained(tree, model)
   names = labels_lib.for_classes(model.num_classes, labels_path)
   return Classifier(model=model, params=jax.device_put(params), class_names=names,

@@ -21,6 +21,7 @@ from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import sharding
+from vit_jax import spec as spec_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -32,17 +33,20 @@ class TrainState:
   opt_state: Any
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.VisionTransformer:
-  """The model of `config.model` (name plus field overrides) at `config.image_size`."""
+def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> models.VisionTransformer:
+  """The model of `config.model` at `config.image_size`: a variant name and/or its fields."""
   # Unset (None) fields keep the variant's value.
   m = {k: v for k, v in config.model.to_dict().items() if v is not None}
-  name = m.pop("name")
+  name = m.pop("name", None)
+  arch = {k: m.pop(k) for k in list(m) if k not in models.RUNTIME_FIELDS}
   for key in ("dtype", "param_dtype"):
     if key in m:
       if m[key] not in _DTYPES:
         raise errors.ConfigError(f"config.model.{key} must be one of {sorted(_DTYPES)}, got {m[key]!r}")
       m[key] = _DTYPES[m[key]]
-  return models.create_model(name, num_classes=num_classes, image_size=config.image_size, **m)
+  model_spec = spec_lib.ModelSpec.from_fields(name, num_classes=num_classes,
+                                              image_size=config.image_size, **arch)
+  return models.build(model_spec, **m)
 
 
 @dataclasses.dataclass
@@ -55,7 +59,7 @@ class Setup:
 
   def __post_init__(self):
     c = self.config
-    self.model = create_model(c, self.num_classes)
+    self.model = model_from_config(c, self.num_classes)
     self.tx, self.lr_schedule = optim.make_optimizer(c)
     self.sigmoid_loss = _sigmoid_loss(c.loss, self.multilabel)
     self.accum_steps = int(c.accum_steps)

@@ -12,7 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vit_jax import checkpoint, sharding, train  # noqa: E402
+from vit_jax import checkpoint, layout, sharding, train  # noqa: E402
 from vit_jax.recipes import tiny  # noqa: E402
 
 folder, work = sys.argv[1], sys.argv[2]
@@ -38,8 +38,8 @@ params = train.load_params(setup, work)
 kernel = params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
 assert kernel.sharding.spec[1] == "model", kernel.sharding
 assert kernel.addressable_shards[0].data.shape == (kernel.shape[0], kernel.shape[1] // 2)
-saved = checkpoint.flatten(checkpoint.load(os.path.join(work, "final.npz")))
-restored = checkpoint.flatten(jax.device_get(params))
+saved = layout.flatten(checkpoint.load(os.path.join(work, "final.npz")))
+restored = layout.flatten(jax.device_get(params))
 assert saved.keys() == restored.keys()
 for k, v in saved.items():
   np.testing.assert_array_equal(np.asarray(restored[k]), v, err_msg=k)

@@ -10,7 +10,7 @@ def get_config():
   c.dataset = "folder"
   c.folder = "/path/to/ROOT"
   c.image_size = 32
-  c.model.name = "ViT-Ti_16"
+  c.model.name = None  # not a published variant: every field is given
   c.model.update(dict(hidden_size=64, mlp_dim=128, num_heads=2, num_layers=2, patch_size=8))
   c.batch_size = 16
   c.eval_batch_size = 16
