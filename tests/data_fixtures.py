@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -177,3 +177,20 @@ def build_small_cifar10(data_dir: str, train: int = 100, test: int = 20) -> str:
 
   SmallCifar10(data_dir=data_dir).download_and_prepare()
   return "cifar10"
+
+
+def write_digits(root: str, classes: Sequence[int], size: int = 32, seed: int = 0) -> dict[str, int]:
+  """scikit-learn's handwritten digits of `classes` as ROOT/{train,val,test}/digit_K/*.png (60/15/25%)."""
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  digits = load_digits()
+  ids = [i for i in np.random.default_rng(seed).permutation(len(digits.target))
+         if digits.target[i] in classes]
+  n = len(ids)
+  parts = {"train": ids[:int(0.6 * n)], "val": ids[int(0.6 * n):int(0.75 * n)], "test": ids[int(0.75 * n):]}
+  for split, part in parts.items():
+    for i in part:
+      d = os.path.join(root, split, f"digit_{digits.target[i]}")
+      os.makedirs(d, exist_ok=True)
+      pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)  # the digits are 0..16
+      Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(os.path.join(d, f"{i:04d}.png"))
+  return {split: len(part) for split, part in parts.items()}

@@ -295,7 +295,7 @@ def test_a_user_mistake_is_one_line_and_exit_2(capsys, tmp_path):
 @pytest.mark.slow
 def test_a_bug_is_not_taken_for_a_user_mistake(capsys, imagenet_ckpt, images, monkeypatch):
   """A ValueError from inside the library is a bug: it propagates (traceback, exit 1)."""
-  from vit_jax import predict  # pylint: disable=import-outside-toplevel
+  from vit_jax import classifier  # pylint: disable=import-outside-toplevel
 
   def broken(*args, **kw):
     raise ValueError("an internal invariant failed")
@@ -306,7 +306,7 @@ def test_a_bug_is_not_taken_for_a_user_mistake(capsys, imagenet_ckpt, images, mo
   # The installed command: the traceback is printed and the exit status is 1.
   code = ("import sys; from vit_jax import cli, predict\n"
           "def broken(*a, **k): raise ValueError('an internal invariant failed')\n"
-          "predict.classify_files = broken\n"
+          "classifier.classify_files = broken\n"
           f"sys.exit(cli.main(['predict', '--checkpoint', {imagenet_ckpt!r}, {images['rgb.jpg']!r}]))\n")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -14,7 +14,7 @@ import data_fixtures as df
 from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import convert
-from vit_jax import predict
+from vit_jax import classifier
 
 torch.set_num_threads(2)
 NAMES = [f"class {i}" for i in range(10)]
@@ -34,8 +34,8 @@ def test_pipeline_on_a_conversion_gives_predicts_top_5(tmp_path):
   paths = [df.write_file(str(tmp_path / "img" / f"{i}.png"),
                          df.encode(df.class_image(i, seed=i, height=32, width=32), mode=mode))
            for i, mode in enumerate([None, None, None, "L", "P", None])]
-  clf = predict.load_classifier(str(tmp_path / "m.npz"), labels_path=str(tmp_path / "labels.txt"))
-  ours = [r.predictions for r in predict.classify_files(clf, paths, k=5)]
+  clf = classifier.load_classifier(str(tmp_path / "m.npz"), labels_path=str(tmp_path / "labels.txt"))
+  ours = [r.predictions for r in classifier.classify_files(clf, paths, k=5)]
   pipe = transformers.pipeline("image-classification", model=str(tmp_path / "hf"), device="cpu")
   theirs = pipe(paths, top_k=5)
   for path, a, b in zip(paths, ours, theirs):

@@ -91,6 +91,25 @@ def cifar_dir(tmp_path_factory):
 
 # -- sources, shapes, ranges -------------------------------------------------------------
 
+def test_a_pipeline_lists_its_folder_once_and_reads_only_its_section(folder, monkeypatch):
+  listed = []
+  real = ip.sources._list_dir  # pylint: disable=protected-access
+  monkeypatch.setattr(ip.sources, "_list_dir", lambda path: listed.append(path) or real(path))
+  data = ip.Pipeline(cfg(dataset="folder", folder=folder))
+  s = sharding.batch_sharding(sharding.make_mesh())
+  counts = [sum(int(b["mask"].sum()) for b in data.eval_iterator("eval", s)) for _ in range(3)]
+  assert counts == [7, 7, 7] and data.info.num_examples["eval"] == 7
+  # train/ (the classes) once, then val/ and each of its 3 classes once, for three passes and the info.
+  val = [p for p in listed if "/val" in p]
+  assert len(val) == 4 and len(set(val)) == 4, listed
+  # The pipeline sees the data section and the batch sizes and seed, nothing else.
+  assert data.config.image_size == SIZE and data.config.seed == 0
+  with pytest.raises(AttributeError):
+    data.config.total_steps  # pylint: disable=pointless-statement
+  with pytest.raises(AttributeError):
+    data.config.model  # pylint: disable=pointless-statement
+
+
 def test_folder_info_and_train_batches(folder):
   c = cfg(dataset="folder", folder=folder)
   info = ip.get_info(c)

@@ -7,7 +7,7 @@ import pytest
 
 import data_fixtures as df
 from vit_jax import configs
-from vit_jax import infer
+from vit_jax import split_predictions
 from vit_jax import metrics
 from vit_jax import train
 
@@ -36,7 +36,7 @@ def _config(list_file):
   c = configs.base()
   c.dataset, c.multilabel_file = "multilabel", list_file
   c.image_size = 16
-  c.model.name = "ViT-Ti_16"
+  c.model.name = None
   c.model.update(dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, patch_size=8))
   c.augment.update(dict(inception_crop=False, hflip=False))
   c.batch_size, c.eval_batch_size = 16, 16
@@ -60,7 +60,7 @@ def test_multilabel_training_learns_the_tags_and_infers_them(tagged, tmp_path):
   assert result["eval"]["mAP"] > 0.9, result["eval"]
   assert (tmp_path / "run" / "labels.txt").read_text().split() == NAMES
 
-  out = infer.predict_dataset(config, os.path.join(work, "final.npz"), str(tmp_path / "test.npz"),
+  out = split_predictions.predict_dataset(config, os.path.join(work, "final.npz"), str(tmp_path / "test.npz"),
                               split="test")
   assert out["logits"].shape == (18, 4) and "top_k" not in out  # no arg-max for tags
   assert out["labels"].shape == (18, 4) and list(out["class_names"]) == NAMES

@@ -26,7 +26,7 @@ from PIL import Image
 
 import data_fixtures as df
 from vit_jax import cli
-from vit_jax import predict
+from vit_jax import classifier
 from vit_jax import serve
 
 # Small limits, so that every one of them is cheap to cross.
@@ -83,7 +83,7 @@ def running(app, wait: bool = True):
 
 @pytest.fixture(scope="module")
 def clf(imagenet_ckpt):
-  return predict.load_classifier(imagenet_ckpt)
+  return classifier.load_classifier(imagenet_ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_scores_equal_predict_on_the_same_files(url, imagenet_ckpt, images):
   got = r.json()
   assert isinstance(got, list), "the managed endpoint's format: a bare list, one list per image"
   # What `vit-jax predict` computes, with its own classifier, batch size and padding.
-  want = list(predict.classify_files(predict.load_classifier(imagenet_ckpt, batch_size=4), paths, k=4))
+  want = list(classifier.classify_files(classifier.load_classifier(imagenet_ckpt, batch_size=4), paths, k=4))
   assert len(got) == len(want) == len(paths)
   for g, w in zip(got, want):
     assert [p["label"] for p in g] == [p["label"] for p in w.predictions]
@@ -239,7 +239,7 @@ def test_a_full_queue_refuses_at_once_with_retry_after_and_healthz_answers_meanw
   """The model is held shut throughout: refusals that waited for it would never come."""
   started, gate = threading.Event(), threading.Event()
 
-  class Gated(predict.Classifier):
+  class Gated(classifier.Classifier):
     def probs(self, images, sizes):
       started.set()
       assert gate.wait(60)
@@ -319,12 +319,12 @@ def test_concurrent_requests_share_model_calls_and_never_compile(url, clf, image
 def test_healthz_says_ready_only_after_warm_up(clf, images):
   gate = threading.Event()
 
-  class Slow(predict.Classifier):
+  class Slow(classifier.Classifier):
     def compile_batches(self, sizes):
       assert gate.wait(60)
       super().compile_batches(sizes)
 
-  class Broken(predict.Classifier):
+  class Broken(classifier.Classifier):
     def compile_batches(self, sizes):
       raise MemoryError("out of memory")
 

@@ -13,12 +13,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests import data_fixtures
 from vit_jax import checkpoint
 from vit_jax import configs
-from vit_jax import demo
+from vit_jax import evaluation
+from vit_jax import input_pipeline
 from vit_jax import models
-from vit_jax import train
 from vit_jax import layout
+from vit_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def digits(tmp_path_factory):
   """scikit-learn's handwritten digits (real data) as image folders, 32 px PNGs."""
   root = tmp_path_factory.mktemp("digits")
-  demo.write_digit_folders(str(root), size=32)
+  # Pre-training on 0-4 (a), fine-tuning on 5-9 (b), as the demo does.
+  data_fixtures.write_digits(str(root / "a"), range(0, 5))
+  data_fixtures.write_digits(str(root / "b"), range(5, 10))
   return str(root)
 
 
@@ -36,7 +40,7 @@ def tiny_config(folder, **kw):
   c.dataset = "folder"
   c.folder = folder
   c.image_size = 16
-  c.model.name = "ViT-Ti_16"
+  c.model.name = None
   c.model.update(dict(hidden_size=48, mlp_dim=96, num_heads=3, num_layers=2, patch_size=4))
   c.augment.update(dict(inception_crop=False, hflip=False))
   c.batch_size, c.eval_batch_size = 32, 32
@@ -48,6 +52,21 @@ def tiny_config(folder, **kw):
   for k, v in kw.items():
     c[k] = v
   return c
+
+
+def test_a_run_makes_its_dataset_source_once(tmp_path, monkeypatch):
+  """Three evaluations, the test split and the training stream all read one source."""
+  root = str(tmp_path / "data")
+  data_fixtures.write_folder(root, {"train": {"a": 8, "b": 8}, "val": {"a": 3, "b": 2},
+                                    "test": {"a": 2, "b": 3}})
+  made = []
+  real = input_pipeline.sources.make_source
+  monkeypatch.setattr(input_pipeline.sources, "make_source", lambda c: made.append(c) or real(c))
+  cfg = tiny_config(root, total_steps=4, warmup_steps=1, eval_every=2, log_every=2, checkpoint_every=4,
+                    batch_size=8, eval_batch_size=8)
+  result = train.train_and_evaluate(cfg, str(tmp_path / "work"))
+  assert (result["eval"]["count"], result["test"]["count"]) == (5, 5)
+  assert len(made) == 1
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +184,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path):
   saved = sorted(int(os.path.basename(d)) for d in glob.glob(str(tmp_path / "checkpoints" / "*"))
                  if os.path.basename(d).isdigit())
   assert saved[-1] == 10, saved  # nothing was saved after the loss went bad
-  setup, _ = train.make_setup(cfg)
-  params = layout.flatten(jax.device_get(train.load_params(setup, str(tmp_path))))
+  setup, _ = evaluation.prepare(cfg)
+  params = layout.flatten(jax.device_get(evaluation.load_params(setup, str(tmp_path))))
   for k, v in before.items():
     np.testing.assert_array_equal(np.asarray(params[k]), v, err_msg=k)
 
@@ -194,9 +213,9 @@ def test_train_command_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp_path):
-  from vit_jax import infer
+  from vit_jax import split_predictions
   cfg = tiny_config(os.path.join(digits, "a"))
-  out = infer.predict_dataset(cfg, pretrained, str(tmp_path / "one.npz"), split="test", top_k=3)
+  out = split_predictions.predict_dataset(cfg, pretrained, str(tmp_path / "one.npz"), split="test", top_k=3)
   n = len(glob.glob(os.path.join(digits, "a", "test", "*", "*.png")))
   assert out["logits"].shape == (n, 5) and out["top_k"].shape == (n, 3) and len(out["labels"]) == n
   accuracy = float((out["logits"].argmax(-1) == out["labels"]).mean())
@@ -204,7 +223,7 @@ def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp
   # 8e-6 of the largest logit (see below): 5e-5, against 0.016 for the closest top-2 gap.
   assert accuracy == pytest.approx(train.evaluate(cfg, pretrained, "test")["accuracy"])
   np.testing.assert_array_equal(out["top_k"][:, 0], out["logits"].argmax(-1))
-  emb = infer.predict_dataset(cfg, pretrained, str(tmp_path / "emb.npz"), split="test", embeddings=True)
+  emb = split_predictions.predict_dataset(cfg, pretrained, str(tmp_path / "emb.npz"), split="test", embeddings=True)
   assert emb["embeddings"].shape == (n, 48)
   # The same split over 4 devices (batches sharded) gives the same rows, in the same order.
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()

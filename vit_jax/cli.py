@@ -49,18 +49,18 @@ def _run_predict(args: argparse.Namespace) -> int:
   if args.config is not None:
     if args.images or not args.output:
       raise errors.ConfigError("with --config, predict runs over a dataset split: give --output, no IMAGEs")
-    from vit_jax import infer  # pylint: disable=import-outside-toplevel
-    out = infer.predict_dataset(args.config, args.checkpoint, args.output, split=args.split,
+    from vit_jax import split_predictions  # pylint: disable=import-outside-toplevel
+    out = split_predictions.predict_dataset(args.config, args.checkpoint, args.output, split=args.split,
                                 embeddings=args.embeddings, top_k=args.top_k)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in out.items()))
     return 0
   if not args.images:
     raise errors.ConfigError("give IMAGE files, or --config RECIPE_OR_FILE --output OUT.npz for a dataset split")
-  from vit_jax import predict  # pylint: disable=import-outside-toplevel
-  clf = predict.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
+  from vit_jax import classifier  # pylint: disable=import-outside-toplevel
+  clf = classifier.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
                                 labels_path=args.labels, batch_size=args.batch_size)
   failed = 0
-  for r in predict.classify_files(clf, args.images, k=args.top_k):
+  for r in classifier.classify_files(clf, args.images, k=args.top_k):
     if r.error:
       failed += 1
       print(f"vit-jax predict: {r.error}", file=sys.stderr)
@@ -357,7 +357,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
   import signal  # pylint: disable=import-outside-toplevel
-  from vit_jax import predict, serve  # pylint: disable=import-outside-toplevel
+  from vit_jax import classifier, serve  # pylint: disable=import-outside-toplevel
   try:
     sizes = tuple(int(s) for s in args.batch_sizes.split(",")) if args.batch_sizes else ()
   except ValueError:
@@ -370,7 +370,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                           url_timeout_s=args.url_timeout)
   if args.drain_timeout < 0:
     raise errors.ConfigError(f"--drain-timeout {args.drain_timeout}: must be at least 0")
-  clf = predict.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
+  clf = classifier.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
                                 labels_path=args.labels)
   sock = serve.bind(args.host, args.port)
   print(f"vit-jax serve: {clf.model_name} listening on {serve.url_of(sock)} "

@@ -138,6 +138,18 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def section(config: ml_collections.ConfigDict, name: str, *also: str
+            ) -> ml_collections.FrozenConfigDict:
+  """The keys of one schema section (plus the keys `also`), read-only: all that one part reads."""
+  out = ml_collections.ConfigDict()
+  for key in [f.key for f in SCHEMA[name]] + list(also):
+    parent, _, leaf = key.rpartition(".")
+    if parent and parent not in out:
+      out[parent] = ml_collections.ConfigDict()
+    (out[parent] if parent else out)[leaf] = (config[parent] if parent else config)[leaf]
+  return ml_collections.FrozenConfigDict(out)
+
+
 def describe(config: ml_collections.ConfigDict | None = None) -> str:
   """The schema as text, by section: key, type, value (`config`'s, else the default), meaning."""
   lines = []

@@ -114,7 +114,7 @@ def run(workdir: str = "demo-run", pretrain_steps: int = 300, finetune_steps: in
   t0 = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from vit_jax import predict, train  # pylint: disable=import-outside-toplevel
+  from vit_jax import classifier, train  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   data = os.path.join(workdir, "digits")
   _say(f"1/5 writing scikit-learn's handwritten digits as an image folder under {data}")
@@ -141,13 +141,13 @@ def run(workdir: str = "demo-run", pretrain_steps: int = 300, finetune_steps: in
   after = ft["test"]
 
   _say("4/5 predicting held-out images with `vit-jax predict`'s library")
-  clf = predict.load_classifier(os.path.join(ft_dir, "final.npz"),
+  clf = classifier.load_classifier(os.path.join(ft_dir, "final.npz"),
                                 labels_path=os.path.join(ft_dir, "labels.txt"))
   test_root = os.path.join(data, "b", "test")
   paths = sorted(os.path.join(test_root, d, f) for d in sorted(os.listdir(test_root))
                  for f in sorted(os.listdir(os.path.join(test_root, d))))[::9][:24]
   grid = []
-  for r in predict.classify_files(clf, paths, k=1):
+  for r in classifier.classify_files(clf, paths, k=1):
     true = os.path.basename(os.path.dirname(r.image))
     pred = r.predictions[0]["label"]
     with Image.open(r.image) as im:

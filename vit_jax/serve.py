@@ -55,7 +55,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from vit_jax import errors
-from vit_jax import predict
+from vit_jax import classifier
 from vit_jax import preprocess
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Options:
   @property
   def sizes(self) -> tuple[int, ...]:
     """The compiled batch sizes; the largest is the most images one model call holds."""
-    return tuple(sorted(set(self.batch_sizes))) or predict.batch_sizes(self.max_batch)
+    return tuple(sorted(set(self.batch_sizes))) or classifier.batch_sizes(self.max_batch)
 
 
 class RequestError(Exception):
@@ -471,7 +471,7 @@ def _parse(body: bytes, options: Options) -> tuple[list[str], int | None]:
   return inputs, k
 
 
-def create_app(clf: predict.Classifier, options: Options = Options()) -> FastAPI:
+def create_app(clf: classifier.Classifier, options: Options = Options()) -> FastAPI:
   """The FastAPI application serving `clf`; compiles every batch size when it starts."""
   sizes = options.sizes
   state = _State()

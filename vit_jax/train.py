@@ -20,27 +20,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax import errors
+from vit_jax import evaluation
 from vit_jax import checkpoint
 from vit_jax import files
 from vit_jax import input_pipeline
 from vit_jax import metric_writer
-from vit_jax import metrics
 from vit_jax import sharding
 from vit_jax import steps
 
 log = logging.getLogger(__name__)
 
 
+# `vit_jax.train.evaluate` predates the evaluation module; it stays an alias.
+evaluate = evaluation.evaluate
+
+
 class NonFiniteLossError(errors.UserError, RuntimeError):
   """Training produced a NaN or Inf loss."""
-
-
-def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[steps.Setup, input_pipeline.DatasetInfo]:
-  """The dataset's info and the Setup (model, mesh, shardings, steps) for `config`."""
-  info = input_pipeline.get_info(config)
-  mesh = mesh or sharding.make_mesh(config.mesh.to_dict())
-  return steps.Setup(config, info.num_classes, info.multilabel, mesh), info
 
 
 def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -52,26 +48,6 @@ def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.
                                             else workdir, "checkpoints"), options=options)
 
 
-def _host_params(setup: steps.Setup, params: Any) -> Any:
-  """Params gathered to every host as numpy (a replicating jit works across hosts)."""
-  rep = sharding.replicated(setup.mesh)
-  gathered = jax.jit(lambda p: p, out_shardings=jax.tree_util.tree_map(lambda _: rep, params))(params)
-  return jax.tree_util.tree_map(np.asarray, jax.device_get(gathered))
-
-
-def run_eval(setup: steps.Setup, params: Any, split: str, eval_step=None) -> dict[str, Any]:
-  """Metrics over every example of `split` exactly once (padded batches, masked)."""
-  eval_step = eval_step or setup.jit_eval_step()
-  acc = metrics.Accumulator(multilabel=setup.multilabel)
-  for batch in input_pipeline.eval_iterator(setup.config, split, setup.batch_sharding):
-    sums, logits = eval_step(params, batch)
-    if setup.multilabel:
-      acc.add(sums, *(sharding.local_rows(x) for x in (logits, batch["label"], batch["mask"])))
-    else:
-      acc.add(sums)
-  return acc.result()
-
-
 def _better(metric: str, new: float, best: float | None) -> bool:
   if best is None:
     return True
@@ -81,7 +57,8 @@ def _better(metric: str, new: float, best: float | None) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Trains as `config` says, evaluating and checkpointing on the way; returns the final metrics."""
-  setup, info = make_setup(config, mesh)
+  setup, data = evaluation.prepare(config, mesh)
+  info = data.info
   is_main = jax.process_index() == 0
   if is_main:
     with files.atomic_write(os.path.join(workdir, "config.json")) as f:
@@ -94,7 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   latest = mngr.latest_step()
   if latest is not None:
-    state = _restore(mngr, latest, setup)
+    state = evaluation.restore(mngr, latest, setup)
     log.info("resumed from %s at step %d", mngr.directory, latest)
   else:
     pretrained = None
@@ -110,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   best_path = os.path.join(workdir, "best.json")
   best = json.loads(files.read_bytes(best_path))["value"] if files.exists(best_path) else None
 
-  batches = input_pipeline.train_iterator(config, setup.batch_sharding, start_step=start)
+  batches = data.train_iterator(setup.batch_sharding, start_step=start)
   progress = _progress(start, total, is_main)
   log_every, eval_every = config.log_every, config.eval_every
   pending, t0, seen = None, time.perf_counter(), 0
@@ -135,12 +112,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     progress.update(1)
     if step % eval_every == 0 or step == total:
       _check_finite(m, step)
-      result = run_eval(setup, state.params, "eval", eval_step)
+      result = evaluation.run_eval(setup, data, state.params, "eval", eval_step)
       writer.write(step, "eval", result)
       # The metrics are the same on every host, so all hosts join the gather.
       if _better(best_metric, result[best_metric], best):
         best = result[best_metric]
-        host = _host_params(setup, state.params)
+        host = evaluation.host_params(setup, state.params)
         if is_main:
           checkpoint.save(host, os.path.join(workdir, "best.npz"))
           with files.atomic_write(best_path) as f:
@@ -159,10 +136,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if mngr.latest_step() != total:
     mngr.save(total, args=ocp.args.StandardSave(state), force=True)
   mngr.wait_until_finished()
-  final = _host_params(setup, state.params)
-  result = {"eval": run_eval(setup, state.params, "eval", eval_step)}
+  final = evaluation.host_params(setup, state.params)
+  result = {"eval": evaluation.run_eval(setup, data, state.params, "eval", eval_step)}
   if info.num_examples.get("test"):
-    result["test"] = run_eval(setup, state.params, "test", eval_step)
+    result["test"] = evaluation.run_eval(setup, data, state.params, "test", eval_step)
     writer.write(total, "test", result["test"])
   if is_main:
     checkpoint.save(final, os.path.join(workdir, "final.npz"))
@@ -172,38 +149,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer.close()
   mngr.close()
   return result
-
-
-def evaluate(config: ml_collections.ConfigDict, checkpoint_path: str, split: str = "eval",
-             mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
-  """Metrics of a checkpoint (original-layout .npz, or an Orbax training checkpoint dir) on a split."""
-  setup, _ = make_setup(config, mesh)
-  params = load_params(setup, checkpoint_path)
-  return run_eval(setup, params, split)
-
-
-def _restore(mngr: ocp.CheckpointManager, step: int, setup: steps.Setup) -> steps.TrainState:
-  """The state at `step`; a clear error when the config no longer matches what was saved."""
-  try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(setup.abstract_state()))
-  except ValueError as e:
-    raise errors.ConfigError(f"{mngr.directory}/{step}: this checkpoint was written with another model or "
-                             f"optimizer config ({str(e).splitlines()[0]}); use a new --workdir, or the "
-                             "config it was trained with") from None
-
-
-def load_params(setup: steps.Setup, path: str) -> Any:
-  """Sharded params from an .npz file or from a training workdir / Orbax checkpoint directory."""
-  if path.endswith(".npz"):
-    host = checkpoint.load_pretrained(path, setup.model)
-    return sharding.put_global(host, setup.param_shardings)
-  root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  mngr = ocp.CheckpointManager(os.path.abspath(root) if "://" not in root else root,
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step()
-  if step is None:
-    raise errors.MissingFileError(f"{path}: no .npz file and no Orbax checkpoint in it")
-  return _restore(mngr, step, setup).params
 
 
 def _check_finite(m: dict[str, jax.Array], step: int) -> None:

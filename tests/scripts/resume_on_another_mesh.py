@@ -12,7 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vit_jax import checkpoint, layout, sharding, train  # noqa: E402
+from vit_jax import checkpoint, evaluation, layout, sharding, train  # noqa: E402
 from vit_jax.recipes import tiny  # noqa: E402
 
 folder, work = sys.argv[1], sys.argv[2]
@@ -33,8 +33,8 @@ data2_model2 = sharding.make_mesh({"data": 2, "model": 2})
 train.train_and_evaluate(config(10), work, mesh=data4)
 
 # The restore puts every array where the new mesh wants it; the values are the saved ones.
-setup, _ = train.make_setup(config(20), data2_model2)
-params = train.load_params(setup, work)
+setup, _ = evaluation.prepare(config(20), data2_model2)
+params = evaluation.load_params(setup, work)
 kernel = params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
 assert kernel.sharding.spec[1] == "model", kernel.sharding
 assert kernel.addressable_shards[0].data.shape == (kernel.shape[0], kernel.shape[1] // 2)

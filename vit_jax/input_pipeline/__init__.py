@@ -1,5 +1,11 @@
 """The tf.data input pipeline: TFDS datasets, image folders and multi-label lists, sharded over hosts.
 
+A run makes one `Pipeline(config)`. It keeps the config's data section (plus
+batch_size, eval_batch_size and seed, all it reads) and the dataset source, so
+a folder is listed and a TFDS builder opened once per run. Its `info`,
+`train_iterator`, `eval_iterator` and `host_batches` are described below; the
+module-level functions of those names make a one-off Pipeline (tools, tests).
+
 Sources (`config.dataset`):
   * a TFDS name ('cifar10', 'imagenet2012', 'oxford_iiit_pet', 'name:1.0.0/config', ...),
     prepared in `config.tfds_data_dir` (local or gs://; never downloaded). cifar10
@@ -53,19 +59,18 @@ with each example's 'index' in its split (tests, tools). `process_index` /
 `process_count` arguments simulate other hosts; the arrays then hold only this
 host's rows.
 
-Other config fields read: image_size, batch_size, eval_batch_size, seed,
-shuffle_buffer, prefetch, data_threads (tf.data threads; default: the CPUs this
-process may use), tfds_cycle_length (shards read at once, default 16),
-class_names / num_classes (lists).
+The config keys read are the data section of `configs.SCHEMA` (`vit-jax train
+--help-config` lists them) and the three above.
 """
 from vit_jax.input_pipeline.pipeline import decode_errors
 from vit_jax.input_pipeline.pipeline import eval_iterator
+from vit_jax.input_pipeline.pipeline import get_info
 from vit_jax.input_pipeline.pipeline import host_batches
+from vit_jax.input_pipeline.pipeline import Pipeline
 from vit_jax.input_pipeline.pipeline import train_iterator
 from vit_jax.input_pipeline.sources import DatasetInfo
-from vit_jax.input_pipeline.sources import get_info
 from vit_jax.input_pipeline.sources import LABELS_FILE
 from vit_jax.input_pipeline.sources import write_class_names
 
 __all__ = ["DatasetInfo", "LABELS_FILE", "decode_errors", "eval_iterator", "get_info", "host_batches",
-           "train_iterator", "write_class_names"]
+           "Pipeline", "train_iterator", "write_class_names"]

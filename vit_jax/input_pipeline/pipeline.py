@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from vit_jax import configs
 from vit_jax import errors
 from vit_jax import tf_setup
 from vit_jax.input_pipeline import sources
@@ -304,14 +305,13 @@ def _check_decodable(ds, describe: Callable[[int], str] | None) -> None:
                              "are these image files?")
 
 
-def _train_stream(config: Any, start_step: int, index: int, count: int) -> _Stream:
+def _train_stream(config: Any, source: Any, start_step: int, index: int, count: int) -> _Stream:
   tf = tf_setup.tf()
   host_batch = _host_batch(config.batch_size, count, "batch_size")
   size = _image_size(config)
   aug = transforms.Augment.from_config(config.augment)
   seed = int(config.seed)
   balance = bool(config.balance_classes)
-  source = sources.make_source(config)
   if balance and source.multilabel:
     raise errors.ConfigError("config.balance_classes needs single-label data; this dataset is multi-label")
   spec = sources.split_spec(source, config, "train")
@@ -348,13 +348,12 @@ def _train_stream(config: Any, start_step: int, index: int, count: int) -> _Stre
   return _Stream(ds, _SkipCounter(start, "train", length, describe))
 
 
-def _eval_stream(config: Any, split: str, index: int, count: int) -> tuple[_Stream, int]:
+def _eval_stream(config: Any, source: Any, split: str, index: int, count: int) -> tuple[_Stream, int]:
   """This host's share of `split`, padded with masked examples to the same batch count on every host."""
   tf = tf_setup.tf()
   host_batch = _host_batch(config.eval_batch_size,
                            count, "eval_batch_size")
   size, crop = _image_size(config), _crop_ratio(config)
-  source = sources.make_source(config)
   spec = sources.split_spec(source, config, split)
   describe = None
   if source.indexed:
@@ -388,21 +387,6 @@ def _eval_stream(config: Any, split: str, index: int, count: int) -> tuple[_Stre
   ds = ds.take(batches * host_batch).batch(host_batch).prefetch(tf.data.AUTOTUNE)
   ds = ds.with_options(_options(config))
   return _Stream(ds, _SkipCounter(0, f"{split} split {spec!r}", describe=describe), n_host), batches
-
-
-def host_batches(config: Any, split: str | None = None, *, start_step: int = 0,
-                 process_index: int | None = None, process_count: int | None = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
-  """This host's batches as numpy: the endless training stream (split None) or one pass over a split.
-
-  Keys: 'image', 'label', 'index' (the example's index in its split, -1 for
-  padding) and, for evaluation, 'mask'. The batch is the per-host share of the
-  global batch size. `process_index`/`process_count` default to JAX's.
-  """
-  index, count = _processes(process_index, process_count)
-  if split is None:
-    return iter(_train_stream(config, start_step, index, count))
-  return iter(_eval_stream(config, split, index, count)[0])
 
 
 # -- devices -----------------------------------------------------------------------
@@ -449,28 +433,84 @@ def _to_devices(batches: Iterator[dict[str, np.ndarray]], keys: tuple[str, ...],
     fill(1)
 
 
-def train_iterator(config: Any, sharding: jax.sharding.NamedSharding, *, start_step: int = 0,
+# The keys outside the data section that the pipeline reads.
+_ALSO_READS = ("batch_size", "eval_batch_size", "seed")
+
+
+class Pipeline:
+  """The input pipeline of one run: its config section and its dataset source, each made once."""
+
+  def __init__(self, config: Any):
+    self.config = configs.section(config, "data", *_ALSO_READS)
+    self.source = sources.make_source(self.config)
+    self._info: sources.DatasetInfo | None = None
+
+  @property
+  def info(self) -> sources.DatasetInfo:
+    """Classes, label kind and split sizes (the splits are counted on first use)."""
+    if self._info is None:
+      self._info = sources.dataset_info(self.source, self.config)
+    return self._info
+
+  def host_batches(self, split: str | None = None, *, start_step: int = 0,
                    process_index: int | None = None, process_count: int | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """This host's batches as numpy: the endless training stream (split None) or one pass over a split.
+
+    Keys: 'image', 'label', 'index' (the example's index in its split, -1 for
+    padding) and, for evaluation, 'mask'. The batch is the per-host share of the
+    global batch size. `process_index`/`process_count` default to JAX's.
+    """
+    index, count = _processes(process_index, process_count)
+    if split is None:
+      return iter(_train_stream(self.config, self.source, start_step, index, count))
+    return iter(_eval_stream(self.config, self.source, split, index, count)[0])
+
+  def train_iterator(self, sharding: jax.sharding.NamedSharding, *, start_step: int = 0,
+                     process_index: int | None = None, process_count: int | None = None
+                     ) -> Iterator[dict[str, jax.Array]]:
+    """Endless global training batches {'image', 'label'} placed with `sharding`, from `start_step`."""
+    config = self.config
+    index, count = _processes(process_index, process_count)
+    host_batch = _host_batch(config.batch_size, count, "batch_size")
+    rows = _global_rows(int(config.batch_size), host_batch, count, sharding, "batch_size")
+    stream = iter(_train_stream(config, self.source, start_step, index, count))
+    return _to_devices(stream, ("image", "label"), sharding, rows, int(config.prefetch))
+
+  def eval_iterator(self, split: str, sharding: jax.sharding.NamedSharding, *,
+                    process_index: int | None = None, process_count: int | None = None,
+                    with_index: bool = False) -> Iterator[dict[str, jax.Array]]:
+    """One pass over `split` ('eval', 'test' or a split string) as global {'image', 'label', 'mask'}.
+
+    with_index adds 'index': int32 [B], each row's example index in the split (-1 on padding).
+    """
+    config = self.config
+    index, count = _processes(process_index, process_count)
+    host_batch = _host_batch(config.eval_batch_size, count, "eval_batch_size")
+    rows = _global_rows(int(config.eval_batch_size), host_batch, count, sharding, "eval_batch_size")
+    stream, _ = _eval_stream(config, self.source, split, index, count)
+    keys = ("image", "label", "mask") + (("index",) if with_index else ())
+    return _to_devices(iter(stream), keys, sharding, rows, int(config.prefetch))
+
+
+# One-off forms of the methods above, for tools and tests; a run makes one Pipeline.
+def get_info(config: Any) -> sources.DatasetInfo:
+  """Classes, label kind and split sizes of the configured dataset."""
+  return Pipeline(config).info
+
+
+def host_batches(config: Any, split: str | None = None, **kw: Any) -> Iterator[dict[str, np.ndarray]]:
+  """`Pipeline(config).host_batches(split, **kw)`."""
+  return Pipeline(config).host_batches(split, **kw)
+
+
+def train_iterator(config: Any, sharding: jax.sharding.NamedSharding, **kw: Any
                    ) -> Iterator[dict[str, jax.Array]]:
-  """Endless global training batches {'image', 'label'} placed with `sharding`, from step `start_step`."""
-  index, count = _processes(process_index, process_count)
-  host_batch = _host_batch(config.batch_size, count, "batch_size")
-  rows = _global_rows(int(config.batch_size), host_batch, count, sharding, "batch_size")
-  stream = iter(_train_stream(config, start_step, index, count))
-  return _to_devices(stream, ("image", "label"), sharding, rows, int(config.prefetch))
+  """`Pipeline(config).train_iterator(sharding, **kw)`."""
+  return Pipeline(config).train_iterator(sharding, **kw)
 
 
-def eval_iterator(config: Any, split: str, sharding: jax.sharding.NamedSharding, *,
-                  process_index: int | None = None, process_count: int | None = None,
-                  with_index: bool = False) -> Iterator[dict[str, jax.Array]]:
-  """One pass over `split` ('eval', 'test' or a split string) as global {'image', 'label', 'mask'} batches.
-
-  with_index adds 'index': int32 [B], each row's example index in the split (-1 on padding).
-  """
-  index, count = _processes(process_index, process_count)
-  global_batch = config.eval_batch_size
-  host_batch = _host_batch(global_batch, count, "eval_batch_size")
-  rows = _global_rows(int(global_batch), host_batch, count, sharding, "eval_batch_size")
-  stream, _ = _eval_stream(config, split, index, count)
-  keys = ("image", "label", "mask") + (("index",) if with_index else ())
-  return _to_devices(iter(stream), keys, sharding, rows, int(config.prefetch))
+def eval_iterator(config: Any, split: str, sharding: jax.sharding.NamedSharding, **kw: Any
+                  ) -> Iterator[dict[str, jax.Array]]:
+  """`Pipeline(config).eval_iterator(split, sharding, **kw)`."""
+  return Pipeline(config).eval_iterator(split, sharding, **kw)

@@ -150,6 +150,8 @@ class FolderSource:
       raise errors.DataError(f"{train}: no class folders in it (expected {train}/CLASS_NAME/*.jpg)")
     self._ids = {c: i for i, c in enumerate(self.class_names)}
     self.num_classes = len(self.class_names)
+    self._listed: dict[str, Records] = {}  # a split is listed once per source, i.e. per run
+
 
   def default_split(self, key: str) -> str:
     return INDEXED_DEFAULTS[key]
@@ -158,6 +160,11 @@ class FolderSource:
     return _is_dir(_join(self.root, parse_split(spec)[0]))
 
   def records(self, spec: str) -> Records:
+    if spec not in self._listed:
+      self._listed[spec] = self._list(spec)
+    return self._listed[spec]
+
+  def _list(self, spec: str) -> Records:
     name, bounds = parse_split(spec)
     split_dir = _join(self.root, name)
     if not _is_dir(split_dir):
@@ -460,9 +467,8 @@ def split_spec(source: Any, config: Any, split: str) -> str:
   return split
 
 
-def get_info(config: Any) -> DatasetInfo:
-  """Classes, label kind and split sizes of the configured dataset."""
-  source = make_source(config)
+def dataset_info(source: Any, config: Any) -> DatasetInfo:
+  """Classes, label kind and split sizes of `source` with `config`'s splits."""
   counts = {}
   for key in SPLIT_KEYS:
     spec = split_spec(source, config, key)

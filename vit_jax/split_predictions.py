@@ -14,10 +14,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from vit_jax import evaluation
 from vit_jax import files
-from vit_jax import input_pipeline
 from vit_jax import sharding
-from vit_jax import train
 
 
 def _host_path(output: str) -> str:
@@ -30,11 +29,12 @@ def _host_path(output: str) -> str:
 def predict_dataset(config: ml_collections.ConfigDict, checkpoint_path: str, output: str, *,
                     split: str = "test", embeddings: bool = False, top_k: int = 5) -> dict[str, Any]:
   """Runs the model over `split` and writes this host's results; returns what was written."""
-  setup, info = train.make_setup(config)
-  params = train.load_params(setup, checkpoint_path)
+  setup, data = evaluation.prepare(config)
+  info = data.info
+  params = evaluation.load_params(setup, checkpoint_path)
   fn = setup.jit_predict(embedding=embeddings)
   outs, labels = [], []
-  for batch in input_pipeline.eval_iterator(config, split, setup.batch_sharding):
+  for batch in data.eval_iterator(split, setup.batch_sharding):
     keep = sharding.local_rows(batch["mask"]).astype(bool)
     outs.append(sharding.local_rows(fn(params, batch["image"]))[keep].astype(np.float32))
     labels.append(sharding.local_rows(batch["label"])[keep])
