@@ -300,11 +300,11 @@ def test_a_bug_is_not_taken_for_a_user_mistake(capsys, imagenet_ckpt, images, mo
   def broken(*args, **kw):
     raise ValueError("an internal invariant failed")
 
-  monkeypatch.setattr(predict, "classify_files", broken)
+  monkeypatch.setattr(classifier, "classify_files", broken)
   with pytest.raises(ValueError, match="an internal invariant failed"):
     cli.main(["predict", "--checkpoint", imagenet_ckpt, images["rgb.jpg"]])
   # The installed command: the traceback is printed and the exit status is 1.
-  code = ("import sys; from vit_jax import cli, predict\n"
+  code = ("import sys; from vit_jax import classifier, cli\n"
           "def broken(*a, **k): raise ValueError('an internal invariant failed')\n"
           "classifier.classify_files = broken\n"
           f"sys.exit(cli.main(['predict', '--checkpoint', {imagenet_ckpt!r}, {images['rgb.jpg']!r}]))\n")

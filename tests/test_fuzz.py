@@ -4,7 +4,7 @@ The checkpoint loader, the image decoder, the config overrides and the server's
 request parsing each get random, mutated, truncated and bit-flipped input. The
 only exceptions allowed out are `checkpoint.CheckpointError`,
 `preprocess.ImageError`, a one-line `ValueError` for config overrides and a 4xx
-`serve.RequestError` for request bodies; anything else fails the test.
+`protocol.RequestError` for request bodies; anything else fails the test.
 
 A hang (in Python or inside zlib or PIL's C code) is caught by pytest-timeout's thread
 method: past the module's limit it prints every thread's stack and ends the run. The
@@ -32,10 +32,11 @@ from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import preprocess
 from vit_jax import recipes
-from vit_jax import serve
 from vit_jax import models
 from vit_jax import spec
 from vit_jax import layout
+from vit_jax.serving import app as serve
+from vit_jax.serving import protocol
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:PIL"),  # "Corrupt EXIF data"
               pytest.mark.timeout(900, method="thread")]
@@ -394,10 +395,10 @@ bodies = st.one_of(
 @examples(300)
 @given(bodies)
 def test_random_request_bodies(body):
-  options = serve.Options(max_images=3)
+  options = protocol.Options(max_images=3)
   try:
     inputs, k = serve._parse(body, options)  # pylint: disable=protected-access
-  except serve.RequestError as e:
+  except protocol.RequestError as e:
     assert e.status in (400, 422) and e.message and "\n" not in e.message
     return
   assert 1 <= len(inputs) <= 3 and all(isinstance(i, str) for i in inputs)
@@ -409,7 +410,7 @@ def test_random_request_bodies(body):
 def test_random_top_k(value):
   try:
     k = serve._top_k(value, "query parameter")  # pylint: disable=protected-access
-  except serve.RequestError as e:
+  except protocol.RequestError as e:
     assert e.status == 400 and "top_k must be a positive integer" in e.message
     return
   assert isinstance(k, int) and k >= 1
@@ -420,7 +421,7 @@ def test_random_top_k(value):
 def test_random_base64_text(text):
   try:
     data = serve._decode_base64(text, 0)  # pylint: disable=protected-access
-  except serve.RequestError as e:
+  except protocol.RequestError as e:
     assert e.status == 400 and e.message.startswith("input_data[0]: not valid base64")
     return
   assert isinstance(data, bytes)
@@ -433,7 +434,7 @@ def test_random_base64_text(text):
 def test_random_image_bytes_in_a_request(data):
   try:
     x = serve._prepare(data, 0, 8, max_pixels=500)  # pylint: disable=protected-access
-  except serve.RequestError as e:
+  except protocol.RequestError as e:
     assert e.status in (400, 413) and e.message.startswith("input_data[0]: ")
     return
   assert x.shape == (8, 8, 3) and x.dtype == np.float32

@@ -27,10 +27,13 @@ from PIL import Image
 import data_fixtures as df
 from vit_jax import cli
 from vit_jax import classifier
-from vit_jax import serve
+from vit_jax.serving import app as serve
+from vit_jax.serving import batcher as batching
+from vit_jax.serving import protocol
+from vit_jax.serving import urls
 
 # Small limits, so that every one of them is cheap to cross.
-OPTIONS = serve.Options(max_batch=8, max_wait_ms=10, max_body_bytes=256 << 10, max_pixels=100_000,
+OPTIONS = protocol.Options(max_batch=8, max_wait_ms=10, max_body_bytes=256 << 10, max_pixels=100_000,
                         max_images=8)
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -179,7 +182,7 @@ def test_the_batcher_joins_requests_queued_during_a_call():
 
   async def scenario():
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      batcher = serve.Batcher(run, max_batch=4, max_wait_s=0.0, executor=pool)
+      batcher = batching.Batcher(run, max_batch=4, max_wait_s=0.0, executor=pool)
       worker = asyncio.create_task(batcher.serve_forever())
       image = lambda v: np.full((2, 2, 3), v, np.float32)
       first = asyncio.create_task(batcher.classify([image(0)]))
@@ -209,7 +212,7 @@ def test_the_batcher_refuses_images_past_its_queue_bound_and_frees_places_as_cal
 
   async def scenario():
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      batcher = serve.Batcher(run, max_batch=2, max_wait_s=0.0, executor=pool, max_queue=4)
+      batcher = batching.Batcher(run, max_batch=2, max_wait_s=0.0, executor=pool, max_queue=4)
       worker = asyncio.create_task(batcher.serve_forever())
       image = np.zeros((2, 2, 3), np.float32)
       first = asyncio.create_task(batcher.classify([image] * 2))
@@ -218,12 +221,12 @@ def test_the_batcher_refuses_images_past_its_queue_bound_and_frees_places_as_cal
       queued = asyncio.create_task(batcher.classify([image] * 3))
       await asyncio.sleep(0)
       assert batcher.waiting == 3 and not batcher.full
-      with pytest.raises(serve.QueueFull, match=r"^the queue is full: 3 images wait for the model, "
+      with pytest.raises(batching.QueueFull, match=r"^the queue is full: 3 images wait for the model, "
                                                 r"and 2 more would pass the limit of 4; retry after 1 s$"):
         await batcher.classify([image] * 2)
       with batcher.admit(1):  # the last place: held while its image would be decoded
         assert batcher.waiting == 4 and batcher.full
-        with pytest.raises(serve.QueueFull):
+        with pytest.raises(batching.QueueFull):
           batcher.admit(1).__enter__()
       assert batcher.waiting == 3  # a request that ended before the queue gave its place back
       release.set()
@@ -247,7 +250,7 @@ def test_a_full_queue_refuses_at_once_with_retry_after_and_healthz_answers_meanw
 
   fields = {f.name: getattr(clf, f.name) for f in dataclasses.fields(clf)}
   one = b64(images["rgb.jpg"])
-  options = serve.Options(batch_sizes=(1, 2), max_images=2, max_queue=4)
+  options = protocol.Options(batch_sizes=(1, 2), max_images=2, max_queue=4)
   with running(serve.create_app(Gated(**fields), options)) as url:
 
     async def scenario():
@@ -330,7 +333,7 @@ def test_healthz_says_ready_only_after_warm_up(clf, images):
 
   fields = {f.name: getattr(clf, f.name) for f in dataclasses.fields(clf)}
   body = {"input_data": [b64(images["rgb.jpg"])]}
-  with running(serve.create_app(Slow(**fields), serve.Options(batch_sizes=(1,))), wait=False) as url:
+  with running(serve.create_app(Slow(**fields), protocol.Options(batch_sizes=(1,))), wait=False) as url:
     wait_until = time.monotonic() + 30
     while True:  # until the server accepts connections
       with contextlib.suppress(httpx.TransportError):
@@ -344,7 +347,7 @@ def test_healthz_says_ready_only_after_warm_up(clf, images):
     gate.set()
     wait_ready(url)
     assert _post(url, json=body).status_code == 200
-  with running(serve.create_app(Broken(**fields), serve.Options(batch_sizes=(1,))), wait=False) as url:
+  with running(serve.create_app(Broken(**fields), protocol.Options(batch_sizes=(1,))), wait=False) as url:
     time.sleep(0.5)
     for _ in range(100):
       with contextlib.suppress(httpx.TransportError):
@@ -454,7 +457,7 @@ def test_urls_are_fetched_only_when_allowed_with_a_timeout_and_a_size_cap(clf, i
   (tmp_path / "large.jpg").write_bytes(os.urandom(100_000))
   (tmp_path / "notes.txt").write_text("not an image")
   # The files are on 127.0.0.1: only a server told to fetch from private addresses reaches them.
-  options = serve.Options(batch_sizes=(1, 2), allow_urls=True, allow_private_urls=True, url_timeout_s=1,
+  options = protocol.Options(batch_sizes=(1, 2), allow_urls=True, allow_private_urls=True, url_timeout_s=1,
                           max_body_bytes=64 << 10)
   with _files(tmp_path) as (base, _), running(serve.create_app(clf, options)) as url:
     from_url = _post(url, json={"input_data": [f"{base}/rgb.jpg", b64(images["gray.png"])]})
@@ -493,7 +496,7 @@ def test_internal_addresses_are_told_from_public_ones():
       "::ffff:10.0.0.1": "private", "2002:7f00:1::": "loopback",
       "8.8.8.8": None, "93.184.216.34": None, "2001:4860:4860::8888": None, "::ffff:8.8.8.8": None,
   }
-  assert {a: serve.internal_kind(a) for a in table} == table
+  assert {a: urls.internal_kind(a) for a in table} == table
 
 
 def test_a_fetch_connects_to_the_address_it_checked_and_checks_every_hop():
@@ -520,11 +523,11 @@ def test_a_fetch_connects_to_the_address_it_checked_and_checks_every_hop():
   async def fetch(fetcher, url):
     try:
       return await fetcher.fetch(url, 1, 1000)
-    except serve.RequestError as e:
+    except protocol.RequestError as e:
       return e.status, e.message
 
   async def scenario():
-    fetcher = serve.UrlFetcher(serve.Options(allow_urls=True), resolve=resolve,
+    fetcher = urls.UrlFetcher(protocol.Options(allow_urls=True), resolve=resolve,
                                transport=httpx.MockTransport(answer))
     try:
       got = await fetch(fetcher, "https://rebind.example:8443/a.jpg")
@@ -552,7 +555,7 @@ def test_a_fetch_connects_to_the_address_it_checked_and_checks_every_hop():
       assert sent[1:] == [("http://93.184.216.34/hop", "public.example", None)]
     finally:
       await fetcher.aclose()
-    allowed = serve.UrlFetcher(serve.Options(allow_urls=True, allow_private_urls=True), resolve=resolve,
+    allowed = urls.UrlFetcher(protocol.Options(allow_urls=True, allow_private_urls=True), resolve=resolve,
                                transport=httpx.MockTransport(answer))
     try:
       assert await fetch(allowed, "http://looks-public.example:81/a.jpg") == b"image bytes"
@@ -579,12 +582,12 @@ def test_an_https_fetch_sends_the_name_in_sni_and_checks_the_certificate_against
 
   async def scenario(port):
     trust = ssl.create_default_context(cafile=tmp_path / "cert.pem")  # the certificate, and no other
-    options = serve.Options(allow_urls=True, allow_private_urls=True, url_timeout_s=10)
-    fetcher = serve.UrlFetcher(options, resolve=everything_is_127_0_0_1,
+    options = protocol.Options(allow_urls=True, allow_private_urls=True, url_timeout_s=10)
+    fetcher = urls.UrlFetcher(options, resolve=everything_is_127_0_0_1,
                                transport=httpx.AsyncHTTPTransport(verify=trust))
     try:
       got = await fetcher.fetch(f"https://localhost:{port}/key.pem", 0, 1 << 20)
-      with pytest.raises(serve.RequestError, match="CERTIFICATE_VERIFY_FAILED"):
+      with pytest.raises(protocol.RequestError, match="CERTIFICATE_VERIFY_FAILED"):
         await fetcher.fetch(f"https://elsewhere.example:{port}/key.pem", 0, 1 << 20)
     finally:
       await fetcher.aclose()
@@ -603,7 +606,7 @@ def test_urls_that_reach_inside_are_refused_unless_allowed(clf, images, tmp_path
   unless = "(this server fetches only from public addresses; --allow-private-urls allows the others)"
   with _files(tmp_path) as (base, paths):
     port = base.rsplit(":", 1)[1]
-    with running(serve.create_app(clf, serve.Options(batch_sizes=(1, 2), allow_urls=True))) as url:
+    with running(serve.create_app(clf, protocol.Options(batch_sizes=(1, 2), allow_urls=True))) as url:
       for item, why in [(f"{base}/rgb.jpg", "its host is a loopback address"),
                         (f"{base}/missing.png", "its host is a loopback address"),
                         (f"http://localhost:{port}/rgb.jpg", "its host resolves to a loopback address"),
@@ -614,7 +617,7 @@ def test_urls_that_reach_inside_are_refused_unless_allowed(clf, images, tmp_path
         assert (r.status_code, r.json()) == (400, {"error": f"input_data[1]: refused to fetch '{item}': "
                                                             f"{why} {unless}"})
       assert paths == []  # the file server was never reached
-    options = serve.Options(batch_sizes=(1, 2), allow_urls=True, allow_private_urls=True)
+    options = protocol.Options(batch_sizes=(1, 2), allow_urls=True, allow_private_urls=True)
     with running(serve.create_app(clf, options)) as url:
       r = _post(url, json={"input_data": [good, f"http://localhost:{port}/rgb.jpg"]})
       assert r.status_code == 200 and r.json()[0] == r.json()[1], r.text
@@ -866,3 +869,13 @@ def test_the_command_on_sigterm_refuses_new_connections_answers_those_in_flight_
       "stopped cleanly": out.strip().endswith("vit-jax serve: stopped") and "Shutting down" in err,
   }
   assert all(checks.values()), ([name for name, ok in checks.items() if not ok], err[-2000:])
+
+
+def test_every_server_option_is_one_flag_with_the_options_default():
+  """The flags are made from protocol.Options, so a new option cannot miss its flag."""
+  parser = cli.build_parser()
+  assert protocol.from_flags(parser.parse_args(["serve", "--checkpoint", "m.npz"])) == protocol.Options()
+  args = parser.parse_args(["serve", "--checkpoint", "m.npz", "--max-batch", "4", "--batch-sizes", "1,4",
+                            "--allow-urls", "--url-timeout", "3", "--max-wait-ms", "0", "--top-k", "2"])
+  assert protocol.from_flags(args) == protocol.Options(
+      max_batch=4, batch_sizes=(1, 4), allow_urls=True, url_timeout_s=3.0, max_wait_ms=0.0, top_k=2)

@@ -82,14 +82,6 @@ class Classifier:
     return np.asarray(self._probs(self.params, np.asarray(images, np.float32)))[:n]
 
 
-def batch_sizes(max_batch: int) -> tuple[int, ...]:
-  """The batch shapes a server compiles: powers of two below max_batch, and max_batch."""
-  if max_batch < 1:
-    raise errors.ConfigError(f"the largest batch size must be at least 1, not {max_batch}")
-  return tuple(sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch}
-                      | {max_batch}))
-
-
 def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
                     image_size: int | None = None, labels_path: str | None = None,
                     batch_size: int = 8, **model_overrides: Any) -> Classifier:

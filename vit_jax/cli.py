@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -11,27 +12,28 @@ from typing import Callable, Mapping, Sequence
 
 from vit_jax import errors
 
-# The optional dependencies each command needs: (extra, modules).
-_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "serve": ("serve", ("fastapi", "uvicorn", "httpx")),
-    "demo": ("demo", ("sklearn", "matplotlib")),
-    "convert": ("torch", ("torch", "transformers", "safetensors")),
-    "aot": ("aot", ("libtpu",)),
-}
 
 
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-  p = sub.add_parser("predict", help="classify image files with a checkpoint",
-                     description="Prints the top-k labels of each image. The model is read off the "
-                                 "checkpoint unless --model is given.")
-  p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (local or gs://)")
+def _add_classifier_options(p: argparse.ArgumentParser) -> None:
+  """The options that pick a checkpoint's classifier (predict and serve)."""
   p.add_argument("--checkpoint", required=True, help="original-layout .npz, local path or gs:// URL")
   p.add_argument("--model", default=None, help="variant, e.g. ViT-B_16 or B/16 (default: from the file)")
   p.add_argument("--image-size", type=int, default=None,
                  help="input size (default: the checkpoint's); position embeddings are resized")
-  p.add_argument("--top-k", type=int, default=5)
   p.add_argument("--labels", default=None, help="class names, one per line (default: ImageNet-2012 "
                                                 "for 1000-class heads)")
+
+
+def _load_classifier(args: argparse.Namespace, **kw):
+  from vit_jax import classifier  # pylint: disable=import-outside-toplevel
+  return classifier.load_classifier(args.checkpoint, model_name=args.model,
+                                    image_size=args.image_size, labels_path=args.labels, **kw)
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+  p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (local or gs://)")
+  _add_classifier_options(p)
+  p.add_argument("--top-k", type=int, default=5)
   p.add_argument("--batch-size", type=int, default=8,
                  help="images per model call (8 is the fastest per image on a CPU)")
   p.add_argument("--json", action="store_true", help="one JSON object per image")
@@ -40,7 +42,6 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
   g.add_argument("--split", default="test", help="'eval', 'test' or a split string")
   g.add_argument("--output", default=None, help=".npz with logits (or embeddings), labels, top_k")
   g.add_argument("--embeddings", action="store_true", help="write the representation the head sees")
-  p.set_defaults(run=_run_predict, wants_config=True, config_optional=True)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -57,8 +58,7 @@ def _run_predict(args: argparse.Namespace) -> int:
   if not args.images:
     raise errors.ConfigError("give IMAGE files, or --config RECIPE_OR_FILE --output OUT.npz for a dataset split")
   from vit_jax import classifier  # pylint: disable=import-outside-toplevel
-  clf = classifier.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
-                                labels_path=args.labels, batch_size=args.batch_size)
+  clf = _load_classifier(args, batch_size=args.batch_size)
   failed = 0
   for r in classifier.classify_files(clf, args.images, k=args.top_k):
     if r.error:
@@ -75,31 +75,20 @@ def _run_predict(args: argparse.Namespace) -> int:
   return 1 if failed else 0
 
 
-def _add_convert(sub: argparse._SubParsersAction) -> None:
-  p = sub.add_parser("convert", help="convert between .npz and a Hugging Face PyTorch directory",
-                     description="SRC .npz (or gs://) -> DST transformers directory, or SRC "
-                                 "transformers directory -> DST .npz in the original layout.")
+def _add_convert(p: argparse.ArgumentParser) -> None:
   p.add_argument("src")
   p.add_argument("dst")
   p.add_argument("--labels", default=None, help="class names for the transformers config (npz -> HF)")
   p.add_argument("--drop-pre-logits", action="store_true",
                  help="npz -> HF: drop the pre_logits layer (changes the outputs; "
                       "ViTForImageClassification has no such layer)")
-  p.set_defaults(run=_run_convert, keeps_programs=False)  # runs nothing compiled
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-  from vit_jax import convert, files  # pylint: disable=import-outside-toplevel
-  convert.load_torch()
-  if files.isdir(args.src):
-    model, labels_path = convert.transformers_to_npz(args.src, args.dst)
-    print(f"wrote {args.dst} ({model.num_layers} layers, {model.num_classes} classes, "
-          f"{model.image_size}px)")
-    if labels_path:
-      print(f"wrote {labels_path}")
-    return 0
-  convert.npz_to_transformers(args.src, args.dst, args.labels, args.drop_pre_logits)
-  print(f"wrote {args.dst} (load with transformers.ViTForImageClassification.from_pretrained)")
+  from vit_jax import convert  # pylint: disable=import-outside-toplevel
+  for path in convert.convert(args.src, args.dst, labels=args.labels,
+                              drop_pre_logits=args.drop_pre_logits):
+    print(f"wrote {path}")
   return 0
 
 
@@ -218,14 +207,9 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
   g.add_argument("--process-id", type=int, default=None)
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-  p = sub.add_parser("train", help="fine-tune or train as a config says; rerun to resume",
-                     description="vit-jax train --config RECIPE_OR_FILE --workdir DIR [--config.key=value ...]",
-                     epilog=_recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_train(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workdir", required=True, help="checkpoints, logs and exports (local or gs://)")
   _add_distributed(p)
-  _add_config_help(p)
-  p.set_defaults(run=_run_train, wants_config=True)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -237,23 +221,18 @@ def _run_train(args: argparse.Namespace) -> int:
   return 0
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-  p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split",
-                     description="vit-jax eval --config RECIPE_OR_FILE --checkpoint CKPT [--split test]",
-                     epilog=_recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_eval(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint", required=True,
                  help="original-layout .npz, or a training workdir / Orbax checkpoint directory")
   p.add_argument("--split", default="eval", help="'eval', 'test', or a split string")
   _add_distributed(p)
-  _add_config_help(p)
-  p.set_defaults(run=_run_eval, wants_config=True)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
   from vit_jax import sharding  # pylint: disable=import-outside-toplevel
   sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-  from vit_jax import train  # pylint: disable=import-outside-toplevel
-  _print_result({args.split: train.evaluate(args.config, args.checkpoint, args.split)})
+  from vit_jax import evaluation  # pylint: disable=import-outside-toplevel
+  _print_result({args.split: evaluation.evaluate(args.config, args.checkpoint, args.split)})
   return 0
 
 
@@ -266,18 +245,11 @@ def _print_result(result: dict) -> None:
       print(json.dumps({"split": split, **scalars}))
 
 
-def _add_aot(sub: argparse._SubParsersAction) -> None:
-  p = sub.add_parser("aot", help="compile a config's steps for a TPU topology, without a TPU",
-                     description="vit-jax aot --config RECIPE_OR_FILE --topology v3-8 [--config.key=value ...]: "
-                                 "HBM per device, fit, FLOPs and estimated step time, from the TPU compiler.",
-                     epilog=_recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_aot(p: argparse.ArgumentParser) -> None:
   p.add_argument("--topology", required=True,
                  help="v3-8, v3-32, v4-8, v4-32, v5e-8, v5e-16, v5p-8 or v6e-8")
   p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
   p.add_argument("--json-only", action="store_true", help="print only the JSON line")
-  _add_config_help(p)
-  # Compiles for a TPU it does not have: nothing to run here, nothing to keep.
-  p.set_defaults(run=_run_aot, wants_config=True, cpu_only=True, keeps_programs=False)
 
 
 def _run_aot(args: argparse.Namespace) -> int:
@@ -289,15 +261,11 @@ def _run_aot(args: argparse.Namespace) -> int:
   return 0
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-  p = sub.add_parser("demo", help="the whole pipeline offline in a few minutes: pre-train, save, "
-                                  "fine-tune at a new size, evaluate, predict",
-                     description="Transfer learning on scikit-learn's handwritten digits, on CPU.")
+def _add_demo(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workdir", default="demo-run")
   p.add_argument("--devices", type=int, default=4, help="CPU devices to shard batches over")
   p.add_argument("--pretrain-steps", type=int, default=300)
   p.add_argument("--finetune-steps", type=int, default=200)
-  p.set_defaults(run=_run_demo, cpu_only=True)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -309,69 +277,27 @@ def _run_demo(args: argparse.Namespace) -> int:
   return 0
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-  p = sub.add_parser("serve", help="an HTTP endpoint that classifies images (POST /score)",
-                     description="POST /score {\"input_data\": [base64 image or URL, ...]} -> the "
-                                 "top-k labels of each image; GET /healthz, /metadata, /stats. "
-                                 "Concurrent requests share batched model calls.")
-  p.add_argument("--checkpoint", required=True, help="original-layout .npz, local path or gs:// URL")
-  p.add_argument("--model", default=None, help="variant, e.g. ViT-B_16 or B/16 (default: from the file)")
-  p.add_argument("--image-size", type=int, default=None,
-                 help="input size (default: the checkpoint's); position embeddings are resized")
-  p.add_argument("--labels", default=None, help="class names, one per line (default: ImageNet-2012 "
-                                                "for 1000-class heads)")
+def _add_serve(p: argparse.ArgumentParser) -> None:
+  from vit_jax.serving import protocol  # pylint: disable=import-outside-toplevel
+  _add_classifier_options(p)
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
   p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-  p.add_argument("--top-k", type=int, default=5, help="when a request does not say")
-  g = p.add_argument_group("batching")
-  g.add_argument("--max-batch", type=int, default=16, help="most images in one model call")
-  g.add_argument("--batch-sizes", default=None,
-                 help="compiled batch sizes, e.g. 1,4,16 (default: powers of two up to --max-batch)")
-  g.add_argument("--max-wait-ms", type=float, default=5.0,
-                 help="how long a batch waits for more images before it runs")
-  g = p.add_argument_group("limits")
-  g.add_argument("--max-body-bytes", type=int, default=16 << 20, help="request body (and fetched URL) size")
-  g.add_argument("--max-pixels", type=int, default=25_000_000, help="pixels in one image")
-  g.add_argument("--max-images", type=int, default=64, help="images in one request")
-  g.add_argument("--max-queue", type=int, default=256,
-                 help="images waiting for the model (being fetched, decoded or queued); a request "
-                      "that would pass it gets 503 with Retry-After at once. An accepted request "
-                      "waits for at most ceil(MAX_QUEUE / --max-batch) + 1 model calls, so this "
-                      "bounds latency and memory. The default, 256, is 16 full calls of the default "
-                      "--max-batch (enough to keep the model busy through a burst; an accepted "
-                      "request waits for at most 17 calls) and 4 requests of the default "
-                      "--max-images. At least --max-images")
-  g.add_argument("--allow-urls", action="store_true",
-                 help="fetch http(s) URL inputs (off: 400), from public addresses only")
-  g.add_argument("--allow-private-urls", action="store_true",
-                 help="with --allow-urls, also fetch from hosts that resolve to loopback, private, "
-                      "link-local (cloud metadata), multicast or reserved addresses: only where "
-                      "every client may reach the server's network")
-  g.add_argument("--url-timeout", type=float, default=10.0, help="seconds for one URL fetch")
+  protocol.add_flags(p)
+  g = p.add_argument_group("shutdown and logs")
   g.add_argument("--drain-timeout", type=float, default=25.0,
                  help="on SIGTERM or Ctrl-C, seconds to finish the requests in flight before "
                       "cancelling them (default under Kubernetes' 30 s grace period)")
   g.add_argument("--no-access-log", action="store_true", help="no log line per request")
-  p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
   import signal  # pylint: disable=import-outside-toplevel
-  from vit_jax import classifier, serve  # pylint: disable=import-outside-toplevel
-  try:
-    sizes = tuple(int(s) for s in args.batch_sizes.split(",")) if args.batch_sizes else ()
-  except ValueError:
-    raise errors.ConfigError(f"--batch-sizes {args.batch_sizes}: expected integers separated by commas") from None
-  options = serve.Options(top_k=args.top_k, max_batch=max(sizes) if sizes else args.max_batch,
-                          batch_sizes=sizes, max_wait_ms=args.max_wait_ms,
-                          max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
-                          max_images=args.max_images, max_queue=args.max_queue,
-                          allow_urls=args.allow_urls, allow_private_urls=args.allow_private_urls,
-                          url_timeout_s=args.url_timeout)
+  from vit_jax.serving import app as serve  # pylint: disable=import-outside-toplevel
+  from vit_jax.serving import protocol  # pylint: disable=import-outside-toplevel
+  options = protocol.from_flags(args)
   if args.drain_timeout < 0:
     raise errors.ConfigError(f"--drain-timeout {args.drain_timeout}: must be at least 0")
-  clf = classifier.load_classifier(args.checkpoint, model_name=args.model, image_size=args.image_size,
-                                labels_path=args.labels)
+  clf = _load_classifier(args)
   sock = serve.bind(args.host, args.port)
   print(f"vit-jax serve: {clf.model_name} listening on {serve.url_of(sock)} "
         f"(ready when GET /healthz answers 200)", flush=True)
@@ -395,8 +321,53 @@ def _run_serve(args: argparse.Namespace) -> int:
   return 0
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_predict, _add_convert, _add_train, _add_eval, _add_aot, _add_demo, _add_serve]
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One subcommand: its flags, what it runs, and what it needs from main()."""
+  add: Callable[[argparse.ArgumentParser], None]  # its flags
+  run: Callable[[argparse.Namespace], int]
+  help: str
+  description: str
+  config: str = "none"  # "required", "optional" (predict: a dataset split) or "none"
+  cpu_only: bool = False  # never touches an accelerator
+  keeps_programs: bool = True  # compiles, so keeps compiled programs between runs
+  extra: tuple[str, tuple[str, ...]] | None = None  # (pip extra, modules it provides)
+
+
+COMMANDS: dict[str, Command] = {
+    "predict": Command(
+        _add_predict, _run_predict, "classify image files with a checkpoint",
+        "Prints the top-k labels of each image. The model is read off the checkpoint unless "
+        "--model is given.", config="optional"),
+    "convert": Command(
+        _add_convert, _run_convert, "convert between .npz and a Hugging Face PyTorch directory",
+        "SRC .npz (or gs://) -> DST transformers directory, or SRC transformers directory -> "
+        "DST .npz in the original layout.",
+        keeps_programs=False, extra=("torch", ("torch", "transformers", "safetensors"))),
+    "train": Command(
+        _add_train, _run_train, "fine-tune or train as a config says; rerun to resume",
+        "vit-jax train --config RECIPE_OR_FILE --workdir DIR [--config.key=value ...]",
+        config="required"),
+    "eval": Command(
+        _add_eval, _run_eval, "evaluate a checkpoint on a dataset split",
+        "vit-jax eval --config RECIPE_OR_FILE --checkpoint CKPT [--split test]", config="required"),
+    "aot": Command(
+        _add_aot, _run_aot, "compile a config's steps for a TPU topology, without a TPU",
+        "vit-jax aot --config RECIPE_OR_FILE --topology v3-8 [--config.key=value ...]: HBM per "
+        "device, fit, FLOPs and estimated step time, from the TPU compiler.",
+        # Compiles for a TPU it does not have: nothing to run here, nothing to keep.
+        config="required", cpu_only=True, keeps_programs=False, extra=("aot", ("libtpu",))),
+    "demo": Command(
+        _add_demo, _run_demo, "the whole pipeline offline in a few minutes: pre-train, save, "
+        "fine-tune at a new size, evaluate, predict",
+        "Transfer learning on scikit-learn's handwritten digits, on CPU.", cpu_only=True,
+        extra=("demo", ("sklearn", "matplotlib"))),
+    "serve": Command(
+        _add_serve, _run_serve, "an HTTP endpoint that classifies images (POST /score)",
+        "POST /score {\"input_data\": [base64 image or URL, ...]} -> the top-k labels of each "
+        "image; GET /healthz, /metadata, /stats. Concurrent requests share batched model calls.",
+        extra=("serve", ("fastapi", "uvicorn", "httpx"))),
+}
 
 
 def _keep_jax_off_absent_tpus(force_cpu: bool = False) -> None:
@@ -479,8 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="vit-jax", description=__doc__)
   parser.add_argument("--version", action=_PrintVersions, help="print versions and exit")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for add in _COMMANDS:
-    add(sub)
+  for name, command in COMMANDS.items():
+    kw = {}
+    if command.config == "required":
+      kw = dict(epilog=_recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(name, help=command.help, description=command.description, **kw)
+    command.add(p)
+    if command.config == "required":
+      _add_config_help(p)
   return parser
 
 
@@ -491,10 +468,10 @@ class _StderrHandler(logging.Handler):
     print(self.format(record), file=sys.stderr)
 
 
-def _check_extras(command: str) -> None:
+def _check_extras(command: Command) -> None:
   """A one-line error naming the extra to install when a command's dependencies are missing."""
   import importlib.util  # pylint: disable=import-outside-toplevel
-  extra, modules = _EXTRAS.get(command, ("", ()))
+  extra, modules = command.extra or ("", ())
   for module in modules:
     if importlib.util.find_spec(module) is None:
       raise errors.MissingExtraError(extra, module)
@@ -514,24 +491,25 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   argv, rest = _split_config_args(argv)
-  if "--help-config" in argv and argv[:1] in (["train"], ["eval"], ["aot"]):
+  first = COMMANDS.get(argv[0]) if argv else None
+  if "--help-config" in argv and first is not None and first.config == "required":
     return _print_config_schema(argv[0], rest)
   args = parser.parse_args(argv)
-  if rest and not getattr(args, "wants_config", False):
+  command = COMMANDS[args.command]
+  if rest and command.config == "none":
     parser.error(f"{args.command} takes no config: unrecognized arguments: {' '.join(rest)}")
-  _keep_jax_off_absent_tpus(force_cpu=getattr(args, "cpu_only", False))
+  _keep_jax_off_absent_tpus(force_cpu=command.cpu_only)
   _show_our_logs()
-  if getattr(args, "keeps_programs", True):
+  if command.keeps_programs:
     _keep_compiled_programs()
   # User mistakes (errors.UserError, or an OSError about a path given) end in one line naming
   # what is wrong, exit 2; anything else is a bug and shows its traceback (exit 1).
   # VIT_JAX_DEBUG=1 shows the traceback of user mistakes too.
   try:
-    _check_extras(args.command)
-    if getattr(args, "wants_config", False):
-      optional = getattr(args, "config_optional", False)
-      args.config = load_config(rest) if (rest or not optional) else None
-    return args.run(args)
+    _check_extras(command)
+    if command.config != "none":
+      args.config = load_config(rest) if (rest or command.config == "required") else None
+    return command.run(args)
   except (errors.UserError, OSError) as e:
     if os.environ.get("VIT_JAX_DEBUG") or not (isinstance(e, errors.UserError) or e.filename):
       raise

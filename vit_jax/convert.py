@@ -260,3 +260,16 @@ def npz_to_transformers(src: str, dst: str, labels: str | None = None,
   to_transformers(params, model, dst, labels=names)
   return model
 
+
+
+def convert(src: str, dst: str, *, labels: str | None = None, drop_pre_logits: bool = False
+            ) -> list[str]:
+  """Converts either way, as SRC is: a transformers directory to an .npz, else an .npz to a
+  transformers directory. Returns what was written, a line each."""
+  load_torch()
+  if files.isdir(src):
+    model, labels_path = transformers_to_npz(src, dst)
+    return [f"{dst} ({model.num_layers} layers, {model.num_classes} classes, {model.image_size}px)",
+            *([labels_path] if labels_path else [])]
+  npz_to_transformers(src, dst, labels, drop_pre_logits)
+  return [f"{dst} (load with transformers.ViTForImageClassification.from_pretrained)"]

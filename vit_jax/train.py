@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax import errors
@@ -25,8 +24,6 @@ from vit_jax import checkpoint
 from vit_jax import files
 from vit_jax import input_pipeline
 from vit_jax import metric_writer
-from vit_jax import sharding
-from vit_jax import steps
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""`vit-jax serve`: the HTTP app (`app`), its options and errors (`protocol`), the batcher and URL fetching."""
