@@ -114,7 +114,7 @@ def run(workdir: str = "demo-run", pretrain_steps: int = 300, finetune_steps: in
   t0 = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from vit_jax import classifier, train  # pylint: disable=import-outside-toplevel
+  from vit_jax import classifier, evaluation, train  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   data = os.path.join(workdir, "digits")
   _say(f"1/5 writing scikit-learn's handwritten digits as an image folder under {data}")
@@ -135,7 +135,7 @@ def run(workdir: str = "demo-run", pretrain_steps: int = 300, finetune_steps: in
   ft_dir = os.path.join(workdir, "finetune")
   ft_cfg = _config(os.path.join(data, "b"), 24, finetune_steps, pre_ckpt)
   ft_cfg.base_lr = 0.03
-  before = train.evaluate(ft_cfg, pre_ckpt, "test")
+  before = evaluation.evaluate(ft_cfg, pre_ckpt, "test")
   _say(f"    before fine-tuning (zero head): accuracy {before['accuracy']:.3f}")
   ft = train.train_and_evaluate(ft_cfg, ft_dir)
   after = ft["test"]
