@@ -14,6 +14,7 @@ import data_fixtures as df
 from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import files
+from vit_jax import jax_setup
 from vit_jax import labels
 from vit_jax import models
 from vit_jax import preprocess
@@ -245,10 +246,10 @@ def test_a_second_run_loads_its_compiled_programs_from_the_cache(tmp_path, image
 
 def test_the_users_own_jax_cache_settings_win(tmp_path):
   default = str(tmp_path / "vit-jax" / "jax")
-  assert cli.compilation_cache_dir(None, True, {"XDG_CACHE_HOME": str(tmp_path)}) == default
-  assert cli.compilation_cache_dir("/elsewhere", True, {"XDG_CACHE_HOME": str(tmp_path)}) is None
-  assert cli.compilation_cache_dir(None, False, {"XDG_CACHE_HOME": str(tmp_path)}) is None
-  home = cli.compilation_cache_dir(None, True, {})
+  assert jax_setup.compilation_cache_dir(None, True, {"XDG_CACHE_HOME": str(tmp_path)}) == default
+  assert jax_setup.compilation_cache_dir("/elsewhere", True, {"XDG_CACHE_HOME": str(tmp_path)}) is None
+  assert jax_setup.compilation_cache_dir(None, False, {"XDG_CACHE_HOME": str(tmp_path)}) is None
+  home = jax_setup.compilation_cache_dir(None, True, {})
   assert home == os.path.join(os.path.expanduser("~"), ".cache", "vit-jax", "jax")
 
 

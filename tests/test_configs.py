@@ -33,7 +33,7 @@ def _typed(field, value):
 
 @pytest.mark.parametrize("name", recipes.names())
 def test_every_recipe_sets_declared_keys_only_with_their_types(name):
-  config = cli.read_config(name)
+  config = recipes.read(name)
   flat = _flat(config)
   assert set(flat) == set(configs.FIELDS)
   for key, value in flat.items():
@@ -44,7 +44,7 @@ def test_a_config_file_cannot_add_a_key(tmp_path):
   (tmp_path / "typo.py").write_text("from vit_jax import configs\n\ndef get_config():\n"
                                     "  c = configs.base()\n  c.base_rate = 0.1\n  return c\n")
   with pytest.raises(AttributeError, match='"base_rate" does not exist'):
-    cli.read_config(str(tmp_path / "typo.py"))
+    recipes.read(str(tmp_path / "typo.py"))
 
 
 def _other_value(field):

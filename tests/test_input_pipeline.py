@@ -541,7 +541,7 @@ def test_global_arrays_on_one_device(folder):
 
 
 def test_device_prefetch_keeps_batches_in_flight():
-  from vit_jax.input_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  from vit_jax.input_pipeline import devices  # pylint: disable=import-outside-toplevel
   pulled = []
 
   def host():
@@ -550,7 +550,7 @@ def test_device_prefetch_keeps_batches_in_flight():
       yield {"image": np.full((2, 3), i, np.float32)}
 
   s = sharding.batch_sharding(sharding.make_mesh())
-  it = pipeline._to_devices(host(), ("image",), s, rows=2, depth=3)  # pylint: disable=protected-access
+  it = devices.to_devices(host(), ("image",), s, rows=2, depth=3)
   first = next(it)
   assert pulled == [0, 1, 2] and float(first["image"][0, 0]) == 0  # two more already on their way
   assert [float(b["image"][0, 0]) for b in it] == [1, 2, 3, 4] and pulled == [0, 1, 2, 3, 4]

@@ -8,6 +8,7 @@ import pytest
 
 from vit_jax import configs
 from vit_jax import optim
+from vit_jax import recipes
 
 
 def _config(**kw):
@@ -114,8 +115,8 @@ def test_unknown_optimizer():
 
 def test_pretraining_recipe_is_the_released_checkpoints_recipe():
   """vision_transformer issue #2's table, and big_vision's sigmoid loss with a -10 head bias."""
-  from vit_jax import cli, steps  # pylint: disable=import-outside-toplevel
-  c = cli.read_config("vit_b16_pretrain_i21k")
+  from vit_jax import steps  # pylint: disable=import-outside-toplevel
+  c = recipes.read("vit_b16_pretrain_i21k")
   assert (c.optimizer, c.b1, c.b2, c.batch_size, c.base_lr) == ("adam", 0.9, 0.999, 4096, 1e-3)
   assert (c.warmup_steps, c.decay_type, c.end_lr) == (10_000, "linear", 1e-5)
   assert (c.weight_decay, c.grad_clip_norm, c.loss) == (0.03, 1.0, "sigmoid_xent")

@@ -19,7 +19,7 @@ import ckpt_fixtures as cf
 from vit_jax import checkpoint
 from vit_jax import convert
 from vit_jax import models
-from vit_jax import spec
+from vit_jax import spec as spec_lib
 from vit_jax import layout
 
 torch.set_num_threads(2)
@@ -48,7 +48,7 @@ def _our_hidden_states(model, params, x):
 def _check_parity(tmp_path, spec, gelu_approximate, n=2, seed=0):
   path = tmp_path / "orig.npz"
   cf.write_original(path, spec, seed=seed)
-  model = models.create_model("ViT-B_16", num_classes=spec.classes, image_size=spec.image_size,
+  model = models.create_model(None, num_classes=spec.classes, image_size=spec.image_size,
                               hidden_size=spec.hidden, mlp_dim=spec.mlp, num_heads=spec.heads,
                               num_layers=spec.layers, patch_size=spec.patch,
                               gelu_approximate=gelu_approximate)
@@ -85,7 +85,7 @@ def test_full_size_vit_b16_matches_pytorch(tmp_path, gelu_approximate):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ViT-Ti_16", "ViT-S_32"])
 def test_small_variants_match_pytorch(tmp_path, name):
-  v = spec.VARIANTS[name]
+  v = spec_lib.VARIANTS[name]
   spec = cf.Spec(hidden=v.hidden_size, mlp=v.mlp_dim, heads=v.num_heads, layers=v.num_layers,
                  patch=v.patch_size, image_size=224 if v.patch_size == 32 else 96, classes=100)
   _check_parity(tmp_path, spec, gelu_approximate=True, n=3)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -18,7 +17,6 @@ from vit_jax import checkpoint
 from vit_jax import configs
 from vit_jax import evaluation
 from vit_jax import input_pipeline
-from vit_jax import models
 from vit_jax import layout
 from vit_jax import train
 

@@ -8,9 +8,11 @@ import logging
 import os
 import re
 import sys
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 from vit_jax import errors
+from vit_jax import jax_setup
+from vit_jax import recipes
 
 
 
@@ -92,24 +94,6 @@ def _run_convert(args: argparse.Namespace) -> int:
   return 0
 
 
-def read_config(spec: str) -> "ml_collections.ConfigDict":
-  """The config a `--config` value names: a recipe name or a file, either with an optional `:arg`."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  from vit_jax import recipes  # pylint: disable=import-outside-toplevel
-  name, sep, arg = spec.partition(":")
-  path = name if os.path.isfile(name) else recipes.path(name)
-  if path is None:
-    raise errors.ConfigError(f"--config {spec}: no such recipe or config file "
-                             f"(recipes: {', '.join(recipes.names())})")
-  # Imported as a file, not through the package, so that a user's file and a recipe load alike.
-  module_spec = importlib.util.spec_from_file_location("vit_jax_user_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not callable(getattr(module, "get_config", None)):
-    raise errors.ConfigError(f"--config {spec}: {path} defines no get_config()")
-  return module.get_config(arg) if sep else module.get_config()
-
-
 def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
   """A locked config from `--config RECIPE_OR_FILE [--config.key=value ...]`."""
   from absl import flags  # pylint: disable=import-outside-toplevel
@@ -128,7 +112,7 @@ def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
   argv, unset = _unset_args(argv)
   fv = flags.FlagValues()
   argv = ["vit-jax", *argv]
-  config = read_config(spec)  # outside the try: a mistake inside a config file shows its traceback
+  config = recipes.read(spec)  # outside the try: a mistake inside a config file shows its traceback
   try:
     # sys_argv: the override flags are registered from this list, not from sys.argv.
     config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True, sys_argv=argv)
@@ -189,7 +173,6 @@ def _unset_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _recipes_help() -> str:
   """The packaged recipes, one a line, for the --help of commands that take --config."""
-  from vit_jax import recipes  # pylint: disable=import-outside-toplevel
   rows = [f"  {n:<24}{recipes.summary(n)}" for n in recipes.names()]
   return "recipes (--config NAME; a path to a config file works too):\n" + "\n".join(rows)
 
@@ -370,43 +353,6 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def _keep_jax_off_absent_tpus(force_cpu: bool = False) -> None:
-  """With libtpu installed but no TPU attached, JAX would probe for one and stall: use the CPU."""
-  if "JAX_PLATFORMS" in os.environ and not force_cpu:
-    return
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  has_tpu = any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0", "/dev/vfio/vfio"))
-  if force_cpu or (importlib.util.find_spec("libtpu") is not None and not has_tpu):
-    os.environ["JAX_PLATFORMS"] = "cpu"
-  if force_cpu:
-    # Compile-only use of libtpu touches no TPU: let several such processes run at once.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
-def compilation_cache_dir(configured: str | None, enabled: bool,
-                          environ: Mapping[str, str] | None = None) -> str | None:
-  """Where compiled programs are kept between runs; None where the user has set JAX's cache up."""
-  if configured or not enabled:
-    return None  # the user's own directory, or the cache turned off
-  environ = os.environ if environ is None else environ
-  root = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(root, "vit-jax", "jax")
-
-
-def _keep_compiled_programs() -> None:
-  """A rerun (a resumed job, a restarted server) loads its compiled steps instead of compiling."""
-  import jax  # pylint: disable=import-outside-toplevel
-  path = compilation_cache_dir(jax.config.jax_compilation_cache_dir,
-                               jax.config.jax_enable_compilation_cache)
-  if path is None:
-    return
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError:
-    return  # a read-only home: run without the cache rather than warn on every read
-  jax.config.update("jax_compilation_cache_dir", path)
-
-
 def _split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
   """(other arguments, the `--config FILE` and `--config.key=value` ones), so positionals stay apart."""
   other, config = [], []
@@ -498,10 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   command = COMMANDS[args.command]
   if rest and command.config == "none":
     parser.error(f"{args.command} takes no config: unrecognized arguments: {' '.join(rest)}")
-  _keep_jax_off_absent_tpus(force_cpu=command.cpu_only)
+  jax_setup.keep_off_absent_tpus(force_cpu=command.cpu_only)
   _show_our_logs()
   if command.keeps_programs:
-    _keep_compiled_programs()
+    jax_setup.keep_compiled_programs()
   # User mistakes (errors.UserError, or an OSError about a path given) end in one line naming
   # what is wrong, exit 2; anything else is a bug and shows its traceback (exit 1).
   # VIT_JAX_DEBUG=1 shows the traceback of user mistakes too.

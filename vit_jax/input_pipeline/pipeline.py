@@ -14,9 +14,7 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
-import itertools
 import logging
-import math
 import os
 import threading
 import weakref
@@ -28,6 +26,7 @@ import numpy as np
 from vit_jax import configs
 from vit_jax import errors
 from vit_jax import tf_setup
+from vit_jax.input_pipeline import devices
 from vit_jax.input_pipeline import sources
 from vit_jax.input_pipeline import transforms
 
@@ -389,50 +388,6 @@ def _eval_stream(config: Any, source: Any, split: str, index: int, count: int) -
   return _Stream(ds, _SkipCounter(0, f"{split} split {spec!r}", describe=describe), n_host), batches
 
 
-# -- devices -----------------------------------------------------------------------
-
-def _batch_shards(sharding: jax.sharding.NamedSharding) -> int:
-  """Into how many pieces `sharding` cuts dimension 0."""
-  spec = sharding.spec
-  axes = spec[0] if len(spec) else None
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  return math.prod(sharding.mesh.shape[a] for a in axes)
-
-
-def _global_rows(config_batch: int, host_batch: int, count: int, sharding, what: str) -> int:
-  """Rows of the global array; with simulated processes (tests) this host's rows are the whole."""
-  rows = config_batch if count == jax.process_count() else host_batch
-  shards = _batch_shards(sharding)
-  if rows % shards:
-    raise errors.ConfigError(f"config.{what} {rows} does not divide over the {shards} devices of the batch "
-                             f"axes (mesh {dict(sharding.mesh.shape)})")
-  return rows
-
-
-def _to_devices(batches: Iterator[dict[str, np.ndarray]], keys: tuple[str, ...], sharding,
-                rows: int, depth: int) -> Iterator[dict[str, jax.Array]]:
-  """Global arrays, `depth` batches in flight, so host-to-device copies overlap the steps."""
-  def put(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    out = {}
-    for k in keys:
-      v = batch[k].astype(np.int32) if batch[k].dtype == np.int64 else batch[k]  # JAX's default ints
-      out[k] = jax.make_array_from_process_local_data(sharding, v, (rows, *v.shape[1:]))
-    return out
-
-  queue: collections.deque = collections.deque()
-
-  def fill(n: int) -> None:
-    for batch in itertools.islice(batches, n):
-      queue.append(put(batch))
-
-  fill(max(depth, 1))
-  while queue:
-    yield queue.popleft()
-    fill(1)
-
-
 # The keys outside the data section that the pipeline reads.
 _ALSO_READS = ("batch_size", "eval_batch_size", "seed")
 
@@ -473,9 +428,9 @@ class Pipeline:
     config = self.config
     index, count = _processes(process_index, process_count)
     host_batch = _host_batch(config.batch_size, count, "batch_size")
-    rows = _global_rows(int(config.batch_size), host_batch, count, sharding, "batch_size")
+    rows = devices.global_rows(int(config.batch_size), host_batch, count, sharding, "batch_size")
     stream = iter(_train_stream(config, self.source, start_step, index, count))
-    return _to_devices(stream, ("image", "label"), sharding, rows, int(config.prefetch))
+    return devices.to_devices(stream, ("image", "label"), sharding, rows, int(config.prefetch))
 
   def eval_iterator(self, split: str, sharding: jax.sharding.NamedSharding, *,
                     process_index: int | None = None, process_count: int | None = None,
@@ -487,10 +442,10 @@ class Pipeline:
     config = self.config
     index, count = _processes(process_index, process_count)
     host_batch = _host_batch(config.eval_batch_size, count, "eval_batch_size")
-    rows = _global_rows(int(config.eval_batch_size), host_batch, count, sharding, "eval_batch_size")
+    rows = devices.global_rows(int(config.eval_batch_size), host_batch, count, sharding, "eval_batch_size")
     stream, _ = _eval_stream(config, self.source, split, index, count)
     keys = ("image", "label", "mask") + (("index",) if with_index else ())
-    return _to_devices(iter(stream), keys, sharding, rows, int(config.prefetch))
+    return devices.to_devices(iter(stream), keys, sharding, rows, int(config.prefetch))
 
 
 # One-off forms of the methods above, for tools and tests; a run makes one Pipeline.

@@ -7,7 +7,11 @@ look there.
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
 import pathlib
+
+from vit_jax import errors
 
 _DIR = pathlib.Path(__file__).resolve().parent
 
@@ -26,3 +30,19 @@ def summary(name: str) -> str:
   """The first line of a recipe's docstring (read without importing it)."""
   doc = ast.get_docstring(ast.parse((_DIR / f"{name}.py").read_text()))
   return (doc or "").splitlines()[0] if doc else ""
+
+
+def read(spec: str) -> "ml_collections.ConfigDict":
+  """The config a `--config` value names: a recipe name or a file, either with an optional `:arg`."""
+  name, sep, arg = spec.partition(":")
+  file = name if os.path.isfile(name) else path(name)
+  if file is None:
+    raise errors.ConfigError(f"--config {spec}: no such recipe or config file "
+                             f"(recipes: {', '.join(names())})")
+  # Imported as a file, not through the package, so that a user's file and a recipe load alike.
+  module_spec = importlib.util.spec_from_file_location("vit_jax_user_config", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise errors.ConfigError(f"--config {spec}: {file} defines no get_config()")
+  return module.get_config(arg) if sep else module.get_config()
