@@ -785,7 +785,8 @@ def test_the_command_under_4x_overload_refuses_the_excess_at_once_and_keeps_late
           f"accepted p50 {np.percentile(accepted, 50):.2f} s, p99 {p99:.2f} s, max {accepted.max():.2f} s; "
           f"refused p99 {refused_p99 * 1000:.0f} ms; /healthz {len(health)} polls, max "
           f"{health_s.max() * 1000:.0f} ms; RSS max {max(rss_warm) / 1024:.0f} MiB warm, "
-          f"{max(rss_flood) / 1024:.0f} MiB in the flood")
+          f"{max(rss_flood) / 1024:.0f} MiB in the flood (halves: "
+          f"{max(rss_flood[:len(rss_flood) // 2]) / 1024:.0f}, {max(rss_flood[len(rss_flood) // 2:]) / 1024:.0f})")
   # An accepted request finds at most `queue` images waiting, its own included: they leave in
   # ceil(queue / batch) calls after the one running, so it waits ceil(32 / 8) + 1 = 5 calls.
   # Safety factor 3: the refusals, the clients and the decoding share the 2 cores with the model.
@@ -800,9 +801,14 @@ def test_the_command_under_4x_overload_refuses_the_excess_at_once_and_keeps_late
           retry_after and retry_after.isdigit() and int(retry_after) >= 1 and list(answer) == ["error"]
           and answer["error"].startswith("the queue is full: ") for retry_after, answer in refusals),
       f"accepted p99 under {bound:.2f} s": p99 < bound,
-      # Flat: within 10% of the most the warm run, queue full, took (measured: +2% to +6.4%; each
-      # image queued at 448 px is 2.4 MB of float32; unbounded, +182%).
-      "RSS within 10% of the warm run's": max(rss_flood) < 1.10 * max(rss_warm),
+      # Flat: no growth through the flood, its second half within 10% of its first half's most;
+      # and near what the warm run, queue full, took. Measured over the warm run: +2% to +6.4%
+      # on one AMD EPYC, +11% on a faster one, where the 4x flood sends twice the requests and
+      # more bodies are read at once; each image queued at 448 px is 2.4 MB of float32.
+      # Unbounded, the queue grows all along: +182% over the warm run.
+      "RSS flat through the flood (2nd half within 10% of the 1st)":
+          max(rss_flood[len(rss_flood) // 2:]) < 1.10 * max(rss_flood[:len(rss_flood) // 2]),
+      "RSS within 25% of the warm run's": max(rss_flood) < 1.25 * max(rss_warm),
       # /healthz waits for no model call (test_a_full_queue_refuses_at_once_... has it answer
       # with the model held shut), only for the event loop: every poll answers 200, each within
       # the accepted requests' bound (measured: max 38-183 ms), so polls went on all along.

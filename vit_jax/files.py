@@ -1,35 +1,93 @@
-"""Reading and writing files on local disk or on `gs://` (through tf.io.gfile)."""
+"""Every file the project reads or writes, on local disk or in `gs://`, through one layer.
+
+Local paths use the operating system; `gs://` (and any other URL fsspec knows)
+goes through fsspec, whose `gcsfs` honours STORAGE_EMULATOR_HOST. Orbax reaches
+`gs://` through etils.epath and TensorStore: `configure_storage()`, run when this
+module is imported, points epath at fsspec too (EPATH_USE_TF=false) and, with
+STORAGE_EMULATOR_HOST set, TensorStore at the same endpoint. So with that
+variable set, every `gs://` access of the project and of Orbax goes to it;
+without it nothing changes (real credentials, real GCS). What still goes through
+TensorFlow's own filesystem is tf.data reading a TFDS `data_dir`'s TFRecords.
+"""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import posixpath
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Any, Iterator, MutableMapping
 
 from vit_jax import errors
 
 
+class StorageError(errors.UserError, OSError):
+  """Remote storage that cannot be reached or refuses an operation."""
+
+
+def configure_storage(environ: MutableMapping[str, str] | None = None) -> None:
+  """Points Orbax's file access at the same `gs://` endpoint as ours (variables already set win)."""
+  env = os.environ if environ is None else environ
+  # With TensorFlow installed, epath would use TensorFlow's GCS client, which has no
+  # endpoint override; fsspec's gcsfs has one, and is what this module uses.
+  env.setdefault("EPATH_USE_TF", "false")
+  emulator = env.get("STORAGE_EMULATOR_HOST", "")
+  if emulator and emulator != "default":
+    endpoint = emulator if "://" in emulator else f"http://{emulator}"
+    env.setdefault("TENSORSTORE_GCS_HTTP_URL", endpoint)  # Orbax's array data
+    env.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # an emulator checks no token
+    # gcsfs would first ask the bucket's type over gRPC, which an emulator does not serve:
+    # a 60 s wait per bucket.
+    env.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+configure_storage()
+
+
 def is_remote(path: str) -> bool:
-  """True for `gs://...` and other URL-style paths that tf.io.gfile serves."""
+  """True for `gs://...` and other URL-style paths."""
   return "://" in str(path)
 
 
-def _gfile():
-  from vit_jax import tf_setup  # pylint: disable=import-outside-toplevel
-  return tf_setup.tf().io.gfile
+def _fs(path: str) -> tuple[Any, str]:
+  import fsspec  # pylint: disable=import-outside-toplevel
+  return fsspec.core.url_to_fs(path)
+
+
+@contextlib.contextmanager
+def _remote(path: str) -> Iterator[None]:
+  """Turns a remote storage failure into one line that names the path."""
+  try:
+    yield
+  except (errors.UserError, FileNotFoundError):
+    raise
+  except OSError as e:
+    raise StorageError(f"{path}: storage error ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+                       ) from e
+
+
+def _bucket_check(path: str) -> None:
+  """A MissingFileError naming the bucket, when the bucket itself is missing."""
+  fs, rpath = _fs(path)
+  bucket = rpath.split("/", 1)[0]
+  with _remote(path):
+    if not fs.exists(bucket):
+      scheme = str(path).split("://", 1)[0]
+      raise errors.MissingFileError(f"{path}: no such bucket {scheme}://{bucket}")
 
 
 def read_bytes(path: str) -> bytes:
-  """The whole file; FileNotFoundError names the path when it is missing."""
+  """The whole file; MissingFileError names the path when it is missing."""
   path = str(path)
   if is_remote(path):
-    gfile = _gfile()
-    if not gfile.exists(path):
-      raise errors.MissingFileError(f"{path}: no such file")
-    if gfile.isdir(path):
-      raise errors.MissingFileError(f"{path}: not a regular file")
-    with gfile.GFile(path, "rb") as f:
-      return f.read()
+    fs, rpath = _fs(path)
+    with _remote(path):
+      if not fs.exists(rpath):
+        _bucket_check(path)
+        raise errors.MissingFileError(f"{path}: no such file")
+      if fs.isdir(rpath):
+        raise errors.MissingFileError(f"{path}: not a regular file")
+      return fs.cat_file(rpath)
   if not os.path.isfile(path):
     raise errors.MissingFileError(f"{path}: no such file" if not os.path.exists(path)
                                   else f"{path}: not a regular file")
@@ -39,45 +97,100 @@ def read_bytes(path: str) -> bytes:
 
 def exists(path: str) -> bool:
   path = str(path)
-  return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+  if not is_remote(path):
+    return os.path.exists(path)
+  fs, rpath = _fs(path)
+  with _remote(path):
+    return fs.exists(rpath)
 
 
 def isdir(path: str) -> bool:
   path = str(path)
-  return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+  if not is_remote(path):
+    return os.path.isdir(path)
+  fs, rpath = _fs(path)
+  with _remote(path):
+    return fs.isdir(rpath)
+
+
+def isfile(path: str) -> bool:
+  path = str(path)
+  if not is_remote(path):
+    return os.path.isfile(path)
+  fs, rpath = _fs(path)
+  with _remote(path):
+    return fs.isfile(rpath)
+
+
+def join(*parts: str) -> str:
+  """Path joining that keeps `/` in URLs whatever the operating system."""
+  return posixpath.join(*parts) if is_remote(parts[0]) else os.path.join(*parts)
+
+
+def list_dir(path: str) -> tuple[list[str], list[str]]:
+  """(sub-directory names, file names) of a directory, sorted, hidden entries left out."""
+  path = str(path)
+  dirs, names = [], []
+  if is_remote(path):
+    fs, rpath = _fs(path)
+    with _remote(path):
+      for entry in fs.ls(rpath, detail=True):
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        (dirs if entry["type"] == "directory" else names).append(name)
+  else:
+    with os.scandir(path) as it:
+      for e in it:
+        (dirs if e.is_dir() else names).append(e.name)
+  return (sorted(d for d in dirs if not d.startswith(".")),
+          sorted(n for n in names if not n.startswith(".")))
+
+
+def makedirs(path: str) -> None:
+  """Creates a local directory and its parents; object stores need none."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
 
 
 def copy_dir(src: str, dst: str) -> None:
   """Copies the files directly inside `src` into `dst` (created); either may be remote."""
-  src, dst = str(src), str(dst)
-  names = _gfile().listdir(src) if is_remote(src) else os.listdir(src)
-  plain = [n.rstrip("/") for n in names if not isdir(os.path.join(src, n.rstrip("/")))]
-  if is_remote(dst):
-    _gfile().makedirs(dst)
-  else:
-    os.makedirs(dst, exist_ok=True)
-  for name in plain:
-    with atomic_write(os.path.join(dst, name)) as f:
-      f.write(read_bytes(os.path.join(src, name)))
+  makedirs(dst)
+  for name in list_dir(src)[1]:
+    with atomic_write(join(dst, name)) as f:
+      f.write(read_bytes(join(src, name)))
+
+
+def append_text(path: str, text: str) -> None:
+  """Adds `text` at the end of a file (created if missing)."""
+  path = str(path)
+  if not is_remote(path):
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(text)
+    return
+  # Objects cannot grow in place: the file is written again whole, in one upload.
+  old = read_bytes(path) if exists(path) else b""
+  with atomic_write(path) as f:
+    f.write(old + text.encode("utf-8"))
 
 
 @contextlib.contextmanager
 def atomic_write(path: str) -> Iterator[IO[bytes]]:
   """Writes to a temporary file beside `path`, renamed over it only on success.
 
-  An interrupted or failed write leaves whatever was at `path` untouched.
+  An interrupted or failed write leaves whatever was at `path` untouched. A
+  remote file is sent in one upload once the block ends, and an object store
+  makes an object visible only when its upload completes.
   """
   path = str(path)
   if is_remote(path):
-    gfile = _gfile()
-    tmp = f"{path}.tmp-{os.getpid()}"
+    buf = io.BytesIO()
+    yield buf
+    fs, rpath = _fs(path)
     try:
-      with gfile.GFile(tmp, "wb") as f:
-        yield f
-      gfile.rename(tmp, path, overwrite=True)
-    finally:
-      if gfile.exists(tmp):
-        gfile.remove(tmp)
+      with _remote(path):
+        fs.pipe_file(rpath, buf.getvalue())
+    except FileNotFoundError:
+      _bucket_check(path)
+      raise
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -91,3 +204,4 @@ def atomic_write(path: str) -> Iterator[IO[bytes]]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
