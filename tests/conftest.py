@@ -1,4 +1,5 @@
 """Test setup: CPU JAX, quiet TensorFlow, exact float32 matmuls for comparisons."""
+import logging
 import os
 import re
 import socket
@@ -104,30 +105,67 @@ def run_on_free_port():
   return run
 
 
-class _GsInRam:
-  """tf.io.gfile with gs://BUCKET/... kept at ram://gs/BUCKET/...: gs:// paths run offline."""
+class GcsEmulator:
+  """An in-memory GCS (gcp-storage-emulator) on a free localhost port."""
 
-  def __init__(self, gfile):
-    self._gfile, self.paths = gfile, set()
+  def __init__(self):
+    from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # one line per 404
+    self._server = create_server("127.0.0.1", 0, in_memory=True)
+    self._server.start()
+    self.port = self._server._api._httpd.server_address[1]  # pylint: disable=protected-access
+    self.endpoint = f"http://127.0.0.1:{self.port}"
+    self._buckets = 0
 
-  def __getattr__(self, name):
-    def call(*args, **kw):
-      urls = [a for a in args if isinstance(a, str) and "://" in a]
-      self.paths.update(urls)
-      args = [a.replace("gs://", "ram://gs/", 1) if a in urls else a for a in args]
-      return getattr(self._gfile, name)(*args, **kw)
-    return call
+  def bucket(self) -> str:
+    """A new empty bucket, as a gs:// URL."""
+    import fsspec  # pylint: disable=import-outside-toplevel
+    self._buckets += 1
+    name = f"bucket{self._buckets}"
+    fsspec.filesystem("gs").mkdir(name)
+    return f"gs://{name}"
+
+  def stop(self) -> None:
+    """Stops answering (connections are refused); the stored objects are kept."""
+    self._server.stop()
+
+  def restart(self) -> None:
+    """Answers again on the same port, with the objects it held."""
+    from gcp_storage_emulator.server import APIThread  # pylint: disable=import-outside-toplevel
+    server = self._server
+    server._api = APIThread("127.0.0.1", self.port, server._storage)  # pylint: disable=protected-access
+    server.start()
+
+
+_STORAGE_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "EPATH_USE_TF")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """The emulator that every gs:// access of this test session reaches, ours and subprocesses'.
+
+  STORAGE_EMULATOR_HOST is the whole contract: vit_jax.files derives the rest from it.
+  """
+  from vit_jax import files  # pylint: disable=import-outside-toplevel
+  saved = {k: os.environ.get(k) for k in _STORAGE_VARS}
+  emulator = GcsEmulator()
+  for k in _STORAGE_VARS:
+    os.environ.pop(k, None)
+  os.environ["STORAGE_EMULATOR_HOST"] = emulator.endpoint
+  files.configure_storage()
+  import gcsfs  # pylint: disable=import-outside-toplevel
+  gcsfs.GCSFileSystem.clear_instance_cache()  # one made before would keep the real endpoint
+  yield emulator
+  emulator.stop()
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
 
 
 @pytest.fixture
-def gs_in_ram(monkeypatch):
-  """() -> the gfile stand-in that vit_jax.files now uses: gs:// served from TF's ram://.
-
-  `.paths` holds every URL the project handed to it.
-  """
-  def install():
-    from vit_jax import files, tf_setup  # pylint: disable=import-outside-toplevel
-    gfile = _GsInRam(tf_setup.tf().io.gfile)
-    monkeypatch.setattr(files, "_gfile", lambda: gfile)
-    return gfile
-  return install
+def gcs(gcs_emulator):
+  """A new empty bucket on the emulator, as gs://BUCKET."""
+  return gcs_emulator.bucket()

@@ -17,6 +17,7 @@ import pytest
 
 import data_fixtures as df
 from vit_jax import configs
+from vit_jax import files
 from vit_jax import input_pipeline as ip
 from vit_jax import labels as labels_lib
 from vit_jax import preprocess
@@ -93,8 +94,8 @@ def cifar_dir(tmp_path_factory):
 
 def test_a_pipeline_lists_its_folder_once_and_reads_only_its_section(folder, monkeypatch):
   listed = []
-  real = ip.sources._list_dir  # pylint: disable=protected-access
-  monkeypatch.setattr(ip.sources, "_list_dir", lambda path: listed.append(path) or real(path))
+  real = files.list_dir
+  monkeypatch.setattr(files, "list_dir", lambda path: listed.append(path) or real(path))
   data = ip.Pipeline(cfg(dataset="folder", folder=folder))
   s = sharding.batch_sharding(sharding.make_mesh())
   counts = [sum(int(b["mask"].sum()) for b in data.eval_iterator("eval", s)) for _ in range(3)]

@@ -75,7 +75,7 @@ def load_params(setup: steps.Setup, path: str) -> Any:
   if path.endswith(".npz"):
     host = checkpoint.load_pretrained(path, setup.model)
     return sharding.put_global(host, setup.param_shardings)
-  nested = os.path.join(path, "checkpoints")
+  nested = files.join(path, "checkpoints")
   root = nested if files.isdir(nested) else path
   mngr = ocp.CheckpointManager(os.path.abspath(root) if not files.is_remote(root) else root,
                                options=ocp.CheckpointManagerOptions(read_only=True))

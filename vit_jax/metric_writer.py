@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
+import tempfile
 import time
 from typing import Any, Mapping
 
@@ -17,11 +18,17 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
-    self._jsonl = os.path.join(workdir, "metrics.jsonl")
+    self._jsonl = files.join(workdir, "metrics.jsonl")
+    self._events = files.join(workdir, "tensorboard")
+    self._local = None
     if self.enabled:
       from vit_jax import tf_setup  # pylint: disable=import-outside-toplevel
       self._tf = tf_setup.tf()
-      self._tb = self._tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      if files.is_remote(workdir):
+        # TensorFlow's writer would reach gs:// through its own client, which cannot be
+        # pointed at another endpoint: it writes here, and each flush uploads the file whole.
+        self._local = tempfile.mkdtemp(prefix="vit-jax-events-")
+      self._tb = self._tf.summary.create_file_writer(self._local or self._events)
 
   def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
     """Scalar values under `split/name`; lists (per-class metrics) go to the JSON line only."""
@@ -33,16 +40,19 @@ class MetricWriter:
       for k, v in scalars.items():
         self._tf.summary.scalar(f"{split}/{k}", v)
     self._tb.flush()
+    self._upload_events()
     row = {"step": int(step), "split": split, "time": round(time.time(), 3)}
     row.update({k: (v if k not in scalars else scalars[k]) for k, v in values.items()})
-    line = json.dumps(row, default=float) + "\n"
-    if files.is_remote(self._jsonl):
-      with self._tf.io.gfile.GFile(self._jsonl, "a") as f:
-        f.write(line)
-    else:
-      with open(self._jsonl, "a", encoding="utf-8") as f:
-        f.write(line)
+    files.append_text(self._jsonl, json.dumps(row, default=float) + "\n")
+
+  def _upload_events(self) -> None:
+    if self._local is not None:
+      files.copy_dir(self._local, self._events)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._upload_events()
+    if self._local is not None:
+      shutil.rmtree(self._local, ignore_errors=True)
+      self._local = None

@@ -41,8 +41,8 @@ def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.
       max_to_keep=config.keep_checkpoints, create=True,
       save_interval_steps=config.checkpoint_every,
       enable_async_checkpointing=config.async_checkpointing)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir) if "://" not in workdir
-                                            else workdir, "checkpoints"), options=options)
+  root = workdir if files.is_remote(workdir) else os.path.abspath(workdir)
+  return ocp.CheckpointManager(files.join(root, "checkpoints"), options=options)
 
 
 def _better(metric: str, new: float, best: float | None) -> bool:
@@ -58,7 +58,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   info = data.info
   is_main = jax.process_index() == 0
   if is_main:
-    with files.atomic_write(os.path.join(workdir, "config.json")) as f:
+    with files.atomic_write(files.join(workdir, "config.json")) as f:
       f.write(config.to_json_best_effort(indent=2).encode())
     input_pipeline.write_class_names(info, workdir)
   writer = metric_writer.MetricWriter(workdir)
@@ -81,7 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_step = setup.jit_train_step()
   eval_step = setup.jit_eval_step()
   best_metric = config.best_metric
-  best_path = os.path.join(workdir, "best.json")
+  best_path = files.join(workdir, "best.json")
   best = json.loads(files.read_bytes(best_path))["value"] if files.exists(best_path) else None
 
   batches = data.train_iterator(setup.batch_sharding, start_step=start)
@@ -116,7 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         best = result[best_metric]
         host = evaluation.host_params(setup, state.params)
         if is_main:
-          checkpoint.save(host, os.path.join(workdir, "best.npz"))
+          checkpoint.save(host, files.join(workdir, "best.npz"))
           with files.atomic_write(best_path) as f:
             f.write(json.dumps({"step": step, "metric": best_metric, "value": best}).encode())
     preempted = mngr.reached_preemption(step)
@@ -139,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     result["test"] = evaluation.run_eval(setup, data, state.params, "test", eval_step)
     writer.write(total, "test", result["test"])
   if is_main:
-    checkpoint.save(final, os.path.join(workdir, "final.npz"))
+    checkpoint.save(final, files.join(workdir, "final.npz"))
   skipped = input_pipeline.decode_errors()
   if skipped:
     log.warning("%d images could not be decoded and were skipped", skipped)

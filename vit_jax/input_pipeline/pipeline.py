@@ -25,6 +25,7 @@ import numpy as np
 
 from vit_jax import configs
 from vit_jax import errors
+from vit_jax import files
 from vit_jax import tf_setup
 from vit_jax.input_pipeline import devices
 from vit_jax.input_pipeline import sources
@@ -280,9 +281,24 @@ def _tfds_train(source: sources.TfdsSource, spec: str, index: int, count: int, s
   return epochs.skip(skip), length
 
 
+def _read_remote(path: bytes) -> bytes:
+  return files.read_bytes(path.decode())
+
+
 def _encoded(x: dict):
   """An element's encoded image: read from its path (folders, lists) or carried along (TFDS)."""
-  return tf_setup.tf().io.read_file(x["path"]) if "path" in x else x["encoded"]
+  tf = tf_setup.tf()
+  if "path" not in x:
+    return x["encoded"]
+  path = x["path"]
+
+  def remote():
+    # Through vit_jax.files, so that gs:// reaches the endpoint every other access uses;
+    # TensorFlow's own GCS client cannot be pointed anywhere but Google's hosts.
+    return tf.ensure_shape(tf.numpy_function(_read_remote, [path], tf.string, stateful=False), [])
+
+  return tf.cond(tf.strings.regex_full_match(path, "[A-Za-z][A-Za-z0-9+.-]*://.*"), remote,
+                 lambda: tf.io.read_file(path))
 
 
 _CHECKED = 32

@@ -100,29 +100,7 @@ def slice_records(records: Records, bounds: tuple[str | None, str | None] | None
   return records.take(order[lo:max(lo, hi)])
 
 
-# -- listing (local or gs://) ---------------------------------------------------
-
-def _is_dir(path: str) -> bool:
-  return tf_setup.tf().io.gfile.isdir(path) if files.is_remote(path) else os.path.isdir(path)
-
-
-def _list_dir(path: str) -> tuple[list[str], list[str]]:
-  """(sub-directory names, file names) of a directory, sorted, hidden entries left out."""
-  if files.is_remote(path):
-    _, dirs, names = next(tf_setup.tf().io.gfile.walk(path))
-    dirs, names = [d.rstrip("/") for d in dirs], list(names)
-  else:
-    dirs, names = [], []
-    with os.scandir(path) as it:
-      for e in it:
-        (dirs if e.is_dir() else names).append(e.name)
-  return (sorted(d for d in dirs if not d.startswith(".")),
-          sorted(n for n in names if not n.startswith(".")))
-
-
-def _join(*parts: str) -> str:
-  return posixpath.join(*parts) if files.is_remote(parts[0]) else os.path.join(*parts)
-
+# -- image files ------------------------------------------------------------------
 
 def _is_image(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS)
@@ -139,13 +117,13 @@ class FolderSource:
     if not root:
       raise errors.ConfigError("config.folder is not set (dataset 'folder' reads ROOT/{train,val,test}/CLASS/*.jpg)")
     self.root = str(root).rstrip("/") or "/"
-    if not _is_dir(self.root):
+    if not files.isdir(self.root):
       raise errors.MissingFileError(f"{self.root}: no such folder (config.folder)")
-    train = _join(self.root, "train")
-    if not _is_dir(train):
+    train = files.join(self.root, "train")
+    if not files.isdir(train):
       raise errors.MissingFileError(f"{train}: no such folder; a folder dataset is ROOT/train/CLASS/*.jpg "
                                     "(plus ROOT/val and ROOT/test)")
-    self.class_names = _list_dir(train)[0]
+    self.class_names = files.list_dir(train)[0]
     if not self.class_names:
       raise errors.DataError(f"{train}: no class folders in it (expected {train}/CLASS_NAME/*.jpg)")
     self._ids = {c: i for i, c in enumerate(self.class_names)}
@@ -157,7 +135,7 @@ class FolderSource:
     return INDEXED_DEFAULTS[key]
 
   def has_split(self, spec: str) -> bool:
-    return _is_dir(_join(self.root, parse_split(spec)[0]))
+    return files.isdir(files.join(self.root, parse_split(spec)[0]))
 
   def records(self, spec: str) -> Records:
     if spec not in self._listed:
@@ -166,18 +144,18 @@ class FolderSource:
 
   def _list(self, spec: str) -> Records:
     name, bounds = parse_split(spec)
-    split_dir = _join(self.root, name)
-    if not _is_dir(split_dir):
+    split_dir = files.join(self.root, name)
+    if not files.isdir(split_dir):
       raise errors.MissingFileError(f"{split_dir}: no such folder (split {spec!r})")
     paths, labels, keys = [], [], []
-    for cls in _list_dir(split_dir)[0]:
-      class_dir = _join(split_dir, cls)
+    for cls in files.list_dir(split_dir)[0]:
+      class_dir = files.join(split_dir, cls)
       if cls not in self._ids:
         raise errors.DataError(f"{class_dir}: class {cls!r} has no folder in {self.root}/train")
-      images = [n for n in _list_dir(class_dir)[1] if _is_image(n)]
+      images = [n for n in files.list_dir(class_dir)[1] if _is_image(n)]
       if not images and name == "train":
         raise errors.DataError(f"{class_dir}: no images ({', '.join('*' + e for e in IMAGE_EXTENSIONS)})")
-      paths += [_join(class_dir, n) for n in images]
+      paths += [files.join(class_dir, n) for n in images]
       keys += [f"{cls}/{n}" for n in images]
       labels += [self._ids[cls]] * len(images)
     if not paths:
@@ -241,7 +219,7 @@ class ListSource:
       except KeyError as e:
         raise errors.DataError(f"{self.list_file}: {path}: label {e.args[0]!r} is not one of the "
                                f"{len(names)} classes") from None
-      full = path if (files.is_remote(path) or os.path.isabs(path)) else _join(base, path)
+      full = path if (files.is_remote(path) or os.path.isabs(path)) else files.join(base, path)
       self._items.setdefault(split or "train", []).append((full, target))
 
   def _parse_json(self, text: str) -> tuple[list[tuple[str, list, str | None]], list[str] | None]:
@@ -487,5 +465,5 @@ def write_class_names(info: DatasetInfo, workdir: str) -> None:
   bad = [n for n in names if "\n" in n or "\r" in n]
   if bad:
     raise errors.DataError(f"class name {bad[0]!r} has a line break; labels.txt holds one name per line")
-  with files.atomic_write(_join(str(workdir), LABELS_FILE)) as f:
+  with files.atomic_write(files.join(str(workdir), LABELS_FILE)) as f:
     f.write(("\n".join(names) + "\n").encode("utf-8"))
