@@ -1,4 +1,5 @@
 """Test setup: CPU JAX, quiet TensorFlow, exact float32 matmuls for comparisons."""
+import http
 import logging
 import os
 import re
@@ -105,13 +106,50 @@ def run_on_free_port():
   return run
 
 
+def _conditional_download(download):
+  """The emulator's object download, with what real GCS adds and TensorStore relies on.
+
+  TensorStore (Orbax's array store) re-reads an object with `ifGenerationNotMatch=G` and
+  expects 304 when it is unchanged, and reads the generation from `x-goog-generation`. The
+  emulator (2026.7.19) ignores the condition and sends no generation, so TensorStore stops
+  with "Malformed StorageGeneration".
+  """
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
+
+  def wrapped(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except objects.NotFound:
+      obj = None
+    if obj is not None:
+      generation = str(obj["generation"])
+      response["x-goog-generation"] = generation
+      response["x-goog-metageneration"] = str(obj["metageneration"])
+      if request.query.get("ifGenerationNotMatch", [None])[0] == generation:
+        response.status = http.HTTPStatus.NOT_MODIFIED
+        return
+      if request.query.get("ifGenerationMatch", [generation])[0] != generation:
+        response.status = http.HTTPStatus.PRECONDITION_FAILED
+        return
+    download(request, response, storage, *args, **kwargs)
+  return wrapped
+
+
 class GcsEmulator:
   """An in-memory GCS (gcp-storage-emulator) on a free localhost port."""
 
   def __init__(self):
-    from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
+    from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
+    from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
+    if not hasattr(objects, "emulator_download"):
+      objects.emulator_download = objects.download
+      # objects.get calls the module's `download` for ?alt=media; the /download routes hold it.
+      objects.download = _conditional_download(objects.emulator_download)
+      for _, handlers in server.HANDLERS:
+        if handlers.get("GET") is objects.emulator_download:
+          handlers["GET"] = objects.download
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # one line per 404
-    self._server = create_server("127.0.0.1", 0, in_memory=True)
+    self._server = server.create_server("127.0.0.1", 0, in_memory=True)
     self._server.start()
     self.port = self._server._api._httpd.server_address[1]  # pylint: disable=protected-access
     self.endpoint = f"http://127.0.0.1:{self.port}"

@@ -431,6 +431,9 @@ def _show_our_logs() -> None:
     handler.setFormatter(logging.Formatter("vit-jax: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+  # gcsfs logs each failed request's traceback before it gives up; the error that follows
+  # reaches the user as one line naming the path (vit_jax.files.StorageError).
+  logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

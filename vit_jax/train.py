@@ -85,49 +85,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   best = json.loads(files.read_bytes(best_path))["value"] if files.exists(best_path) else None
 
   batches = data.train_iterator(setup.batch_sharding, start_step=start)
-  progress = _progress(start, total, is_main)
   log_every, eval_every = config.log_every, config.eval_every
   pending, t0, seen = None, time.perf_counter(), 0
   step = start
-  for step in range(start + 1, total + 1):
-    batch = next(batches)
-    state, m = train_step(state, batch, step_rng)
-    # Check the previous step's loss while this one runs: no stall per step.
-    if pending is not None:
-      _check_finite(pending, step - 1)
-    pending = m
-    seen += config.batch_size
-    if step % log_every == 0 or step == total:
-      vals = {k: float(v) for k, v in jax.device_get(m).items()}
-      _check_finite(m, step)
-      dt = time.perf_counter() - t0
-      vals["images_per_sec"] = seen / dt if dt > 0 else 0.0
-      writer.write(step, "train", vals)
-      progress.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}",
-                           img_s=f"{vals['images_per_sec']:.1f}")
-      t0, seen = time.perf_counter(), 0
-    progress.update(1)
-    if step % eval_every == 0 or step == total:
-      _check_finite(m, step)
-      result = evaluation.run_eval(setup, data, state.params, "eval", eval_step)
-      writer.write(step, "eval", result)
-      # The metrics are the same on every host, so all hosts join the gather.
-      if _better(best_metric, result[best_metric], best):
-        best = result[best_metric]
-        host = evaluation.host_params(setup, state.params)
-        if is_main:
-          checkpoint.save(host, files.join(workdir, "best.npz"))
-          with files.atomic_write(best_path) as f:
-            f.write(json.dumps({"step": step, "metric": best_metric, "value": best}).encode())
-    preempted = mngr.reached_preemption(step)
-    if step % config.checkpoint_every == 0 or preempted:
-      _check_finite(m, step)
-      mngr.save(step, args=ocp.args.StandardSave(state), force=preempted)
-      if preempted:
-        mngr.wait_until_finished()
-        log.warning("preempted at step %d: checkpoint saved, exiting", step)
-        return {}
-  progress.close()
+  # Closed on the way out of an error too, so that the error's line starts a line of its own.
+  with _progress(start, total, is_main) as progress:
+    for step in range(start + 1, total + 1):
+      batch = next(batches)
+      state, m = train_step(state, batch, step_rng)
+      # Check the previous step's loss while this one runs: no stall per step.
+      if pending is not None:
+        _check_finite(pending, step - 1)
+      pending = m
+      seen += config.batch_size
+      if step % log_every == 0 or step == total:
+        vals = {k: float(v) for k, v in jax.device_get(m).items()}
+        _check_finite(m, step)
+        dt = time.perf_counter() - t0
+        vals["images_per_sec"] = seen / dt if dt > 0 else 0.0
+        writer.write(step, "train", vals)
+        progress.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}",
+                             img_s=f"{vals['images_per_sec']:.1f}")
+        t0, seen = time.perf_counter(), 0
+      progress.update(1)
+      if step % eval_every == 0 or step == total:
+        _check_finite(m, step)
+        result = evaluation.run_eval(setup, data, state.params, "eval", eval_step)
+        writer.write(step, "eval", result)
+        # The metrics are the same on every host, so all hosts join the gather.
+        if _better(best_metric, result[best_metric], best):
+          best = result[best_metric]
+          host = evaluation.host_params(setup, state.params)
+          if is_main:
+            checkpoint.save(host, files.join(workdir, "best.npz"))
+            with files.atomic_write(best_path) as f:
+              f.write(json.dumps({"step": step, "metric": best_metric, "value": best}).encode())
+      preempted = mngr.reached_preemption(step)
+      if step % config.checkpoint_every == 0 or preempted:
+        _check_finite(m, step)
+        mngr.save(step, args=ocp.args.StandardSave(state), force=preempted)
+        if preempted:
+          mngr.wait_until_finished()
+          log.warning("preempted at step %d: checkpoint saved, exiting", step)
+          return {}
   if pending is not None:
     _check_finite(pending, step)
   if mngr.latest_step() != total:

@@ -3,7 +3,7 @@
 Usage: python train_killed_at_save.py {mid-save,after-save} STEP ARGS...
 
   mid-save:   step STEP's arrays are written to Orbax's temporary directory, not yet committed
-              (renamed to checkpoints/STEP);
+              (renamed to checkpoints/STEP, or on gs:// its commit file written);
   after-save: just after checkpoints/STEP is committed.
 
 The kill comes from inside Orbax's commit, in the background thread of an asynchronous save,
@@ -19,16 +19,20 @@ from vit_jax import cli
 
 when, step, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 assert when in ("mid-save", "after-save"), when
-_finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
 
-async def finalize(self, *a, **kw):
-  if when == "mid-save" and self._final_path.name == step:  # pylint: disable=protected-access
-    os.kill(os.getpid(), signal.SIGKILL)
-  await _finalize(self, *a, **kw)
-  if when == "after-save" and self._final_path.name == step:  # pylint: disable=protected-access
-    os.kill(os.getpid(), signal.SIGKILL)
+def killing(finalize_save):
+  """`finalize_save` with a SIGKILL before or after it, for step STEP."""
+  async def finalize(self, *a, **kw):
+    if when == "mid-save" and self._final_path.name == step:  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGKILL)
+    await finalize_save(self, *a, **kw)
+    if when == "after-save" and self._final_path.name == step:  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGKILL)
+  return finalize
 
 
-atomicity.AtomicRenameTemporaryPath.finalize = finalize
+# Local directories commit by renaming; object stores (gs://) by writing a commit file.
+for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+  cls.finalize = killing(cls.finalize)
 sys.exit(cli.main(["train", *args]))
