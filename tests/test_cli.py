@@ -12,8 +12,11 @@ from PIL import Image
 import ckpt_fixtures as cf
 import data_fixtures as df
 from vit_jax import checkpoint
+from vit_jax import classifier
 from vit_jax import cli
+from vit_jax import errors
 from vit_jax import files
+from vit_jax import head_record
 from vit_jax import jax_setup
 from vit_jax import labels
 from vit_jax import models
@@ -321,3 +324,25 @@ def test_a_missing_extra_names_the_install_command(capsys, monkeypatch, imagenet
   code, out, err = _run(capsys, "serve", "--checkpoint", imagenet_ckpt)
   assert code == 2 and err.strip().splitlines() == \
       ["vit-jax serve: error: httpx is not installed; this command needs pip install 'vit-jax[serve]'"]
+
+
+def test_the_head_record_beside_an_npz_sets_the_head_kind_and_the_class_names(tmp_path):
+  path = str(tmp_path / "m.npz")
+  cf.write_original(path, cf.Spec(classes=3))
+  assert classifier.load_classifier(path).multilabel is False  # a file from elsewhere: softmax
+  head_record.write(path, head_record.HeadRecord("sigmoid", ("x", "y", "z")))
+  clf = classifier.load_classifier(path)
+  assert clf.multilabel and clf.class_names == ["x", "y", "z"]
+  assert classifier.load_classifier(path, multilabel=False).multilabel is False  # --multiclass
+  (tmp_path / "labels.txt").write_text("p\nq\nr\n")
+  assert classifier.load_classifier(path, labels_path=str(tmp_path / "labels.txt")).class_names == ["p", "q", "r"]
+  (tmp_path / "m.head.json").write_text("{")
+  with pytest.raises(errors.DataError, match=r"m\.head\.json: not a head record"):
+    classifier.load_classifier(path)
+  (tmp_path / "m.head.json").write_text('{"head": "sigmoid", "class_names": ["a"]}')
+  with pytest.raises(errors.DataError, match="1 class names for a head of 3 classes"):
+    classifier.load_classifier(path)
+  with pytest.raises(errors.ConfigError, match="threshold 2.0 is not a probability"):
+    classifier.load_classifier(path, labels_path=str(tmp_path / "labels.txt"), threshold=2.0)
+  with pytest.raises(SystemExit):  # one or the other
+    cli.build_parser().parse_args(["predict", "--checkpoint", path, "--multilabel", "--multiclass"])

@@ -1,15 +1,25 @@
 """Multi-label training end to end: a list of tagged images, a sigmoid head, mAP, and inference."""
+import json
 import os
+import subprocess
+import sys
 
+import httpx
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import data_fixtures as df
+from tests import test_serve
+from vit_jax import classifier
 from vit_jax import configs
-from vit_jax import split_predictions
+from vit_jax import head_record
 from vit_jax import metrics
+from vit_jax import preprocess
+from vit_jax import split_predictions
 from vit_jax import train
+from vit_jax.serving import app as serve
+from vit_jax.serving import protocol
 
 NAMES = ["blue", "green", "red", "warm"]  # sorted, as the list reader orders them
 
@@ -48,17 +58,23 @@ def _config(list_file):
   return c
 
 
+@pytest.fixture(scope="module")
+def trained(tagged, tmp_path_factory):
+  """(workdir, final metrics) of a run on the tagged list."""
+  work = str(tmp_path_factory.mktemp("run"))
+  return work, train.train_and_evaluate(_config(tagged), work)
+
+
 @pytest.mark.slow
-def test_multilabel_training_learns_the_tags_and_infers_them(tagged, tmp_path):
+def test_multilabel_training_learns_the_tags_and_infers_them(tagged, trained, tmp_path):
   config = _config(tagged)
-  work = str(tmp_path / "run")
-  result = train.train_and_evaluate(config, work)
+  work, result = trained
   # Sigmoid head: multi-label metrics, no single-label accuracy.
   assert {"mAP", "f1@0.5", "loss"} <= set(result["eval"]) and "accuracy" not in result["eval"]
   # Chance mAP (random scores) is the tags' mean frequency, about 0.42 here: the colours are
   # one linear read of the patch means away, so a trained model ranks them far above that.
   assert result["eval"]["mAP"] > 0.9, result["eval"]
-  assert (tmp_path / "run" / "labels.txt").read_text().split() == NAMES
+  assert open(os.path.join(work, "labels.txt")).read().split() == NAMES
 
   out = split_predictions.predict_dataset(config, os.path.join(work, "final.npz"), str(tmp_path / "test.npz"),
                               split="test")
@@ -86,3 +102,73 @@ def test_label_smoothing_on_a_sigmoid_head():
   assert float(got[0]) == pytest.approx(want, rel=1e-6)
   plain = metrics.loss_fn(jnp.asarray(logits), jnp.asarray(tags), sigmoid=True)
   assert float(plain[0]) < float(got[0])  # smoothing costs confident right answers
+
+
+@pytest.mark.slow
+def test_a_multilabel_run_is_scored_with_sigmoids_by_predict_serve_and_convert(
+    tagged, trained, tmp_path):
+  """The head record beside final.npz makes predict, serve and convert treat the head as a sigmoid."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  work, _ = trained
+  final = os.path.join(work, "final.npz")
+  assert head_record.read(final) == head_record.HeadRecord("sigmoid", tuple(NAMES))
+  # Images 78, 79, 80 are red, green and blue: tags {red, warm}, {green, warm}, {blue}.
+  paths = [os.path.join(os.path.dirname(tagged), "img", f"{i}.png") for i in (78, 79, 80)]
+
+  def vit_jax(*args):
+    run = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vit-jax"), *args],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+  def predict(*flags):
+    out = vit_jax("predict", "--json", "--checkpoint", final, "--top-k", "4", *flags, *paths)
+    return [json.loads(line)["predictions"] for line in out.splitlines()]
+
+  sigmoid = predict()
+  clf = classifier.load_classifier(final)
+  logits = clf.logits(np.stack([preprocess.eval_resize(preprocess.read_rgb(p), 16) for p in paths]))
+  for row, image_logits in zip(sigmoid, logits):
+    want = 1 / (1 + np.exp(-image_logits.astype(np.float64)))
+    # float32 sigmoid of the same float32 logits, against float64: within a few float32 ulps
+    # of 1 (6e-8 each) in absolute terms. Measured: 1.2e-10.
+    np.testing.assert_allclose([p["score"] for p in row], want[[p["index"] for p in row]],
+                               rtol=0, atol=1e-6)
+  tagged_as = [{p["label"] for p in row if p["score"] > 0.5} for row in sigmoid]
+  assert tagged_as == [{"red", "warm"}, {"green", "warm"}, {"blue"}]
+  # Independent probabilities: two tags near 1 at once, which a softmax cannot give.
+  assert sum(p["score"] for p in sigmoid[0]) > 1.5
+  softmax = predict("--multiclass")
+  for row in softmax:  # all four classes: a distribution
+    assert sum(p["score"] for p in row) == pytest.approx(1.0, abs=1e-5)
+  assert [[p["label"] for p in row] for row in predict("--threshold", "0.5")] == \
+      [[p["label"] for p in row if p["score"] >= 0.5] for row in sigmoid]
+
+  # The server reads the same record.
+  app = serve.create_app(classifier.load_classifier(final), protocol.Options(top_k=4, batch_sizes=(1, 4)))
+  with test_serve.running(app) as url:
+    meta = httpx.get(f"{url}/metadata").json()
+    served = httpx.post(f"{url}/score", json={"input_data": [test_serve.b64(p) for p in paths]},
+                        timeout=60).json()
+  assert meta["head"] == "sigmoid" and meta["labels"] == NAMES
+  for a, b in zip(served, sigmoid):
+    assert [p["label"] for p in a] == [p["label"] for p in b]
+    # Two programs (the sigmoid fused into the model's call, or applied after it): float32
+    # ulps of values in (0, 1). Measured: 1.2e-10.
+    np.testing.assert_allclose([p["score"] for p in a], [p["score"] for p in b], rtol=0, atol=1e-6)
+
+  # convert: problem_type tells transformers' pipeline() to apply a sigmoid too.
+  hf = str(tmp_path / "hf")
+  vit_jax("convert", final, hf)
+  config = json.load(open(os.path.join(hf, "config.json")))
+  assert config["problem_type"] == "multi_label_classification"
+  assert [config["id2label"][str(i)] for i in range(4)] == NAMES
+  pipe = transformers.pipeline("image-classification", model=hf, device="cpu")
+  for theirs, ours in zip(pipe(paths, top_k=4), sigmoid):
+    assert [p["label"] for p in theirs] == [p["label"] for p in ours]
+    # The same float32 pixels (16 px images at the model's 16 px) through two float32
+    # implementations (test_hf_files: 2.7e-7 measured); 1e-4 is 10x inside the promised 1e-3.
+    np.testing.assert_allclose([p["score"] for p in theirs], [p["score"] for p in ours], atol=1e-4)
+  # And back: the transformers directory's problem_type becomes the head record again.
+  vit_jax("convert", hf, str(tmp_path / "back.npz"))
+  assert head_record.read(str(tmp_path / "back.npz")) == head_record.HeadRecord("sigmoid", tuple(NAMES))

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import errors
 from vit_jax import checkpoint
+from vit_jax import errors
+from vit_jax import head_record
 from vit_jax import labels as labels_lib
 from vit_jax import models
 from vit_jax import preprocess
@@ -24,14 +25,23 @@ class Classifier:
   class_names: list[str]
   model_name: str
   batch_size: int = 8  # past 8 images a CPU runs slower per image (cache)
+  # A sigmoid head (multi-label): each class's own probability; else a softmax over classes.
+  multilabel: bool = False
+  threshold: float | None = None  # leave out classes scored below it
 
   def __post_init__(self):
+    if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+      raise errors.ConfigError(f"threshold {self.threshold} is not a probability in [0, 1]")
     # One compiled shape: the last partial batch is padded, never recompiled.
     self._logits = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False))
-    # Serving: the softmax inside the compiled call, so that nothing outside it
+    # Serving: the activation inside the compiled call, so that nothing outside it
     # compiles per batch shape.
-    self._probs = jax.jit(lambda p, x: jax.nn.softmax(
-        jnp.asarray(self.model.apply({"params": p}, x, train=False), jnp.float32), axis=-1))
+    self._probs = jax.jit(lambda p, x: self.activation(self.model.apply({"params": p}, x, train=False)))
+
+  def activation(self, logits: Any) -> jax.Array:
+    """Logits to scores: sigmoid per class for a multi-label head, else softmax over classes."""
+    logits = jnp.asarray(logits, jnp.float32)
+    return jax.nn.sigmoid(logits) if self.multilabel else jax.nn.softmax(logits, axis=-1)
 
   @property
   def image_size(self) -> int:
@@ -50,16 +60,15 @@ class Classifier:
 
   def top_k(self, images: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
     """For each image, the k best classes as {"label", "score", "index"}, best first."""
-    logits = self.logits(images)
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
-    return self.rank(probs, k)
+    return self.rank(np.asarray(self.activation(self.logits(images))), k)
 
   def rank(self, probs: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
-    """For each row of probabilities [N, C], the k best classes, as `top_k` gives them."""
+    """For each row of probabilities [N, C], the k best classes (at or above the threshold)."""
     k = min(k, probs.shape[-1])
     result = []
     for row in probs:
-      idx = np.argsort(-row, kind="stable")[:k]
+      idx = [i for i in np.argsort(-row, kind="stable")[:k]
+             if self.threshold is None or row[i] >= self.threshold]
       result.append([{"label": self.class_names[i], "score": float(row[i]), "index": int(i)}
                      for i in idx])
     return result
@@ -84,8 +93,14 @@ class Classifier:
 
 def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
                     image_size: int | None = None, labels_path: str | None = None,
-                    batch_size: int = 8, **model_overrides: Any) -> Classifier:
-  """A Classifier for an original-layout checkpoint; the model is read off the file by default."""
+                    batch_size: int = 8, multilabel: bool | None = None,
+                    threshold: float | None = None, **model_overrides: Any) -> Classifier:
+  """A Classifier for an original-layout checkpoint; the model is read off the file by default.
+
+  The head's kind and the class names come from the file's head record (NAME.head.json,
+  written by training) when there is one; `multilabel` and `labels_path` override it.
+  Without either, a head is a softmax over ImageNet's classes (1000) or `class_i`.
+  """
   tree = checkpoint.load(checkpoint_path)
   found = spec_lib.ModelSpec.from_params(tree, checkpoint_path)
   if found.num_classes is None:
@@ -99,9 +114,19 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
   model = models.build(model_spec, **model_overrides)
   name = model_spec.name or "custom"
   params = checkpoint.load_pretrained(tree, model)
-  names = labels_lib.for_classes(model.num_classes, labels_path)
+  record = head_record.read(checkpoint_path)
+  if labels_path is None and record is not None and record.class_names:
+    names = list(record.class_names)
+    if len(names) != model.num_classes:
+      raise errors.DataError(f"{head_record.path_for(checkpoint_path)}: {len(names)} class names "
+                             f"for a head of {model.num_classes} classes")
+  else:
+    names = labels_lib.for_classes(model.num_classes, labels_path)
+  if multilabel is None:
+    multilabel = record is not None and record.multilabel
   return Classifier(model=model, params=jax.device_put(params), class_names=names,
-                    model_name=name, batch_size=batch_size)
+                    model_name=name, batch_size=batch_size, multilabel=multilabel,
+                    threshold=threshold)
 
 
 @dataclasses.dataclass

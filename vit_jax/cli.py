@@ -22,14 +22,23 @@ def _add_classifier_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default=None, help="variant, e.g. ViT-B_16 or B/16 (default: from the file)")
   p.add_argument("--image-size", type=int, default=None,
                  help="input size (default: the checkpoint's); position embeddings are resized")
-  p.add_argument("--labels", default=None, help="class names, one per line (default: ImageNet-2012 "
-                                                "for 1000-class heads)")
+  p.add_argument("--labels", default=None, help="class names, one per line (default: the head "
+                 "record's, NAME.head.json beside NAME.npz; else ImageNet-2012 for 1000 classes)")
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--multilabel", dest="multilabel", action="store_const", const=True, default=None,
+                 help="score each class on its own (sigmoid); default: as the head record says, "
+                      "else --multiclass")
+  g.add_argument("--multiclass", dest="multilabel", action="store_const", const=False,
+                 help="a softmax over the classes")
+  p.add_argument("--threshold", type=float, default=None,
+                 help="leave out classes scored below this probability (e.g. 0.5 for tags)")
 
 
 def _load_classifier(args: argparse.Namespace, **kw):
   from vit_jax import classifier  # pylint: disable=import-outside-toplevel
   return classifier.load_classifier(args.checkpoint, model_name=args.model,
-                                    image_size=args.image_size, labels_path=args.labels, **kw)
+                                    image_size=args.image_size, labels_path=args.labels,
+                                    multilabel=args.multilabel, threshold=args.threshold, **kw)
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:

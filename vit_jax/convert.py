@@ -27,6 +27,7 @@ import numpy as np
 from vit_jax import errors
 from vit_jax import checkpoint
 from vit_jax import files
+from vit_jax import head_record
 from vit_jax import layout
 from vit_jax import labels as labels_lib
 from vit_jax import models
@@ -74,6 +75,7 @@ BLOCK_KEYS: list[tuple[str, str, _Op]] = [
 ]
 
 _GELU = {True: "gelu_pytorch_tanh", False: "gelu"}
+_MULTI_LABEL = "multi_label_classification"  # transformers' problem_type of a sigmoid head
 
 
 class ConversionError(errors.UserError, ValueError):
@@ -120,8 +122,13 @@ def from_torch_state_dict(state: dict[str, np.ndarray], num_heads: int) -> dict[
                                for ours, pt, op in rows})
 
 
-def hf_config(model: models.VisionTransformer, labels: list[str] | None = None):
-  """The transformers ViTConfig of `model` (GELU and LayerNorm eps matched)."""
+def hf_config(model: models.VisionTransformer, labels: list[str] | None = None,
+              multilabel: bool = False):
+  """The transformers ViTConfig of `model` (GELU and LayerNorm eps matched).
+
+  A multi-label (sigmoid) head gets problem_type "multi_label_classification", with which
+  transformers' pipeline() applies a sigmoid rather than a softmax.
+  """
   from transformers import ViTConfig  # pylint: disable=import-outside-toplevel
   if model.representation_size is not None or model.classifier != "token" or model.num_classes is None:
     raise ConversionError("only class-token classifiers without pre_logits have a "
@@ -131,6 +138,8 @@ def hf_config(model: models.VisionTransformer, labels: list[str] | None = None):
     if len(labels) != model.num_classes:
       raise ConversionError(f"{len(labels)} labels for {model.num_classes} classes")
     kw = dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+  if multilabel:
+    kw["problem_type"] = _MULTI_LABEL
   return ViTConfig(hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
                    num_attention_heads=model.num_heads, intermediate_size=model.mlp_dim,
                    hidden_act=_GELU[model.gelu_approximate], layer_norm_eps=1e-6,
@@ -150,11 +159,11 @@ def load_torch() -> None:
 
 
 def to_transformers(params: dict[str, Any], model: models.VisionTransformer, out_dir: str,
-                    labels: list[str] | None = None):
+                    labels: list[str] | None = None, multilabel: bool = False):
   """Writes a directory that ViTForImageClassification.from_pretrained loads; returns the model."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import ViTForImageClassification  # pylint: disable=import-outside-toplevel
-  config = hf_config(model, labels)
+  config = hf_config(model, labels, multilabel)
   state = to_torch_state_dict(params, model.num_heads)
   pt = ViTForImageClassification(config)
   pt.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
@@ -228,23 +237,28 @@ def write_labels(labels: list[str], path: str) -> None:
     f.write(("\n".join(labels) + "\n").encode("utf-8"))
 
 
-def transformers_to_npz(src: str, dst: str) -> tuple[models.VisionTransformer, str | None]:
+def transformers_to_npz(src: str, dst: str) -> tuple[models.VisionTransformer, list[str]]:
   """Converts a transformers directory to an original-layout .npz; returns the model and the
-  labels file written beside `dst` (None when the directory names no classes)."""
+  files written beside `dst`: the head record (kind and class names), and a labels file when
+  the directory names its classes."""
   model, params, names = from_transformers(src)
+  problem = json.loads(files.read_bytes(files.join(src, "config.json"))).get("problem_type")
   checkpoint.save(params, dst)
-  if not names:
-    return model, None
-  path = os.path.splitext(dst)[0] + ".labels.txt"
-  write_labels(names, path)
-  return model, path
+  record = head_record.HeadRecord("sigmoid" if problem == _MULTI_LABEL else "softmax",
+                                  tuple(names) if names else None)
+  written = [head_record.write(dst, record)]
+  if names:
+    written.append(os.path.splitext(dst)[0] + ".labels.txt")
+    write_labels(names, written[-1])
+  return model, written
 
 
 def npz_to_transformers(src: str, dst: str, labels: str | None = None,
                         drop_pre_logits: bool = False) -> models.VisionTransformer:
   """Converts an original-layout .npz (local or gs://) to a transformers directory.
 
-  `labels` is a class-name file; ImageNet's names are used for 1000-class heads without one.
+  The class names are the `labels` file's, else the head record's (NAME.head.json, which
+  also says whether the head is a sigmoid), else ImageNet's for 1000-class heads.
   """
   tree = checkpoint.load(src)
   found = models.build(spec_lib.ModelSpec.from_params(tree, src))
@@ -255,11 +269,15 @@ def npz_to_transformers(src: str, dst: str, labels: str | None = None,
     raise ConversionError(f"{src} has no head; ViTForImageClassification needs one")
   model = found.clone(representation_size=None)
   params = checkpoint.load_pretrained(tree, model)
-  names = labels_lib.for_classes(model.num_classes, labels) \
-      if (labels or model.num_classes == 1000) else None
-  to_transformers(params, model, dst, labels=names)
+  record = head_record.read(src)
+  if labels is None and record is not None and record.class_names:
+    names = list(record.class_names)
+  else:
+    names = labels_lib.for_classes(model.num_classes, labels) \
+        if (labels or model.num_classes == 1000) else None
+  to_transformers(params, model, dst, labels=names,
+                  multilabel=record is not None and record.multilabel)
   return model
-
 
 
 def convert(src: str, dst: str, *, labels: str | None = None, drop_pre_logits: bool = False
@@ -268,8 +286,8 @@ def convert(src: str, dst: str, *, labels: str | None = None, drop_pre_logits: b
   transformers directory. Returns what was written, a line each."""
   load_torch()
   if files.isdir(src):
-    model, labels_path = transformers_to_npz(src, dst)
+    model, beside = transformers_to_npz(src, dst)
     return [f"{dst} ({model.num_layers} layers, {model.num_classes} classes, {model.image_size}px)",
-            *([labels_path] if labels_path else [])]
+            *beside]
   npz_to_transformers(src, dst, labels, drop_pre_logits)
   return [f"{dst} (load with transformers.ViTForImageClassification.from_pretrained)"]

@@ -22,6 +22,7 @@ from vit_jax import errors
 from vit_jax import evaluation
 from vit_jax import checkpoint
 from vit_jax import files
+from vit_jax import head_record
 from vit_jax import input_pipeline
 from vit_jax import metric_writer
 
@@ -56,6 +57,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains as `config` says, evaluating and checkpointing on the way; returns the final metrics."""
   setup, data = evaluation.prepare(config, mesh)
   info = data.info
+  # What the exported .npz files' head scores, and its classes, recorded beside each.
+  head = head_record.HeadRecord("sigmoid" if setup.sigmoid_loss else "softmax",
+                                tuple(info.class_names) if info.class_names else None)
   is_main = jax.process_index() == 0
   if is_main:
     with files.atomic_write(files.join(workdir, "config.json")) as f:
@@ -118,6 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           host = evaluation.host_params(setup, state.params)
           if is_main:
             checkpoint.save(host, files.join(workdir, "best.npz"))
+            head_record.write(files.join(workdir, "best.npz"), head)
             with files.atomic_write(best_path) as f:
               f.write(json.dumps({"step": step, "metric": best_metric, "value": best}).encode())
       preempted = mngr.reached_preemption(step)
@@ -140,6 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.write(total, "test", result["test"])
   if is_main:
     checkpoint.save(final, files.join(workdir, "final.npz"))
+    head_record.write(files.join(workdir, "final.npz"), head)
   skipped = input_pipeline.decode_errors()
   if skipped:
     log.warning("%d images could not be decoded and were skipped", skipped)

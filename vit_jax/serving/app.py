@@ -286,6 +286,8 @@ def create_app(clf: classifier.Classifier, options: Options = Options()) -> Fast
   async def metadata() -> dict[str, Any]:
     return {"model": clf.model_name, "image_size": clf.image_size,
             "num_classes": len(clf.class_names), "labels": clf.class_names,
+            # A sigmoid head scores each class on its own; a softmax's scores sum to 1.
+            "head": "sigmoid" if clf.multilabel else "softmax", "threshold": clf.threshold,
             "batch_sizes": list(sizes), "max_wait_ms": options.max_wait_ms,
             "top_k": options.top_k, "allow_urls": options.allow_urls,
             "allow_private_urls": options.allow_private_urls,
