@@ -16,7 +16,7 @@ import io
 import os
 import posixpath
 import tempfile
-from typing import IO, Any, Iterator, MutableMapping
+from typing import IO, Any, Callable, Iterator, MutableMapping
 
 from vit_jax import errors
 
@@ -95,31 +95,26 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def exists(path: str) -> bool:
+def _ask(path: str, local: Callable[[str], bool], remote: str) -> bool:
+  """A yes/no question about a path: `local` on disk, else the fsspec method named `remote`."""
   path = str(path)
   if not is_remote(path):
-    return os.path.exists(path)
+    return local(path)
   fs, rpath = _fs(path)
   with _remote(path):
-    return fs.exists(rpath)
+    return getattr(fs, remote)(rpath)
+
+
+def exists(path: str) -> bool:
+  return _ask(path, os.path.exists, "exists")
 
 
 def isdir(path: str) -> bool:
-  path = str(path)
-  if not is_remote(path):
-    return os.path.isdir(path)
-  fs, rpath = _fs(path)
-  with _remote(path):
-    return fs.isdir(rpath)
+  return _ask(path, os.path.isdir, "isdir")
 
 
 def isfile(path: str) -> bool:
-  path = str(path)
-  if not is_remote(path):
-    return os.path.isfile(path)
-  fs, rpath = _fs(path)
-  with _remote(path):
-    return fs.isfile(rpath)
+  return _ask(path, os.path.isfile, "isfile")
 
 
 def join(*parts: str) -> str:
