@@ -14,8 +14,8 @@ init_head_bias -10); the -10 bias starts every class near probability 0.
 Weight decay: optax's `adamw` subtracts lr * 0.03 * param each step, which is
 what the original code's optimizer did with weight_decay 0.03 (the Adam of
 flax's retired optim package: `new_param -= learning_rate * weight_decay *
-param`). That optimizer decayed
-every parameter; here only kernels decay (not biases, norms or embeddings).
+param`). That optimizer decayed every parameter; here only kernels decay (not
+biases, norms or embeddings).
 
 Memory: 512 images per v3 core at 224 do not fit in 16 GiB with float32
 activations. Two levers, both on: bfloat16 compute (params and optimizer state
