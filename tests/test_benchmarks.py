@@ -61,3 +61,16 @@ def test_runs_both_sides_and_reports(tmp_path):
   # Fresh workers hold at least the framework and the weights, and well under this machine's RAM.
   assert all(100 < mib < 8000 for mib in r["peak_rss_mib_batch8"].values())
   assert "| inference fp32 | 2 |" in proc.stdout and "| train step fp32" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_resize_drift_measurement_runs_and_sees_antialiasing_only_when_shrinking():
+  script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "hf_resize_drift.py"
+  run = subprocess.run([sys.executable, str(script), "--steps", "10", "--crops", "7", "--json-only"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert run.returncode == 0, run.stderr[-3000:]
+  rows = json.loads(run.stdout.strip().splitlines()[-1])["by crop size"]
+  # At the model's size both resizes copy the pixels (float32 rounding of x / 127.5 - 1).
+  assert rows["64-64px"]["pixels max |diff|"] < 1e-6
+  # Shrinking 4-7x, PIL's antialiasing averages what a plain bilinear resize samples.
+  assert rows["257-448px"]["pixels max |diff|"] > 0.1
