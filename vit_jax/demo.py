@@ -111,6 +111,9 @@ def _plots(out_dir: str, curves: dict[str, dict[str, list]], grid: list[tuple[np
 
 def run(workdir: str = "demo-run", pretrain_steps: int = 300, finetune_steps: int = 200) -> dict[str, Any]:
   """Runs the demo in `workdir`; returns the summary numbers."""
+  from vit_jax import errors, files  # pylint: disable=import-outside-toplevel
+  if files.is_remote(workdir):  # it writes thousands of small images and reads them back
+    raise errors.ConfigError(f"--workdir {workdir}: the demo runs on local disk; give a local directory")
   t0 = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel

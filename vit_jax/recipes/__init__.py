@@ -10,8 +10,10 @@ import ast
 import importlib.util
 import os
 import pathlib
+import tempfile
 
 from vit_jax import errors
+from vit_jax import files
 
 _DIR = pathlib.Path(__file__).resolve().parent
 
@@ -34,15 +36,23 @@ def summary(name: str) -> str:
 
 def read(spec: str) -> "ml_collections.ConfigDict":
   """The config a `--config` value names: a recipe name or a file, either with an optional `:arg`."""
-  name, sep, arg = spec.partition(":")
-  file = name if os.path.isfile(name) else path(name)
+  scheme, slashes, rest = spec.partition("://")  # a URL's own colon is not an argument's
+  name, sep, arg = (rest if slashes else spec).partition(":")
+  name = f"{scheme}{slashes}{name}" if slashes else name
+  file = name if files.isfile(name) else path(name)
   if file is None:
     raise errors.ConfigError(f"--config {spec}: no such recipe or config file "
                              f"(recipes: {', '.join(names())})")
-  # Imported as a file, not through the package, so that a user's file and a recipe load alike.
-  module_spec = importlib.util.spec_from_file_location("vit_jax_user_config", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  with tempfile.TemporaryDirectory() as local:
+    source = file
+    if files.is_remote(file):  # Python imports local files: a copy of a gs:// config
+      source = os.path.join(local, "config.py")
+      with open(source, "wb") as f:
+        f.write(files.read_bytes(file))
+    # Imported as a file, not through the package, so that a user's file and a recipe load alike.
+    module_spec = importlib.util.spec_from_file_location("vit_jax_user_config", source)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
   if not callable(getattr(module, "get_config", None)):
     raise errors.ConfigError(f"--config {spec}: {file} defines no get_config()")
   return module.get_config(arg) if sep else module.get_config()
