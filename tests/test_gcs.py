@@ -248,3 +248,12 @@ def test_a_config_file_in_a_bucket_loads_with_its_argument(gcs):
   assert cli.load_config(["--config", f"{gcs}/configs/mine.py:12", "--config.seed=3"]).total_steps == 12
   with pytest.raises(errors.ConfigError, match="no such recipe or config file"):
     cli.load_config(["--config", f"{gcs}/configs/none.py"])
+
+
+def test_files_round_trip_byte_exact_whatever_their_last_bytes(gcs):
+  """A file's bytes come back as written, whatever it ends with (e.g. a TFRecord's CRC)."""
+  for i, tail in enumerate([b"\r", b"\n", b"\r\n", b"\n\r", b"--==0==", b""]):
+    data = bytes(range(256)) + tail
+    with files.atomic_write(f"{gcs}/blob{i}") as f:
+      f.write(data)
+    assert files.read_bytes(f"{gcs}/blob{i}") == data, tail
