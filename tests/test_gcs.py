@@ -257,3 +257,22 @@ def test_files_round_trip_byte_exact_whatever_their_last_bytes(gcs):
     with files.atomic_write(f"{gcs}/blob{i}") as f:
       f.write(data)
     assert files.read_bytes(f"{gcs}/blob{i}") == data, tail
+
+
+def test_a_storage_refusal_is_one_line_naming_the_path(gcs, monkeypatch):
+  import gcsfs  # pylint: disable=import-outside-toplevel
+  from gcsfs.retry import HttpError  # pylint: disable=import-outside-toplevel
+  with files.atomic_write(f"{gcs}/x.npz") as f:
+    f.write(b"PK")
+
+  async def refuse(*args, **kwargs):
+    raise HttpError({"code": 500, "message": "backend error\nmore detail"})
+
+  monkeypatch.setattr(gcsfs.GCSFileSystem, "_cat_file", refuse)
+  gcsfs.GCSFileSystem.clear_instance_cache()  # instances bind their sync methods when made
+  with pytest.raises(files.StorageError, match=rf"^{gcs}/x.npz: storage error \(HttpError: backend error\)$"):
+    files.read_bytes(f"{gcs}/x.npz")
+  # Through a command: one line, exit 2 (a user's storage, not a bug of ours).
+  assert cli.main(["predict", "--checkpoint", f"{gcs}/x.npz", "x.png"]) == 2
+  monkeypatch.undo()
+  gcsfs.GCSFileSystem.clear_instance_cache()

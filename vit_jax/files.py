@@ -57,13 +57,14 @@ def _fs(path: str) -> tuple[Any, str]:
 @contextlib.contextmanager
 def _remote(path: str) -> Iterator[None]:
   """Turns a remote storage failure into one line that names the path."""
+  from gcsfs.retry import HttpError  # pylint: disable=import-outside-toplevel
   try:
     yield
   except (errors.UserError, FileNotFoundError):
     raise
-  except OSError as e:
-    raise StorageError(f"{path}: storage error ({e.__class__.__name__}: {str(e).splitlines()[0]})"
-                       ) from e
+  except (OSError, HttpError) as e:  # gcsfs: OSError for 403 and lost connections, else HttpError
+    first = (str(e).splitlines() or [""])[0]
+    raise StorageError(f"{path}: storage error ({e.__class__.__name__}: {first})") from e
 
 
 def _bucket_check(path: str) -> None:
