@@ -115,13 +115,8 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
   name = model_spec.name or "custom"
   params = checkpoint.load_pretrained(tree, model)
   record = head_record.read(checkpoint_path)
-  if labels_path is None and record is not None and record.class_names:
-    names = list(record.class_names)
-    if len(names) != model.num_classes:
-      raise errors.DataError(f"{head_record.path_for(checkpoint_path)}: {len(names)} class names "
-                             f"for a head of {model.num_classes} classes")
-  else:
-    names = labels_lib.for_classes(model.num_classes, labels_path)
+  names = None if labels_path else head_record.class_names(checkpoint_path, record, model.num_classes)
+  names = names or labels_lib.for_classes(model.num_classes, labels_path)
   if multilabel is None:
     multilabel = record is not None and record.multilabel
   return Classifier(model=model, params=jax.device_put(params), class_names=names,

@@ -270,11 +270,9 @@ def npz_to_transformers(src: str, dst: str, labels: str | None = None,
   model = found.clone(representation_size=None)
   params = checkpoint.load_pretrained(tree, model)
   record = head_record.read(src)
-  if labels is None and record is not None and record.class_names:
-    names = list(record.class_names)
-  else:
-    names = labels_lib.for_classes(model.num_classes, labels) \
-        if (labels or model.num_classes == 1000) else None
+  names = None if labels else head_record.class_names(src, record, model.num_classes)
+  if names is None and (labels or model.num_classes == 1000):
+    names = labels_lib.for_classes(model.num_classes, labels)
   to_transformers(params, model, dst, labels=names,
                   multilabel=record is not None and record.multilabel)
   return model

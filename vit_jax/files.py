@@ -83,12 +83,14 @@ def read_bytes(path: str) -> bytes:
   if is_remote(path):
     fs, rpath = _fs(path)
     with _remote(path):
-      if not fs.exists(rpath):
-        _bucket_check(path)
-        raise errors.MissingFileError(f"{path}: no such file")
+      try:
+        return fs.cat_file(rpath)  # one request: images of a gs:// folder come this way
+      except (FileNotFoundError, IsADirectoryError):
+        pass
       if fs.isdir(rpath):
         raise errors.MissingFileError(f"{path}: not a regular file")
-      return fs.cat_file(rpath)
+    _bucket_check(path)
+    raise errors.MissingFileError(f"{path}: no such file")
   if not os.path.isfile(path):
     raise errors.MissingFileError(f"{path}: no such file" if not os.path.exists(path)
                                   else f"{path}: not a regular file")

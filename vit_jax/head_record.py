@@ -59,3 +59,13 @@ def read(npz: str) -> HeadRecord | None:
     return HeadRecord(head=body["head"], class_names=tuple(names) if names else None)
   except (ValueError, KeyError, TypeError, AttributeError, errors.DataError) as e:
     raise errors.DataError(f"{path}: not a head record ({e})") from None
+
+
+def class_names(npz: str, record: HeadRecord | None, num_classes: int) -> list[str] | None:
+  """The record's class names for a head of `num_classes`; None when it names none."""
+  if record is None or not record.class_names:
+    return None
+  if len(record.class_names) != num_classes:
+    raise errors.DataError(f"{path_for(npz)}: {len(record.class_names)} class names for a head "
+                           f"of {num_classes} classes")
+  return list(record.class_names)

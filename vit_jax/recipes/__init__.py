@@ -34,6 +34,15 @@ def summary(name: str) -> str:
   return (doc or "").splitlines()[0] if doc else ""
 
 
+def _import(file: str):
+  """A config file, imported as a file rather than through the package, so that a user's
+  file and a recipe load alike."""
+  module_spec = importlib.util.spec_from_file_location("vit_jax_user_config", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def read(spec: str) -> "ml_collections.ConfigDict":
   """The config a `--config` value names: a recipe name or a file, either with an optional `:arg`."""
   scheme, slashes, rest = spec.partition("://")  # a URL's own colon is not an argument's
@@ -43,16 +52,14 @@ def read(spec: str) -> "ml_collections.ConfigDict":
   if file is None:
     raise errors.ConfigError(f"--config {spec}: no such recipe or config file "
                              f"(recipes: {', '.join(names())})")
-  with tempfile.TemporaryDirectory() as local:
-    source = file
-    if files.is_remote(file):  # Python imports local files: a copy of a gs:// config
-      source = os.path.join(local, "config.py")
-      with open(source, "wb") as f:
+  if files.is_remote(file):  # Python imports local files: a copy of a gs:// config
+    with tempfile.TemporaryDirectory() as local:
+      copy = os.path.join(local, "config.py")
+      with open(copy, "wb") as f:
         f.write(files.read_bytes(file))
-    # Imported as a file, not through the package, so that a user's file and a recipe load alike.
-    module_spec = importlib.util.spec_from_file_location("vit_jax_user_config", source)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+      module = _import(copy)
+  else:
+    module = _import(file)
   if not callable(getattr(module, "get_config", None)):
     raise errors.ConfigError(f"--config {spec}: {file} defines no get_config()")
   return module.get_config(arg) if sep else module.get_config()
