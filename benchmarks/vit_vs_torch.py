@@ -4,14 +4,16 @@ Same weights, same CPU, one run. Each side runs in its own worker process and
 the two take turns (ours, theirs, ours, theirs, ...): the idle one waits on a
 pipe, so neither's thread pool competes with the other's, and load from
 elsewhere on a shared machine hits both alike. We report medians and ratios of
-inference (fp32 and bf16, batch 1, 8, 32), the training step (forward,
+inference (fp32 and bf16, batch 1, 8, 32), inference that also returns every
+layer's attention weights (ours: with the rollout map; theirs:
+`output_attentions=True`, batch 8), the training step (forward,
 backward, SGD momentum, batch 8), the training step's compile time (scanned and
 unscanned), peak memory of each side (fresh processes), and the achieved
 GFLOP/s next to what a plain float32 matrix multiply reaches here through XLA
 and through PyTorch.
 
   JAX_PLATFORMS=cpu python benchmarks/vit_vs_torch.py [--quick] [--json out.json]
-      [--skip inference,train,compile,memory] [--batches 1,8,32] [--dtypes fp32,bf16] [--model ViT-B_16]
+      [--skip inference,attention,train,compile,memory] [--batches 1,8,32] [--dtypes fp32,bf16] [--model ViT-B_16]
 """
 from __future__ import annotations
 
@@ -94,6 +96,14 @@ class JaxSide:
       m = self.model.clone(dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
       f = jax.jit(lambda p, x: m.apply({"params": p}, x, train=False))
       self.fn = lambda: f(self.params, x).block_until_ready()
+    elif kind == "attention":
+      from vit_jax import explain, models  # pylint: disable=import-outside-toplevel
+
+      def maps(p, x):
+        logits, weights = models.attention_weights(self.model, p, x)
+        return logits, weights, explain.rollout(self.model, weights)
+      f = jax.jit(maps)
+      self.fn = lambda: jax.block_until_ready(f(self.params, x))
     else:
       tx = optax.sgd(0.01, momentum=0.9)
 
@@ -150,6 +160,7 @@ class TorchSide:
     torch.set_num_threads(os.cpu_count() or 1)
     self.torch = torch
     self.model = transformers.ViTForImageClassification.from_pretrained(weights).eval()
+    self.weights, self.eager = weights, None
     self.fn = None
 
   def matmul(self) -> float:
@@ -168,6 +179,18 @@ class TorchSide:
       def run():
         with torch.inference_mode():
           m(pixel_values=xt)
+      self.fn = run
+    elif kind == "attention":
+      # SDPA does not return its weights: transformers' eager attention does.
+      import transformers  # pylint: disable=import-outside-toplevel
+      if self.eager is None:
+        self.eager = transformers.ViTForImageClassification.from_pretrained(
+            self.weights, attn_implementation="eager").eval()
+      m = self.eager
+
+      def run():
+        with torch.inference_mode():
+          assert len(m(pixel_values=xt, output_attentions=True).attentions) == m.config.num_hidden_layers
       self.fn = run
     else:
       m = self.model.float().train()
@@ -248,7 +271,7 @@ def compare(workers, kind: str, batch: int, dtype: str, repeats: int, gflop: flo
   for w in workers.values():
     w("setup", kind=kind, batch=batch, dtype=dtype)
   med = interleaved(workers, max(1, 8 // batch), repeats)
-  flops = gflop if kind == "inference" else TRAIN_FACTOR * gflop
+  flops = TRAIN_FACTOR * gflop if kind == "train" else gflop
   return {"kind": kind, "batch": batch, "dtype": dtype,
           **{f"{k}_img_s": batch / t for k, t in med.items()},
           **{f"{k}_gflops": batch / t * flops for k, t in med.items()},
@@ -301,7 +324,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7 (a smoke run)")
   ap.add_argument("--json", default=None, help="also write the results here")
-  ap.add_argument("--skip", default="", help="comma list of: inference,train,compile,memory")
+  ap.add_argument("--skip", default="", help="comma list of: inference,attention,train,compile,memory")
   ap.add_argument("--batches", default="1,8,32", help="inference batch sizes")
   ap.add_argument("--dtypes", default="fp32,bf16", help="inference compute dtypes")
   ap.add_argument("--model", default="ViT-B_16", help="variant, at 224 px with 1000 classes")
@@ -323,6 +346,8 @@ def main():
     runs = []
     if "inference" not in skip:
       runs += [("inference", int(b), d) for d in args.dtypes.split(",") for b in args.batches.split(",")]
+    if "attention" not in skip:
+      runs.append(("attention", 8, "fp32"))
     if "train" not in skip:
       runs.append(("train", 8, "fp32"))
     result["runs"] = []
@@ -356,7 +381,8 @@ def table(r: dict) -> str:
            "| benchmark | batch | ours (img/s) | PyTorch (img/s) | ours / PyTorch | ours GFLOP/s | PyTorch GFLOP/s |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
   for x in r.get("runs", []):
-    name = f"inference {x['dtype']}" if x["kind"] == "inference" else "train step fp32 (SGD momentum)"
+    name = {"inference": f"inference {x['dtype']}", "attention": "inference fp32 + attention maps",
+            "train": "train step fp32 (SGD momentum)"}[x["kind"]]
     lines.append(f"| {name} | {x['batch']} | {x['jax_img_s']:.2f} | {x['torch_img_s']:.2f} | {x['ratio']:.2f} | "
                  f"{x['jax_gflops']:.0f} | {x['torch_gflops']:.0f} |")
   if "compile_seconds" in r:

@@ -34,6 +34,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402  pylint: disable=wrong-import-position
 
+
+@pytest.fixture(autouse=True)
+def _library_logs_reach_caplog():
+  """`cli.main` stops our logger's records at its own handler (a process runs one command);
+  tests run many in one process, and caplog listens at the root."""
+  yield
+  logging.getLogger("vit_jax").propagate = True
+
 import ckpt_fixtures  # noqa: E402  pylint: disable=wrong-import-position
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from vit_jax import aot
-from vit_jax import cli
+from vit_jax import config_args
 from vit_jax import models
 from vit_jax import steps
 
@@ -42,7 +42,7 @@ def test_tiny_config_compiles_for_v3_8():
                                       - breakdown["aliased"] + breakdown["code"])
   # The compiler's FLOPs per device cover at least the model's own training FLOPs
   # for the device's 8 images, and not wildly more (optimizer and norms are small).
-  tiny = steps.model_from_config(cli.load_config(["--config", os.path.join(CONFIGS, "tiny.py")]), 10)
+  tiny = steps.model_from_config(config_args.load_config(["--config", os.path.join(CONFIGS, "tiny.py")]), 10)
   assert report["model_flops_per_image"] == aot.model_flops_per_image(tiny, train=True)
   model_flops = report["per_device_batch"] * aot.model_flops_per_image(tiny, train=True, as_computed=True)
   assert 0.9 * model_flops < report["flops_per_device"] < 2.0 * model_flops

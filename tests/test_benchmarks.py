@@ -50,17 +50,18 @@ def test_runs_both_sides_and_reports(tmp_path):
       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads(out.read_text())
-  assert [(x["kind"], x["batch"]) for x in r["runs"]] == [("inference", 2), ("train", 8)]
+  assert [(x["kind"], x["batch"]) for x in r["runs"]] == [("inference", 2), ("attention", 8), ("train", 8)]
   for x in r["runs"]:
     assert x["jax_img_s"] > 0 and x["torch_img_s"] > 0
     # The report's own float64 numbers recombined in another order: a few ulps.
     assert x["ratio"] == pytest.approx(x["jax_img_s"] / x["torch_img_s"])
-    flops = r["gflop_per_image"] * (1 if x["kind"] == "inference" else 3)
+    flops = r["gflop_per_image"] * (3 if x["kind"] == "train" else 1)
     assert x["jax_gflops"] == pytest.approx(x["jax_img_s"] * flops)
   assert min(r["matmul_gflops"].values()) > 0
   # Fresh workers hold at least the framework and the weights, and well under this machine's RAM.
   assert all(100 < mib < 8000 for mib in r["peak_rss_mib_batch8"].values())
   assert "| inference fp32 | 2 |" in proc.stdout and "| train step fp32" in proc.stdout
+  assert "| inference fp32 + attention maps | 8 |" in proc.stdout
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import data_fixtures as df
 from vit_jax import checkpoint
 from vit_jax import classifier
 from vit_jax import cli
+from vit_jax import config_args
 from vit_jax import errors
 from vit_jax import files
 from vit_jax import head_record
@@ -257,8 +258,8 @@ def test_the_users_own_jax_cache_settings_win(tmp_path):
 
 
 def test_a_recipe_by_name_and_the_same_recipe_by_file_are_one_config():
-  by_name = cli.load_config(["--config", "tiny", "--config.total_steps=3"])
-  by_file = cli.load_config([f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", "--config.total_steps=3"])
+  by_name = config_args.load_config(["--config", "tiny", "--config.total_steps=3"])
+  by_file = config_args.load_config([f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", "--config.total_steps=3"])
   assert by_name.to_dict() == by_file.to_dict()
   assert by_name.total_steps == 3 and by_name.model.hidden_size == 64
 
@@ -267,7 +268,7 @@ def test_a_config_file_with_an_argument(tmp_path):
   path = tmp_path / "mine.py"
   path.write_text("from vit_jax import configs\n\n\ndef get_config(arg):\n"
                   "  c = configs.base()\n  c.model.name = arg\n  return c\n")
-  assert cli.load_config(["--config", f"{path}:ViT-S_32"]).model.name == "ViT-S_32"
+  assert config_args.load_config(["--config", f"{path}:ViT-S_32"]).model.name == "ViT-S_32"
 
 
 def test_an_unknown_recipe_lists_the_recipes(capsys, tmp_path):

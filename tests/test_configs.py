@@ -5,6 +5,7 @@ import os
 import pytest
 
 from vit_jax import cli
+from vit_jax import config_args
 from vit_jax import configs
 from vit_jax import recipes
 
@@ -64,27 +65,27 @@ def _other_value(field):
 def test_every_declared_key_is_overridable_and_keeps_its_type(key):
   field = configs.FIELDS[key]
   text, want = _other_value(field)
-  config = cli.load_config(["--config", "tiny", f"--config.{key}={text}"])
+  config = config_args.load_config(["--config", "tiny", f"--config.{key}={text}"])
   got = _flat(config)[key]
   assert got == want and _typed(field, got), (key, got)
   if field.optional:  # None unsets it, in both spellings
     for args in ([f"--config.{key}=None"], [f"--config.{key}", "None"]):
-      config = cli.load_config(["--config", "tiny", f"--config.{key}={text}", *args])
+      config = config_args.load_config(["--config", "tiny", f"--config.{key}={text}", *args])
       assert _flat(config)[key] is None
   else:
     with pytest.raises(ValueError, match=f"{key} is not optional; it takes a {field.type.__name__}"):
-      cli.load_config(["--config", "tiny", f"--config.{key}=None"])
+      config_args.load_config(["--config", "tiny", f"--config.{key}=None"])
 
 
 def test_a_wrong_type_is_a_one_line_error():
   with pytest.raises(ValueError, match="config tiny: .*batch_size"):
-    cli.load_config(["--config", "tiny", "--config.batch_size=lots"])
+    config_args.load_config(["--config", "tiny", "--config.batch_size=lots"])
   with pytest.raises(ValueError, match="no field 'base_rate' to override"):
-    cli.load_config(["--config", "tiny", "--config.base_rate=0.1"])
+    config_args.load_config(["--config", "tiny", "--config.base_rate=0.1"])
 
 
 def test_unset_pretrained_trains_from_scratch_in_the_folder_recipe():
-  config = cli.load_config(["--config", "vit_folder", "--config.pretrained=None",
+  config = config_args.load_config(["--config", "vit_folder", "--config.pretrained=None",
                             "--config.folder=/data/flowers"])
   assert config.pretrained is None and config.folder == "/data/flowers"
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 import ckpt_fixtures as cf
 from vit_jax import checkpoint
-from vit_jax import cli
+from vit_jax import config_args
 from vit_jax import preprocess
 from vit_jax import recipes
 from vit_jax import models
@@ -329,7 +329,7 @@ def test_a_huge_declared_size_is_refused_before_decoding():
 # --- config overrides -------------------------------------------------------------------------
 
 CONFIG = os.path.join(CONFIGS, "tiny.py")
-BASE = cli.load_config(["--config", CONFIG])
+BASE = config_args.load_config(["--config", CONFIG])
 FIELDS = ["batch_size", "base_lr", "model.name", "model.dropout_rate", "augment.hflip", "augment.rrc_scale",
           "mesh.data", "pretrained", "num_classes", "data_threads", "folder", "model.representation_size",
           "total_steps", "model", "augment", "model.hidden_size"]
@@ -348,7 +348,7 @@ overrides = st.lists(st.tuples(st.one_of(st.sampled_from(FIELDS),
 def test_random_config_overrides(pairs):
   argv = ["--config", CONFIG, *(f"--config.{k}={v}" for k, v in pairs)]
   try:
-    config = cli.load_config(argv)
+    config = config_args.load_config(argv)
   except ValueError as e:
     message = str(e)
     assert message and "\n" not in message, message
@@ -374,7 +374,7 @@ def test_random_config_paths(path):
   assume(not os.path.exists(path.split(":", 1)[0]))
   assume(path.split(":", 1)[0] not in recipes.names())  # a recipe's name is a valid --config
   with pytest.raises(ValueError) as e:
-    cli.load_config(["--config", path])
+    config_args.load_config(["--config", path])
   assert "\n" not in str(e.value)
 
 

@@ -20,6 +20,7 @@ import pytest
 from tests import data_fixtures as df
 from vit_jax import checkpoint
 from vit_jax import cli
+from vit_jax import config_args
 from vit_jax import errors
 from vit_jax import files
 from vit_jax import layout
@@ -244,10 +245,10 @@ def test_a_config_file_in_a_bucket_loads_with_its_argument(gcs):
   with files.atomic_write(f"{gcs}/configs/mine.py") as f:
     f.write(b"from vit_jax.recipes import tiny\n\n"
             b"def get_config(steps='7'):\n  c = tiny.get_config()\n  c.total_steps = int(steps)\n  return c\n")
-  assert cli.load_config(["--config", f"{gcs}/configs/mine.py"]).total_steps == 7
-  assert cli.load_config(["--config", f"{gcs}/configs/mine.py:12", "--config.seed=3"]).total_steps == 12
+  assert config_args.load_config(["--config", f"{gcs}/configs/mine.py"]).total_steps == 7
+  assert config_args.load_config(["--config", f"{gcs}/configs/mine.py:12", "--config.seed=3"]).total_steps == 12
   with pytest.raises(errors.ConfigError, match="no such recipe or config file"):
-    cli.load_config(["--config", f"{gcs}/configs/none.py"])
+    config_args.load_config(["--config", f"{gcs}/configs/none.py"])
 
 
 def test_files_round_trip_byte_exact_whatever_their_last_bytes(gcs):

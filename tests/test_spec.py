@@ -8,7 +8,7 @@ import pytest
 
 from tests import ckpt_fixtures as cf
 from vit_jax import checkpoint
-from vit_jax import cli
+from vit_jax import config_args
 from vit_jax import errors
 from vit_jax import layout
 from vit_jax import models
@@ -87,12 +87,12 @@ def test_build_keeps_the_spec_and_takes_only_runtime_options():
 
 
 def test_a_config_without_a_variant_name_gives_every_field():
-  tiny = cli.load_config(["--config", "tiny"])
+  tiny = config_args.load_config(["--config", "tiny"])
   assert tiny.model.name is None
   model = steps.model_from_config(tiny, 10)
   assert (model.hidden_size, model.num_layers, model.patch_size, model.image_size) == (64, 2, 8, 32)
   # Unsetting the name of a recipe that gives no fields is a one-line mistake, not a fake base.
-  b16 = cli.load_config(["--config", "vit_b16_cifar10", "--config.model.name=None"])
+  b16 = config_args.load_config(["--config", "vit_b16_cifar10", "--config.model.name=None"])
   with pytest.raises(errors.ConfigError, match="needs every architecture field"):
     steps.model_from_config(b16, 10)
 

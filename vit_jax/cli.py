@@ -6,13 +6,12 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 from typing import Callable, Sequence
 
+from vit_jax import config_args
 from vit_jax import errors
 from vit_jax import jax_setup
-from vit_jax import recipes
 
 
 
@@ -86,6 +85,77 @@ def _run_predict(args: argparse.Namespace) -> int:
   return 1 if failed else 0
 
 
+def _add_explain(p: argparse.ArgumentParser) -> None:
+  p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local or gs://)")
+  _add_classifier_options(p)
+  p.add_argument("--method", choices=("rollout", "last"), default="rollout",
+                 help="rollout: attention rollout over every layer; last: the last layer's "
+                      "class-token attention, per head")
+  p.add_argument("--output", default=None,
+                 help="directory for DIR/<image-stem>.png (default: explanations; with --json, "
+                      "no PNGs unless given)")
+  p.add_argument("--top-k", type=int, default=3, help="labels in each picture's title")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--json", action="store_true",
+                 help="one JSON object per image: predictions, grid and the map before upsampling")
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+  if args.top_k < 1 or args.batch_size < 1:
+    raise errors.ConfigError("--top-k and --batch-size must be at least 1")
+  from vit_jax import explain  # pylint: disable=import-outside-toplevel
+  from vit_jax import files  # pylint: disable=import-outside-toplevel
+  out_dir = args.output or (None if args.json else "explanations")
+  names = explain.output_names(args.images, out_dir) if out_dir else []
+  inputs = {os.path.abspath(p) for p in args.images if not files.is_remote(p)}
+  clash = next((n for n in names if not files.is_remote(n) and os.path.abspath(n) in inputs), None)
+  if clash:
+    raise errors.ConfigError(f"{clash}: is one of the input images; give another --output")
+  explainer = explain.Explainer(_load_classifier(args, batch_size=args.batch_size), args.method)
+  if out_dir:
+    files.makedirs(out_dir)
+  failed = 0
+  for i, r in enumerate(explainer.files(args.images, k=args.top_k)):
+    if r.error:
+      failed += 1
+      print(f"vit-jax explain: {r.error}", file=sys.stderr)
+    elif out_dir:
+      explain.render(r, names[i])
+    if args.json:
+      print(json.dumps(r.to_json()), flush=True)
+    elif r.error is None:
+      print(f"{r.image} -> {names[i]}: " + ", ".join(f"{p['label']} {p['score']:.2%}"
+                                                      for p in r.predictions), flush=True)
+  return 1 if failed else 0
+
+
+def _add_fewshot(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True,
+                 help="original-layout .npz, or a training workdir / Orbax checkpoint directory")
+  p.add_argument("--shots", default="1,5,10,25", help="comma-separated examples per class")
+  p.add_argument("--seeds", type=int, default=3, help="support sets drawn per shot count")
+  p.add_argument("--l2", type=float, default=1024.0, help="ridge regularisation")
+  p.add_argument("--json", action="store_true", help="print only the JSON line")
+  _add_distributed(p)
+
+
+def _run_fewshot(args: argparse.Namespace) -> int:
+  try:
+    shots = [int(k) for k in args.shots.split(",")]
+  except ValueError:
+    raise errors.ConfigError(f"--shots {args.shots!r}: give whole numbers, e.g. 1,5,10,25") from None
+  from vit_jax import sharding  # pylint: disable=import-outside-toplevel
+  sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  import jax  # pylint: disable=import-outside-toplevel
+  from vit_jax import fewshot  # pylint: disable=import-outside-toplevel
+  result = fewshot.evaluate(args.config, args.checkpoint, shots=shots, seeds=args.seeds, l2=args.l2)
+  if jax.process_index() == 0:
+    if not args.json:
+      print(fewshot.table(result))
+    print(json.dumps({k: v for k, v in result.items() if k in ("shots", "num_classes", "eval_examples")}))
+  return 0
+
+
 def _add_convert(p: argparse.ArgumentParser) -> None:
   p.add_argument("src")
   p.add_argument("dst")
@@ -101,89 +171,6 @@ def _run_convert(args: argparse.Namespace) -> int:
                               drop_pre_logits=args.drop_pre_logits):
     print(f"wrote {path}")
   return 0
-
-
-def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
-  """A locked config from `--config RECIPE_OR_FILE [--config.key=value ...]`."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  argv = list(argv)
-  where = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
-  if where is None:
-    raise errors.ConfigError("--config is required: a recipe name (e.g. vit_b16_cifar10) or a config file")
-  if argv[where] == "--config":
-    if where + 1 == len(argv):
-      raise errors.ConfigError("--config needs a value: a recipe name (e.g. vit_b16_cifar10) or a config file")
-    spec = argv.pop(where + 1)
-  else:
-    spec = argv[where].split("=", 1)[1]
-  del argv[where]
-  argv, unset = _unset_args(argv)
-  fv = flags.FlagValues()
-  argv = ["vit-jax", *argv]
-  config = recipes.read(spec)  # outside the try: a mistake inside a config file shows its traceback
-  try:
-    # sys_argv: the override flags are registered from this list, not from sys.argv.
-    config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True, sys_argv=argv)
-    fv(argv)
-    config = fv.config
-    for key in unset:
-      parent, _, name = key.rpartition(".")
-      (config[parent] if parent else config)[name] = None
-    return config
-  except (KeyError, AttributeError) as e:
-    # ml_collections' message holds the key in quotes and, for a near miss, 'Did you mean "x"'.
-    text = str(e.args[0] if e.args else e)
-    field = re.search(r"[\w.]+", text)
-    near = re.search(r'Did you mean "([\w.]+)"', text)
-    raise errors.ConfigError(f"config {spec}: no field {field.group(0) if field else text!r} to override"
-                             + (f" (did you mean {near.group(1)!r}?)" if near else "")) from None
-  except (flags.Error, TypeError) as e:
-    raise errors.ConfigError(f"config {spec}: {str(e).splitlines()[0]}") from None
-
-
-def _print_config_schema(command: str, config_args: list[str]) -> int:
-  """`--help-config`: every config key, with the values of `--config ...` when given."""
-  from vit_jax import configs  # pylint: disable=import-outside-toplevel
-  try:
-    config = load_config(config_args) if config_args else None
-  except ValueError as e:
-    print(f"vit-jax {command}: error: {e}", file=sys.stderr)
-    return 2
-  print(f"config keys (--config.KEY=VALUE; optional keys take None){' and their values' if config else ''}:")
-  print(configs.describe(config))
-  return 0
-
-
-def _unset_args(argv: list[str]) -> tuple[list[str], list[str]]:
-  """(argv without the `--config.key=None` ones, those keys); only optional keys may be unset."""
-  from vit_jax import configs  # pylint: disable=import-outside-toplevel
-  rest, unset = [], []
-  i = 0
-  while i < len(argv):
-    a = argv[i]
-    spaced = "=" not in a and argv[i + 1:i + 2] == ["None"]  # --config.key None
-    if a.startswith("--config.") and (a.endswith("=None") or spaced):
-      key = a[len("--config."):].split("=", 1)[0]
-      field = configs.FIELDS.get(key)
-      if field is None:
-        raise errors.ConfigError(f"--config.{key}=None: no such config field "
-                                 "(vit-jax train --help-config lists them)")
-      if not field.optional:
-        raise errors.ConfigError(f"--config.{key}=None: {key} is not optional; "
-                                 f"it takes a {field.type.__name__}")
-      unset.append(key)
-      i += 2 if spaced else 1
-      continue
-    rest.append(a)
-    i += 1
-  return rest, unset
-
-
-def _recipes_help() -> str:
-  """The packaged recipes, one a line, for the --help of commands that take --config."""
-  rows = [f"  {n:<24}{recipes.summary(n)}" for n in recipes.names()]
-  return "recipes (--config NAME; a path to a config file works too):\n" + "\n".join(rows)
 
 
 def _add_config_help(p: argparse.ArgumentParser) -> None:
@@ -331,6 +318,16 @@ COMMANDS: dict[str, Command] = {
         _add_predict, _run_predict, "classify image files with a checkpoint",
         "Prints the top-k labels of each image. The model is read off the checkpoint unless "
         "--model is given.", config="optional"),
+    "explain": Command(
+        _add_explain, _run_explain, "draw where the model looks: attention maps over images",
+        "Writes each image with its attention map (rollout, or the last layer's per head) as "
+        "DIR/<image-stem>.png, titled with the top labels; --json prints the maps.",
+        extra=("explain", ("matplotlib",))),
+    "fewshot": Command(
+        _add_fewshot, _run_fewshot, "the paper's few-shot linear accuracy of a checkpoint",
+        "vit-jax fewshot --config RECIPE_OR_FILE --checkpoint CKPT [--shots 1,5,10,25]: ridge "
+        "regression on frozen features, k training images per class, scored on the test split.",
+        config="required"),
     "convert": Command(
         _add_convert, _run_convert, "convert between .npz and a Hugging Face PyTorch directory",
         "SRC .npz (or gs://) -> DST transformers directory, or SRC transformers directory -> "
@@ -360,21 +357,6 @@ COMMANDS: dict[str, Command] = {
         "image; GET /healthz, /metadata, /stats. Concurrent requests share batched model calls.",
         extra=("serve", ("fastapi", "uvicorn", "httpx"))),
 }
-
-
-def _split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
-  """(other arguments, the `--config FILE` and `--config.key=value` ones), so positionals stay apart."""
-  other, config = [], []
-  i = 0
-  while i < len(argv):
-    a = argv[i]
-    if a == "--config" and i + 1 < len(argv):
-      config += argv[i:i + 2]
-      i += 2
-      continue
-    (config if a.startswith("--config=") or a.startswith("--config.") else other).append(a)
-    i += 1
-  return other, config
 
 
 def _versions() -> str:
@@ -408,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
   for name, command in COMMANDS.items():
     kw = {}
     if command.config == "required":
-      kw = dict(epilog=_recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+      kw = dict(epilog=config_args.recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p = sub.add_parser(name, help=command.help, description=command.description, **kw)
     command.add(p)
     if command.config == "required":
@@ -440,6 +422,9 @@ def _show_our_logs() -> None:
     handler.setFormatter(logging.Formatter("vit-jax: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    # Not again through the root logger, which a dependency may have given a handler
+    # (importing Orbax does): each line would show twice.
+    log.propagate = False
   # gcsfs logs each failed request's traceback before it gives up; the error that follows
   # reaches the user as one line naming the path (vit_jax.files.StorageError).
   logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
@@ -448,10 +433,10 @@ def _show_our_logs() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
-  argv, rest = _split_config_args(argv)
+  argv, rest = config_args.split_args(argv)
   first = COMMANDS.get(argv[0]) if argv else None
   if "--help-config" in argv and first is not None and first.config == "required":
-    return _print_config_schema(argv[0], rest)
+    return config_args.print_schema(argv[0], rest)
   args = parser.parse_args(argv)
   command = COMMANDS[args.command]
   if rest and command.config == "none":
@@ -466,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     _check_extras(command)
     if command.config != "none":
-      args.config = load_config(rest) if (rest or command.config == "required") else None
+      args.config = config_args.load_config(rest) if (rest or command.config == "required") else None
     return command.run(args)
   except (errors.UserError, OSError) as e:
     if os.environ.get("VIT_JAX_DEBUG") or not (isinstance(e, errors.UserError) or e.filename):

@@ -27,8 +27,13 @@ def _init(init: Callable, names: tuple[str | None, ...]) -> Callable:
 
 def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None, *,
                           dropout_rng: Array | None = None, dropout_rate: float = 0.0,
-                          deterministic: bool = True, precision: Any = None) -> Array:
-  """Softmax attention as Flax's, for [..., tokens, heads, head_dim] inputs, laid out for speed."""
+                          deterministic: bool = True, precision: Any = None,
+                          module: nn.Module | None = None) -> Array:
+  """Softmax attention as Flax's, for [..., tokens, heads, head_dim] inputs, laid out for speed.
+
+  With `module` (Flax passes it when asked to sow), the normalised weights
+  [..., heads, queries, keys] are sown into its `intermediates` collection.
+  """
   # Heads go before tokens: the two batched matmuls then multiply contiguous
   # [tokens, head_dim] blocks, which XLA:CPU runs 2-4x faster than Flax's
   # [..., tokens, heads, head_dim] layout (more so as the batch grows).
@@ -45,6 +50,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | 
     weights = weights * (keep.astype(weights.dtype) / jnp.asarray(1.0 - dropout_rate, weights.dtype))
   # Normalizing after the second matmul divides [q, head_dim] values instead of [q, k].
   out = jnp.einsum("...hqk,...hkd->...hqd", weights, v, precision=precision) / denominator
+  if module is not None:
+    module.sow("intermediates", "attention_weights", weights / denominator)
   return jnp.swapaxes(out, -3, -2)
 
 
@@ -103,7 +110,8 @@ class Encoder1DBlock(nn.Module):
         out_kernel_init=_init(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
         out_bias_init=_init(nn.initializers.zeros, ("embed",)),
         broadcast_dropout=False, dropout_rate=self.attention_dropout_rate,
-        deterministic=deterministic, attention_fn=dot_product_attention)(x, kv)
+        deterministic=deterministic, attention_fn=dot_product_attention)(
+            x, kv, sow_weights=self.is_mutable_collection("intermediates"))
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = x + inputs
     y = norm()(x)
@@ -162,7 +170,7 @@ class Encoder(nn.Module):
     if self.scan:
       # One compiled block for all layers: params are stacked on a leading
       # `layers` axis under `encoderblock` (checkpoint.py stacks and unstacks).
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=nn.broadcast, length=self.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(name="encoderblock", scan_carry=True, **kw)(x, not train)
@@ -276,6 +284,24 @@ def create_model(name: str | None, num_classes: int | None = 1000, image_size: i
   options = {k: fields.pop(k) for k in RUNTIME_FIELDS if k in fields}
   return build(spec_lib.ModelSpec.from_fields(name, num_classes=num_classes,
                                               image_size=image_size, **fields), **options)
+
+
+def attention_weights(model: VisionTransformer, params: Any, images: Array
+                      ) -> tuple[Array, list[Array]]:
+  """(logits, the attention weights of each layer [batch, heads, queries, keys], first first).
+
+  The last layer of an unrolled token model runs its queries on the class token
+  alone, so its weights are [batch, heads, 1, keys]; the scanned encoder's are
+  over every token.
+  """
+  logits, state = model.apply({"params": params}, images, train=False,
+                              mutable=["intermediates"])
+  encoder = state["intermediates"]["Transformer"]
+  sown = lambda block: next(v["attention_weights"][0] for v in block.values()  # noqa: E731
+                            if isinstance(v, dict) and "attention_weights" in v)
+  if model.scan:
+    return logits, list(sown(encoder["encoderblock"]))
+  return logits, [sown(encoder[f"encoderblock_{i}"]) for i in range(model.num_layers)]
 
 
 def init_params(model: VisionTransformer, rng: Array | int = 0) -> dict:
