@@ -3,6 +3,7 @@ import errno
 import io
 import os
 import pickle
+import stat
 import subprocess
 import sys
 import textwrap
@@ -268,6 +269,18 @@ def test_non_float_arrays_are_refused(tmp_path):
   np.savez(tmp_path / "int.npz", **arrays)
   with pytest.raises(checkpoint.CheckpointError, match="cls has dtype int32"):
     checkpoint.load_pretrained(str(tmp_path / "int.npz"), _model())
+
+
+def test_local_writes_get_the_permissions_of_any_new_file(tmp_path):
+  old = os.umask(0o027)
+  try:
+    with files.atomic_write(str(tmp_path / "out.bin")) as f:
+      f.write(b"x")
+    open(tmp_path / "plain.bin", "wb").close()
+  finally:
+    os.umask(old)
+  mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
+  assert mode("out.bin") == mode("plain.bin") == 0o640
 
 
 def test_remote_paths_go_through_the_file_layer(original, tmp_path, monkeypatch, gcs):

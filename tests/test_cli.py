@@ -1,6 +1,7 @@
 """The `vit-jax` command line: predict and convert, and the shipped class names."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -347,3 +348,10 @@ def test_the_head_record_beside_an_npz_sets_the_head_kind_and_the_class_names(tm
     classifier.load_classifier(path, labels_path=str(tmp_path / "labels.txt"), threshold=2.0)
   with pytest.raises(SystemExit):  # one or the other
     cli.build_parser().parse_args(["predict", "--checkpoint", path, "--multilabel", "--multiclass"])
+
+
+def test_the_readme_lists_every_command():
+  readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+  listed = set(re.findall(r"^vit-jax (\w+)", block, flags=re.M))
+  assert listed == set(cli.COMMANDS)

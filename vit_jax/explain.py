@@ -149,34 +149,34 @@ def output_names(paths: Sequence[str], out_dir: str) -> list[str]:
   return names
 
 
-def render(result: Explanation, path: str, max_side: int = 768) -> None:
-  """Writes the image with its map as a heat map and the top labels in the title (PNG)."""
+def render(result: Explanation, path: str, min_side: int = 256, max_side: int = 768) -> None:
+  """Writes the image, then its map over it as a heat map (and each head's, for `last`), titled
+  with the top labels (PNG). Small images are drawn larger and big ones smaller, maps alike."""
+  import io  # pylint: disable=import-outside-toplevel
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  import io  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
   pixels = result.pixels
   h, w = pixels.shape[:2]
-  scale = min(1.0, max_side / max(h, w))
-  if scale < 1.0:  # the heat map is drawn at the size shown
-    from PIL import Image  # pylint: disable=import-outside-toplevel
+  scale = min(max(1.0, min_side / max(h, w)), max_side / max(h, w))
+  if scale != 1.0:
     h, w = max(1, round(h * scale)), max(1, round(w * scale))
     pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.BILINEAR))
-  panels = [("", result.map)] + ([(f"head {i}", m) for i, m in enumerate(result.heads)]
-                                 if result.heads is not None else [])
+  panels = [("image", None), ("rollout" if result.heads is None else "mean of heads", result.map)]
+  if result.heads is not None:
+    panels += [(f"head {i}", m) for i, m in enumerate(result.heads)]
   cols = min(len(panels), 5)
   rows = -(-len(panels) // cols)
-  side = 4.0 if len(panels) == 1 else 2.4
-  fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows * h / w + 0.6), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows * h / w + 0.5), squeeze=False)
   for ax in axes.flat:
     ax.axis("off")
   for ax, (label, grid) in zip(axes.flat, panels):
     ax.imshow(pixels)
-    ax.imshow(upsample(grid, h, w), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-    if label:
-      ax.set_title(label, fontsize=8)
-  top = ", ".join(f"{p['label']} {p['score']:.1%}" for p in result.predictions)
-  fig.suptitle(top, fontsize=10)
+    if grid is not None:
+      ax.imshow(upsample(grid, h, w), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+    ax.set_title(label, fontsize=9)
+  fig.suptitle(", ".join(f"{p['label']} {p['score']:.1%}" for p in result.predictions), fontsize=10)
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)

@@ -15,9 +15,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from vit_jax import checkpoint
 from vit_jax import errors
 from vit_jax import evaluation
 from vit_jax import sharding
+from vit_jax import spec as spec_lib
 
 BIAS_FEATURE = 100.0
 DEFAULT_SHOTS = (1, 5, 10, 25)
@@ -96,6 +98,16 @@ def accuracy(train: Features, test: Features, num_classes: int, shots: int, seed
   return float(np.mean(np.argmax(x_test @ w, axis=1) == test.labels))
 
 
+def _with_model(config: ml_collections.ConfigDict, found: spec_lib.ModelSpec) -> ml_collections.ConfigDict:
+  """A copy of `config` whose model fields are those of a checkpoint (its pre_logits included)."""
+  config = config.copy_and_resolve_references()
+  config.model.name = None
+  for key in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size",
+              "representation_size", "classifier"):
+    config.model[key] = getattr(found, key)
+  return config
+
+
 def eval_split(info: Any) -> str:
   """The split the paper evaluates on: 'test', or 'eval' for a dataset without one."""
   return "test" if info.num_examples.get("test") else "eval"
@@ -108,6 +120,11 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint_path: str, *,
   if not shots or min(shots) < 1 or seeds < 1 or l2 <= 0:
     raise errors.ConfigError(f"shots must be at least 1 (got {list(shots)}), seeds at least 1 (got "
                              f"{seeds}) and l2 positive (got {l2})")
+  tree = None
+  if checkpoint_path.endswith(".npz"):
+    # The model is read off the file, as `predict` does; the config gives the data.
+    tree = checkpoint.load(checkpoint_path)
+    config = _with_model(config, spec_lib.ModelSpec.from_params(tree, checkpoint_path))
   setup, data = evaluation.prepare(config)
   info = data.info
   if info.multilabel:
@@ -119,7 +136,10 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint_path: str, *,
   if train_spec == test_spec:
     raise errors.ConfigError(f"the train and {test_split} splits are both {train_spec!r}: support sets "
                              "would overlap the test examples")
-  params = evaluation.load_params(setup, checkpoint_path)
+  if tree is None:
+    params = evaluation.load_params(setup, checkpoint_path)
+  else:  # the head, sized for other classes, is reset and never used
+    params = sharding.put_global(checkpoint.load_pretrained(tree, setup.model), setup.param_shardings)
   train = extract(setup, data, params, "train")
   support_indices(train.labels, info.num_classes, max(shots), 0)  # a class too small: say so now
   test = extract(setup, data, params, test_split)

@@ -194,6 +194,11 @@ def atomic_write(path: str) -> Iterator[IO[bytes]]:
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
   try:
+    # mkstemp makes the file private (0600); what we write is a result, so it gets the
+    # permissions any other new file would (0666 less the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     with os.fdopen(fd, "wb") as f:
       yield f
       f.flush()
