@@ -1,6 +1,8 @@
 """The README's first command: `vit-jax demo` runs offline and fine-tunes well over 90%."""
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -32,3 +34,19 @@ def test_demo_runs_offline_and_fine_tunes_above_90_percent(tmp_path):
     assert (run / f).exists(), f
   assert any(p.isdigit() for p in os.listdir(run / "finetune" / "checkpoints"))
   assert open(run / "learning_curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+  # The README's explain and fewshot examples, on this demo's files.
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+                encoding="utf-8").read().replace("\\\n", " ")
+  for command in ("explain", "fewshot"):
+    line = next(l for l in readme.splitlines()
+                if l.startswith(f"vit-jax {command} ") and "demo-run/" in l)
+    argv = shlex.split(line.split("  #")[0].replace("demo-run/", f"{run}/"))[1:]
+    done = subprocess.run([sys.executable, "-m", "vit_jax.cli", *argv, "--json"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (line, done.stderr[-3000:])
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    if command == "explain":
+      assert last["predictions"][0]["label"] == "digit_8" and last["grid"] == [6, 6]
+    else:
+      assert last["num_classes"] == 5 and last["shots"]["10"]["mean"] > 0.35
