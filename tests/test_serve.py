@@ -130,7 +130,7 @@ def test_healthz_and_metadata(url):
   assert httpx.get(f"{url}/healthz").json() == {"status": "ready"}
   meta = httpx.get(f"{url}/metadata").json()
   assert meta["image_size"] == 32 and meta["num_classes"] == 1000 and len(meta["labels"]) == 1000
-  assert meta["labels"][0] == "tench, Tinca tinca" and meta["model"] == "custom"
+  assert meta["labels"][0] == "tench, Tinca tinca" and meta["model"].startswith("custom ViT (hidden 192, MLP 384, 3 heads, 2 layers, patch 16")
   assert meta["batch_sizes"] == [1, 2, 4, 8] and meta["allow_urls"] is False
   assert meta["allow_private_urls"] is False and meta["head"] == "softmax" and meta["threshold"] is None
   assert meta["limits"] == {"max_body_bytes": 256 << 10, "max_pixels": 100_000, "max_images": 8,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import errors
+from vit_jax import resnet
 from vit_jax import sharding
 from vit_jax import steps
 
@@ -53,9 +54,12 @@ def model_flops_per_image(model, train: bool = True, as_computed: bool = False) 
   every token; `as_computed` counts what the model runs, whose last block
   works on the class token alone (see `models.Encoder.output_tokens`).
   """
-  tokens = (model.image_size // model.patch_size) ** 2 + (1 if model.classifier == "token" else 0)
+  tokens = model.grid_size ** 2 + (1 if model.classifier == "token" else 0)
   d, m = model.hidden_size, model.mlp_dim
-  macs = (tokens - 1) * model.patch_size ** 2 * 3 * d  # patch embedding
+  channels = 3 if model.resnet_layers is None else resnet.out_channels(model.resnet_layers)
+  macs = model.grid_size ** 2 * model.patch_size ** 2 * channels * d  # patch embedding
+  if model.resnet_layers is not None:  # a hybrid's ResNet, before the patches
+    macs += resnet.macs(model.resnet_layers, model.image_size)
   per_block = lambda queries: (2 * tokens * d * d + 2 * queries * d * d  # k, v; q, out
                                + 2 * queries * tokens * d + 2 * queries * d * m)
   pruned = as_computed and model.classifier == "token" and not model.scan

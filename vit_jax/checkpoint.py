@@ -42,6 +42,9 @@ PRE_LINEN_TO_LINEN = {
 LINEN_TO_PRE_LINEN = {v: k for k, v in PRE_LINEN_TO_LINEN.items()}
 
 _BLOCK = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$")
+# A hybrid's GroupNorm scales and biases: files written with Flax before 0.3.6 hold them as
+# [1, 1, 1, C], the original loader squeezes them to [C] (Flax's shape), and so do we.
+_GROUPNORM = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
 _PREFIXES = ("opt/target/",)  # checkpoints saved with the optimizer wrap params like this
 
 
@@ -94,6 +97,8 @@ def _to_linen(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
   pre_linen_blocks = {m.group(1) for k, _ in unwrapped if (m := _BLOCK.match(k))
                       and m.group(2) in ("MlpBlock_3", "MultiHeadDotProductAttention_1", "LayerNorm_2")}
   for key, value in unwrapped:
+    if _GROUPNORM.search(key) and value.ndim == 4 and value.shape[:3] == (1, 1, 1):
+      value = value.reshape(value.shape[-1])
     m = _BLOCK.match(key)
     if m and m.group(1) in pre_linen_blocks and m.group(2) in PRE_LINEN_TO_LINEN:
       key = f"{m.group(1)}/{PRE_LINEN_TO_LINEN[m.group(2)]}{m.group(3)}"
@@ -117,7 +122,8 @@ def load(path: str) -> dict[str, Any]:
 
 
 def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransformer,
-                    image_size: int | None = None, *, reset_head: bool = False) -> dict[str, Any]:
+                    image_size: int | None = None, *, reset_head: bool = False,
+                    source: str = "checkpoint") -> dict[str, Any]:
   """Params for `model` from an original checkpoint, adapted and strictly checked.
 
   Position embeddings are resized when the grid differs; the head is kept when
@@ -126,13 +132,14 @@ def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransform
   file key is used or dropped for a logged reason, every model parameter is
   filled, every shape checked. Returns host (numpy) arrays in the model's
   `param_dtype`, ready for `model.apply` or for placement with shardings.
-  `path` may also be a tree that `load` returned, to avoid reading a file twice.
+  `path` may also be a tree that `load` returned, to avoid reading a file twice;
+  errors then name `source` (the file it came from).
   """
   if image_size is not None and image_size != model.image_size:
     raise CheckpointError(f"image_size={image_size} differs from the model's image_size="
                           f"{model.image_size}; create the model at the size you want")
   if isinstance(path, Mapping):
-    path, have = "checkpoint", _to_linen(layout.flatten(path), "checkpoint")
+    path, have = source, _to_linen(layout.flatten(path), source)
   else:
     have = _to_linen(_read_npz(path), path)
   want = layout.flatten(models.param_shapes(model.clone(scan=False)))

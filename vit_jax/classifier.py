@@ -112,8 +112,8 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
       num_classes=found.num_classes, image_size=image_size or found.image_size,
       representation_size=found.representation_size, classifier=found.classifier)
   model = models.build(model_spec, **model_overrides)
-  name = model_spec.name or "custom"
-  params = checkpoint.load_pretrained(tree, model)
+  name = str(model_spec)  # the variant, or "custom ViT (hidden ..., ...)"
+  params = checkpoint.load_pretrained(tree, model, source=checkpoint_path)
   record = head_record.read(checkpoint_path)
   names = None if labels_path else head_record.class_names(checkpoint_path, record, model.num_classes)
   names = names or labels_lib.for_classes(model.num_classes, labels_path)

@@ -253,6 +253,11 @@ def transformers_to_npz(src: str, dst: str) -> tuple[models.VisionTransformer, l
   return model, written
 
 
+def _transformers_version() -> str:
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  return metadata.version("transformers")
+
+
 def npz_to_transformers(src: str, dst: str, labels: str | None = None,
                         drop_pre_logits: bool = False) -> models.VisionTransformer:
   """Converts an original-layout .npz (local or gs://) to a transformers directory.
@@ -262,13 +267,18 @@ def npz_to_transformers(src: str, dst: str, labels: str | None = None,
   """
   tree = checkpoint.load(src)
   found = models.build(spec_lib.ModelSpec.from_params(tree, src))
+  if found.resnet_layers is not None:
+    # transformers' ViTHybrid classes were deprecated in 4.42 and are gone from 5.x.
+    raise ConversionError(f"{src} is a hybrid ({found.spec}); transformers {_transformers_version()} "
+                          "has no class for ResNet+ViT hybrids (timm's vit_base_r50_s16_384 and "
+                          "friends load the .npz itself)")
   if found.representation_size and not drop_pre_logits:
     raise ConversionError(f"{src} has a pre_logits layer, which ViTForImageClassification "
                           "cannot hold; pass --drop-pre-logits to drop it (outputs change)")
   if found.num_classes is None:
     raise ConversionError(f"{src} has no head; ViTForImageClassification needs one")
   model = found.clone(representation_size=None)
-  params = checkpoint.load_pretrained(tree, model)
+  params = checkpoint.load_pretrained(tree, model, source=src)
   record = head_record.read(src)
   names = None if labels else head_record.class_names(src, record, model.num_classes)
   if names is None and (labels or model.num_classes == 1000):

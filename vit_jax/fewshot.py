@@ -139,7 +139,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint_path: str, *,
   if tree is None:
     params = evaluation.load_params(setup, checkpoint_path)
   else:  # the head, sized for other classes, is reset and never used
-    params = sharding.put_global(checkpoint.load_pretrained(tree, setup.model), setup.param_shardings)
+    params = sharding.put_global(checkpoint.load_pretrained(tree, setup.model, source=checkpoint_path), setup.param_shardings)
   train = extract(setup, data, params, "train")
   support_indices(train.labels, info.num_classes, max(shots), 0)  # a class too small: say so now
   test = extract(setup, data, params, test_split)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import errors
+from vit_jax import resnet
 from vit_jax import spec as spec_lib
 
 Dtype = Any
@@ -188,7 +189,11 @@ class Encoder(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """ViT classifier: images [N, H, W, 3] in [-1, 1] to logits [N, num_classes]."""
+  """ViT classifier: images [N, H, W, 3] in [-1, 1] to logits [N, num_classes].
+
+  With `resnet_layers` it is the paper's hybrid: a ResNet (`resnet.py`) turns the
+  image into a feature map, and the patches are cut from that.
+  """
   num_classes: int | None
   patch_size: int
   hidden_size: int
@@ -207,6 +212,9 @@ class VisionTransformer(nn.Module):
   remat_policy: str = "nothing_saveable"
   scan: bool = False
   head_bias_init: float = 0.0  # the head's initial bias, every class alike
+  # Units per ResNet stage before the patches ((3, 4, 9) for R50+ViT-B_16; () the root
+  # alone); None: patches of the image itself.
+  resnet_layers: tuple[int, ...] | None = None
 
   @property
   def spec(self) -> spec_lib.ModelSpec:
@@ -215,7 +223,7 @@ class VisionTransformer(nn.Module):
 
   @property
   def grid_size(self) -> int:
-    return self.image_size // self.patch_size
+    return self.image_size // (self.patch_size * resnet.stride(self.resnet_layers))
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False,
@@ -224,11 +232,14 @@ class VisionTransformer(nn.Module):
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"images must be [N, {self.image_size}, {self.image_size}, 3], "
                        f"got {tuple(images.shape)}")
+    x = images.astype(self.dtype)
+    if self.resnet_layers is not None:
+      x = resnet.root_and_stages(x, self.resnet_layers, self.dtype, self.param_dtype)
     x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                 bias_init=_init(nn.initializers.zeros, ("embed",)),
-                name="embedding")(images.astype(self.dtype))
+                name="embedding")(x)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
     if self.classifier == "token":
