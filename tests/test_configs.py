@@ -102,7 +102,8 @@ def test_help_config_lists_every_key_with_the_recipe_values(capsys):
 
 # -- no module reads a key that is not declared, or supplies a default of its own ---------------
 
-_CONFIG_METHODS = {"to_dict", "to_json_best_effort", "lock", "unlock", "update", "items", "keys"}
+_CONFIG_METHODS = {"to_dict", "to_json_best_effort", "lock", "unlock", "update", "items", "keys",
+                   "copy_and_resolve_references"}
 
 
 def _config_reads(tree):

@@ -14,6 +14,7 @@ from vit_jax import head_record
 from vit_jax import labels as labels_lib
 from vit_jax import models
 from vit_jax import preprocess
+from vit_jax import registry
 from vit_jax import spec as spec_lib
 
 
@@ -101,6 +102,7 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
   written by training) when there is one; `multilabel` and `labels_path` override it.
   Without either, a head is a softmax over ImageNet's classes (1000) or `class_i`.
   """
+  checkpoint_path = registry.resolve(checkpoint_path)
   tree = checkpoint.load(checkpoint_path)
   found = spec_lib.ModelSpec.from_params(tree, checkpoint_path)
   if found.num_classes is None:

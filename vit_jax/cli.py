@@ -17,7 +17,8 @@ from vit_jax import jax_setup
 
 def _add_classifier_options(p: argparse.ArgumentParser) -> None:
   """The options that pick a checkpoint's classifier (predict and serve)."""
-  p.add_argument("--checkpoint", required=True, help="original-layout .npz, local path or gs:// URL")
+  p.add_argument("--checkpoint", required=True, help="original-layout .npz (local path or gs:// URL), "
+                 "or a checkpoint name such as ViT-B_16/i21k+i1k-224 (vit-jax checkpoints)")
   p.add_argument("--model", default=None, help="variant, e.g. ViT-B_16 or B/16 (default: from the file)")
   p.add_argument("--image-size", type=int, default=None,
                  help="input size (default: the checkpoint's); position embeddings are resized")
@@ -107,10 +108,6 @@ def _run_explain(args: argparse.Namespace) -> int:
   from vit_jax import files  # pylint: disable=import-outside-toplevel
   out_dir = args.output or (None if args.json else "explanations")
   names = explain.output_names(args.images, out_dir) if out_dir else []
-  inputs = {os.path.abspath(p) for p in args.images if not files.is_remote(p)}
-  clash = next((n for n in names if not files.is_remote(n) and os.path.abspath(n) in inputs), None)
-  if clash:
-    raise errors.ConfigError(f"{clash}: is one of the input images; give another --output")
   explainer = explain.Explainer(_load_classifier(args, batch_size=args.batch_size), args.method)
   if out_dir:
     files.makedirs(out_dir)
@@ -153,6 +150,36 @@ def _run_fewshot(args: argparse.Namespace) -> int:
     if not args.json:
       print(fewshot.table(result))
     print(json.dumps({k: v for k, v in result.items() if k in ("shots", "num_classes", "eval_examples")}))
+  return 0
+
+
+def _add_checkpoints(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--filter", default=None, help="only names or models containing this, e.g. B_16")
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+  g.add_argument("--markdown", action="store_true", help="the README's table")
+
+
+def _run_checkpoints(args: argparse.Namespace) -> int:
+  from vit_jax import registry  # pylint: disable=import-outside-toplevel
+  if args.markdown:
+    print(registry.markdown_table())
+    return 0
+  records = registry.select(args.filter)
+  if args.json:
+    for r in records:
+      print(json.dumps({**r.asdict(), "url": f"{registry.base()}/{r.path}", "cached": registry.cached(r)}))
+    return 0
+  records = registry.short_list(records)  # the recommended AugReg files under their short names
+  width = max((len(r.name) for r in records), default=4)
+  print(f"{'name':<{width}}  {'model':<13} {'px':>4} {'classes':>16}  {'top-1':>6}  cached")
+  for r in records:
+    classes = (f"{r.num_classes:,}" if r.num_classes else "as the file") + (" +pre" if r.pre_logits else "")
+    top1 = f"{r.top1:g}%" if r.top1 else ""
+    print(f"{r.name:<{width}}  {r.model:<13} {r.image_size:>4} {classes:>16}  {top1:>6}  "
+          f"{'yes' if registry.cached(r) else ''}")
+  print(f"{len(records)} checkpoints from {registry.base()} (any augreg/<file name> works too); "
+        f"cache: {registry.cache_dir()}")
   return 0
 
 
@@ -270,7 +297,6 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-  import signal  # pylint: disable=import-outside-toplevel
   from vit_jax.serving import app as serve  # pylint: disable=import-outside-toplevel
   from vit_jax.serving import protocol  # pylint: disable=import-outside-toplevel
   options = protocol.from_flags(args)
@@ -280,22 +306,8 @@ def _run_serve(args: argparse.Namespace) -> int:
   sock = serve.bind(args.host, args.port)
   print(f"vit-jax serve: {clf.model_name} listening on {serve.url_of(sock)} "
         f"(ready when GET /healthz answers 200)", flush=True)
-  server = serve.server(serve.create_app(clf, options), access_log=not args.no_access_log,
-                        drain_timeout_s=args.drain_timeout)
-
-  def interrupt(_signum, _frame):
-    raise KeyboardInterrupt
-
-  # uvicorn drains on SIGTERM as on Ctrl-C, then raises the signal again for the handler it
-  # found: this one ends the run as Ctrl-C does, so a drained server exits 0, not killed by it.
-  sigterm = signal.signal(signal.SIGTERM, interrupt)
-  try:
-    server.run(sockets=[sock])
-  except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raised the signal
-    pass
-  finally:
-    signal.signal(signal.SIGTERM, sigterm)
-    sock.close()
+  serve.run(serve.create_app(clf, options), sock, access_log=not args.no_access_log,
+            drain_timeout_s=args.drain_timeout)
   print("vit-jax serve: stopped", flush=True)
   return 0
 
@@ -328,6 +340,10 @@ COMMANDS: dict[str, Command] = {
         "vit-jax fewshot --config RECIPE_OR_FILE --checkpoint CKPT [--shots 1,5,10,25]: ridge "
         "regression on frozen features, k training images per class, scored on the test split.",
         config="required"),
+    "checkpoints": Command(
+        _add_checkpoints, _run_checkpoints, "list the public checkpoints by name",
+        "Names accepted wherever a checkpoint path is (--checkpoint, convert, config.pretrained); "
+        "a name's file is downloaded once into the cache.", cpu_only=True, keeps_programs=False),
     "convert": Command(
         _add_convert, _run_convert, "convert between .npz and a Hugging Face PyTorch directory",
         "SRC .npz (or gs://) -> DST transformers directory, or SRC transformers directory -> "

@@ -82,7 +82,8 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         _f("model.gelu_approximate", bool, True, "tanh GELU, as the original checkpoints"),
         _f("model.representation_size", int, None, "a pre_logits layer of this width; None: none"),
         _f("model.head_bias_init", float, 0.0, "the head's initial bias (-10 for sigmoid pre-training)"),
-        _f("pretrained", str, None, "original-layout .npz to start from (local or gs://)"),
+        _f("pretrained", str, None, "original-layout .npz to start from (local, gs://, or a "
+           "checkpoint name: vit-jax checkpoints)"),
         _f("reset_head", bool, True, "start the head from zeros even when the classes match"),
     ),
     "optimizer": (

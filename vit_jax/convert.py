@@ -31,6 +31,7 @@ from vit_jax import head_record
 from vit_jax import layout
 from vit_jax import labels as labels_lib
 from vit_jax import models
+from vit_jax import registry
 from vit_jax import spec as spec_lib
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,7 @@ def convert(src: str, dst: str, *, labels: str | None = None, drop_pre_logits: b
   """Converts either way, as SRC is: a transformers directory to an .npz, else an .npz to a
   transformers directory. Returns what was written, a line each."""
   load_torch()
+  src = registry.resolve(src)
   if files.isdir(src):
     model, beside = transformers_to_npz(src, dst)
     return [f"{dst} ({model.num_layers} layers, {model.num_classes} classes, {model.image_size}px)",

@@ -20,6 +20,7 @@ from vit_jax import errors
 from vit_jax import files
 from vit_jax import input_pipeline
 from vit_jax import metrics
+from vit_jax import registry
 from vit_jax import sharding
 from vit_jax import steps
 
@@ -71,7 +72,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, setup: steps.Setup) -> steps
 
 
 def load_params(setup: steps.Setup, path: str) -> Any:
-  """Sharded params from an .npz file or from a training workdir / Orbax checkpoint directory."""
+  """Sharded params from an .npz file (or a checkpoint name) or from a training workdir / Orbax
+  checkpoint directory."""
+  path = registry.resolve(path)
   if path.endswith(".npz"):
     host = checkpoint.load_pretrained(path, setup.model)
     return sharding.put_global(host, setup.param_shardings)

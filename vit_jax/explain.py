@@ -139,13 +139,21 @@ def upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def output_names(paths: Sequence[str], out_dir: str) -> list[str]:
-  """DIR/<image-stem>.png for each path; repeated stems get -2, -3, ... in input order."""
+  """DIR/<image-stem>.png for each path; repeated stems get -2, -3, ... in input order.
+
+  A name that is one of the inputs is refused: a picture never replaces an image.
+  """
   seen: dict[str, int] = {}
   names = []
   for path in paths:
     stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "image"
     seen[stem] = seen.get(stem, 0) + 1
     names.append(files.join(out_dir, f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png"))
+  local = lambda p: os.path.abspath(p) if not files.is_remote(p) else p  # noqa: E731
+  inputs = {local(p) for p in paths}
+  clash = next((n for n in names if local(n) in inputs), None)
+  if clash:
+    raise errors.ConfigError(f"{clash}: is one of the input images; give another --output")
   return names
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import errors
 from vit_jax import evaluation
+from vit_jax import registry
 from vit_jax import sharding
 from vit_jax import spec as spec_lib
 
@@ -120,6 +121,7 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint_path: str, *,
   if not shots or min(shots) < 1 or seeds < 1 or l2 <= 0:
     raise errors.ConfigError(f"shots must be at least 1 (got {list(shots)}), seeds at least 1 (got "
                              f"{seeds}) and l2 positive (got {l2})")
+  checkpoint_path = registry.resolve(checkpoint_path)
   tree = None
   if checkpoint_path.endswith(".npz"):
     # The model is read off the file, as `predict` does; the config gives the data.

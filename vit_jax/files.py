@@ -98,6 +98,36 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
+def size(path: str) -> int:
+  """A file's size in bytes; MissingFileError names the path when it is missing."""
+  path = str(path)
+  if is_remote(path):
+    fs, rpath = _fs(path)
+    with _remote(path):
+      try:
+        return int(fs.size(rpath))
+      except FileNotFoundError:
+        pass
+    _bucket_check(path)
+    raise errors.MissingFileError(f"{path}: no such file")
+  if not os.path.isfile(path):
+    raise errors.MissingFileError(f"{path}: no such file")
+  return os.path.getsize(path)
+
+
+@contextlib.contextmanager
+def open_read(path: str) -> Iterator[IO[bytes]]:
+  """A file opened for streaming reads (a large download need not fit in memory)."""
+  path = str(path)
+  if not is_remote(path):
+    with open(path, "rb") as f:
+      yield f
+    return
+  fs, rpath = _fs(path)
+  with _remote(path), fs.open(rpath, "rb") as f:
+    yield f
+
+
 def _ask(path: str, local: Callable[[str], bool], remote: str) -> bool:
   """A yes/no question about a path: `local` on disk, else the fsspec method named `remote`."""
   path = str(path)

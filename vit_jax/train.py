@@ -25,6 +25,7 @@ from vit_jax import files
 from vit_jax import head_record
 from vit_jax import input_pipeline
 from vit_jax import metric_writer
+from vit_jax import registry
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     pretrained = None
     if config.pretrained:
-      pretrained = checkpoint.load_pretrained(config.pretrained, setup.model,
+      pretrained = checkpoint.load_pretrained(registry.resolve(config.pretrained), setup.model,
                                               reset_head=config.reset_head)
     state = setup.init_state(init_rng, pretrained)
   start = int(jax.device_get(state.step))

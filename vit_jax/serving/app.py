@@ -340,6 +340,27 @@ def server(app: FastAPI, *, access_log: bool = True, log_level: str = "info",
   return uvicorn.Server(config)
 
 
+def run(app: FastAPI, sock: socket.socket, *, access_log: bool = True,
+        drain_timeout_s: float = 25.0) -> None:
+  """Serves `app` on `sock` until SIGTERM or Ctrl-C, then drains and returns (the socket closed)."""
+  import signal  # pylint: disable=import-outside-toplevel
+  srv = server(app, access_log=access_log, drain_timeout_s=drain_timeout_s)
+
+  def interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+  # uvicorn drains on SIGTERM as on Ctrl-C, then raises the signal again for the handler it
+  # found: this one ends the run as Ctrl-C does, so a drained server exits 0, not killed by it.
+  sigterm = signal.signal(signal.SIGTERM, interrupt)
+  try:
+    srv.run(sockets=[sock])
+  except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raised the signal
+    pass
+  finally:
+    signal.signal(signal.SIGTERM, sigterm)
+    sock.close()
+
+
 def url_of(sock: socket.socket) -> str:
   """http://host:port of a bound socket."""
   host, port = sock.getsockname()[:2]
