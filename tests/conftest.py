@@ -15,6 +15,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # The `vit-jax` command keeps compiled programs in ~/.cache; the tests compile afresh and
 # write nothing there (test_cli checks the cache in a directory of its own).
 os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
+# The commands' --dtype auto takes bf16 on AMX CPUs: the tests compare with float32 results
+# on every CPU, and the dtype tests ask for what they check.
+os.environ["VIT_JAX_DTYPE"] = "float32"
 
 # PyTorch's default build ships triton, whose import segfaults when TensorFlow has already
 # loaded its libraries in the process (seen: a tf.image.resize, then `import transformers`,

@@ -244,3 +244,24 @@ def test_every_file_family_loads_and_predict_takes_the_readme_name(tmp_path):
                          "ViT-B_16/i21k+i1k-224", image], env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines()[0] == image and len(proc.stdout.splitlines()) == 6
+
+
+def test_an_http_mirror(tmp_path, monkeypatch):
+  """VIT_JAX_CHECKPOINT_BASE may be an https:// URL (e.g. https://storage.googleapis.com/vit_models)."""
+  import functools  # pylint: disable=import-outside-toplevel
+  import http.server  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  local = tmp_path / "mirror"
+  src = put(str(local), TI)
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(local))
+  handler.log_message = lambda *a, **k: None
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    monkeypatch.setenv(registry.BASE_ENV, f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert open(registry.resolve(TI), "rb").read() == open(src, "rb").read()
+    with pytest.raises(errors.MissingFileError, match="imagenet21k/ViT-B_16.npz: no such file"):
+      registry.resolve("ViT-B_16/i21k")
+  finally:
+    server.shutdown()

@@ -133,6 +133,7 @@ def test_healthz_and_metadata(url):
   assert meta["labels"][0] == "tench, Tinca tinca" and meta["model"].startswith("custom ViT (hidden 192, MLP 384, 3 heads, 2 layers, patch 16")
   assert meta["batch_sizes"] == [1, 2, 4, 8] and meta["allow_urls"] is False
   assert meta["allow_private_urls"] is False and meta["head"] == "softmax" and meta["threshold"] is None
+  assert meta["dtype"] == "float32"  # VIT_JAX_DTYPE=float32 in the tests (conftest)
   assert meta["limits"] == {"max_body_bytes": 256 << 10, "max_pixels": 100_000, "max_images": 8,
                             "max_queue": 256}
 
@@ -792,7 +793,12 @@ def test_the_command_under_4x_overload_refuses_the_excess_at_once_and_keeps_late
   # Safety factor 3: the refusals, the clients and the decoding share the 2 cores with the model.
   # Measured: p99 1.1-2.6 s, 5.1-7.7 calls. Unbounded, the last of the 4x flood would wait for
   # the 3 other floods' worth queued before it, ~3 x 6 s (measured so: p99 18.9 s).
-  bound = 3 * (math.ceil(queue / batch) + 1) * call_s
+  # Before the queue, every request waits its turn in the event loop (reading, decoding,
+  # answering the flood): the refused requests wait for nothing else, so their p99 is that
+  # wait, added. It matters where model calls are fast next to HTTP: an AMD EPYC with
+  # AVX-512 served a call of 8 in 85 ms, refused at p99 1.16 s and accepted at p99 1.52 s,
+  # over the calls-only bound of 1.27 s. An unbounded queue refuses nothing: no addition.
+  bound = 3 * (math.ceil(queue / batch) + 1) * call_s + refused_p99
   refusals = [(a[2], a[3]) for a in answers if a[0] == 503]
   checks = {  # every check, so that a failing run tells all that went wrong
       "only 200 and 503": set(statuses) <= {200, 503},

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
@@ -11,12 +12,14 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import errors
 from vit_jax import head_record
+from vit_jax import jax_setup
 from vit_jax import labels as labels_lib
 from vit_jax import models
 from vit_jax import preprocess
 from vit_jax import registry
 from vit_jax import spec as spec_lib
 
+log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Classifier:
@@ -29,12 +32,14 @@ class Classifier:
   # A sigmoid head (multi-label): each class's own probability; else a softmax over classes.
   multilabel: bool = False
   threshold: float | None = None  # leave out classes scored below it
+  dtype: str = "float32"  # the compute dtype; params and logits stay float32
 
   def __post_init__(self):
     if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
       raise errors.ConfigError(f"threshold {self.threshold} is not a probability in [0, 1]")
-    # One compiled shape: the last partial batch is padded, never recompiled.
-    self._logits = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False))
+    # One compiled shape: the last partial batch is padded, never recompiled. Logits are
+    # float32 whatever the compute dtype.
+    self._logits = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False).astype(jnp.float32))
     # Serving: the activation inside the compiled call, so that nothing outside it
     # compiles per batch shape.
     self._probs = jax.jit(lambda p, x: self.activation(self.model.apply({"params": p}, x, train=False)))
@@ -95,12 +100,15 @@ class Classifier:
 def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
                     image_size: int | None = None, labels_path: str | None = None,
                     batch_size: int = 8, multilabel: bool | None = None,
-                    threshold: float | None = None, **model_overrides: Any) -> Classifier:
+                    threshold: float | None = None, dtype: str | None = None,
+                    **model_overrides: Any) -> Classifier:
   """A Classifier for an original-layout checkpoint; the model is read off the file by default.
 
   The head's kind and the class names come from the file's head record (NAME.head.json,
   written by training) when there is one; `multilabel` and `labels_path` override it.
   Without either, a head is a softmax over ImageNet's classes (1000) or `class_i`.
+  `dtype` ('auto', 'float32', 'bfloat16'; None: $VIT_JAX_DTYPE, else auto) is the compute
+  dtype: auto takes bf16 where the hardware multiplies it natively (jax_setup.compute_dtype).
   """
   checkpoint_path = registry.resolve(checkpoint_path)
   tree = checkpoint.load(checkpoint_path)
@@ -113,7 +121,9 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
       model_name, **({} if model_name else dataclasses.asdict(found.variant)),
       num_classes=found.num_classes, image_size=image_size or found.image_size,
       representation_size=found.representation_size, classifier=found.classifier)
-  model = models.build(model_spec, **model_overrides)
+  dtype, why = jax_setup.compute_dtype(dtype)
+  log.info("computing in %s (%s)", dtype, why)
+  model = models.build(model_spec, **{"dtype": jnp.dtype(dtype), **model_overrides})
   name = str(model_spec)  # the variant, or "custom ViT (hidden ..., ...)"
   params = checkpoint.load_pretrained(tree, model, source=checkpoint_path)
   record = head_record.read(checkpoint_path)
@@ -123,7 +133,7 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
     multilabel = record is not None and record.multilabel
   return Classifier(model=model, params=jax.device_put(params), class_names=names,
                     model_name=name, batch_size=batch_size, multilabel=multilabel,
-                    threshold=threshold)
+                    threshold=threshold, dtype=str(jnp.dtype(model.dtype)))
 
 
 @dataclasses.dataclass

@@ -32,13 +32,17 @@ def _add_classifier_options(p: argparse.ArgumentParser) -> None:
                  help="a softmax over the classes")
   p.add_argument("--threshold", type=float, default=None,
                  help="leave out classes scored below this probability (e.g. 0.5 for tags)")
+  p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                 help="compute dtype (params and logits stay float32); auto (the default, or "
+                      "$VIT_JAX_DTYPE): bfloat16 on TPUs and AMX CPUs, else float32")
 
 
 def _load_classifier(args: argparse.Namespace, **kw):
   from vit_jax import classifier  # pylint: disable=import-outside-toplevel
   return classifier.load_classifier(args.checkpoint, model_name=args.model,
                                     image_size=args.image_size, labels_path=args.labels,
-                                    multilabel=args.multilabel, threshold=args.threshold, **kw)
+                                    multilabel=args.multilabel, threshold=args.threshold,
+                                    dtype=args.dtype, **kw)
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:

@@ -69,6 +69,8 @@ def _remote(path: str) -> Iterator[None]:
 
 def _bucket_check(path: str) -> None:
   """A MissingFileError naming the bucket, when the bucket itself is missing."""
+  if not str(path).startswith(("gs://", "gcs://", "s3://")):
+    return  # no buckets (http://, memory://)
   fs, rpath = _fs(path)
   bucket = rpath.split("/", 1)[0]
   with _remote(path):
@@ -124,7 +126,9 @@ def open_read(path: str) -> Iterator[IO[bytes]]:
       yield f
     return
   fs, rpath = _fs(path)
-  with _remote(path), fs.open(rpath, "rb") as f:
+  # http(s): a plain stream, which needs no range requests from the server.
+  kw = {"block_size": 0} if path.startswith(("http://", "https://")) else {}
+  with _remote(path), fs.open(rpath, "rb", **kw) as f:
     yield f
 
 

@@ -40,3 +40,44 @@ def keep_compiled_programs() -> None:
   except OSError:
     return  # a read-only home: run without the cache rather than warn on every read
   jax.config.update("jax_compilation_cache_dir", path)
+
+
+# --dtype of the commands that run a model for its outputs (predict, serve, explain).
+DTYPES = ("auto", "float32", "bfloat16")
+DTYPE_ENV = "VIT_JAX_DTYPE"  # the default of --dtype (auto when unset)
+
+
+def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+  try:
+    with open(cpuinfo, encoding="utf-8") as f:
+      return set(next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), []))
+  except OSError:
+    return set()
+
+
+def native_bf16(platform: str | None = None, cpu_flags: set[str] | None = None) -> tuple[bool, str]:
+  """Whether this machine multiplies bf16 matrices in hardware (TPU, or a CPU with AMX), and why."""
+  if platform is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    platform = jax.devices()[0].platform
+  if platform == "tpu":
+    return True, "a TPU's matrix units take bf16"
+  if platform != "cpu":
+    return False, f"{platform}: float32 (bf16 only where measured: TPUs and AMX CPUs)"
+  flags = _cpu_flags() if cpu_flags is None else cpu_flags
+  if "amx_bf16" in flags:
+    return True, "this CPU has AMX bf16 tiles"
+  have = "AVX512-BF16 dot products but no AMX" if "avx512_bf16" in flags else "no bf16 matrix unit"
+  return False, f"this CPU has {have}"
+
+
+def compute_dtype(choice: str | None = None) -> tuple[str, str]:
+  """('float32' or 'bfloat16', why) for --dtype CHOICE (None: $VIT_JAX_DTYPE, else auto)."""
+  from vit_jax import errors  # pylint: disable=import-outside-toplevel
+  choice = choice or os.environ.get(DTYPE_ENV) or "auto"
+  if choice not in DTYPES:
+    raise errors.ConfigError(f"dtype {choice!r}: choose one of {', '.join(DTYPES)}")
+  if choice != "auto":
+    return choice, "asked for"
+  native, why = native_bf16()
+  return ("bfloat16" if native else "float32"), f"auto: {why}"

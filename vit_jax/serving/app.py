@@ -175,8 +175,8 @@ def create_app(clf: classifier.Classifier, options: Options = Options()) -> Fast
         state.status, state.error = "failed", f"{e.__class__.__name__}: {e}"
         return
       state.status = "ready"
-      log.info("ready: %s, %dpx, %d classes, batch sizes %s", clf.model_name, clf.image_size,
-               len(clf.class_names), list(sizes))
+      log.info("ready: %s, %dpx, %d classes, %s, batch sizes %s", clf.model_name, clf.image_size,
+               len(clf.class_names), clf.dtype, list(sizes))
 
     log.info("compiling batch sizes %s", list(sizes))
     ready = asyncio.create_task(become_ready())
@@ -284,7 +284,7 @@ def create_app(clf: classifier.Classifier, options: Options = Options()) -> Fast
 
   @app.get("/metadata")
   async def metadata() -> dict[str, Any]:
-    return {"model": clf.model_name, "image_size": clf.image_size,
+    return {"model": clf.model_name, "image_size": clf.image_size, "dtype": clf.dtype,
             "num_classes": len(clf.class_names), "labels": clf.class_names,
             # A sigmoid head scores each class on its own; a softmax's scores sum to 1.
             "head": "sigmoid" if clf.multilabel else "softmax", "threshold": clf.threshold,
