@@ -122,7 +122,8 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
       num_classes=found.num_classes, image_size=image_size or found.image_size,
       representation_size=found.representation_size, classifier=found.classifier)
   dtype, why = jax_setup.compute_dtype(dtype)
-  log.info("computing in %s (%s)", dtype, why)
+  if dtype != "float32":  # said once, since results differ from float32's in the last digits
+    log.info("computing in %s (%s)", dtype, why)
   model = models.build(model_spec, **{"dtype": jnp.dtype(dtype), **model_overrides})
   name = str(model_spec)  # the variant, or "custom ViT (hidden ..., ...)"
   params = checkpoint.load_pretrained(tree, model, source=checkpoint_path)
