@@ -7,7 +7,8 @@ elsewhere on a shared machine hits both alike. We report medians and ratios of
 inference (fp32 and bf16, batch 1, 8, 32), inference that also returns every
 layer's attention weights (ours: with the rollout map; theirs:
 `output_attentions=True`, batch 8), the training step (forward,
-backward, SGD momentum, batch 8), the training step's compile time (scanned and
+backward, SGD momentum, batch 8; bf16 computes in bf16 with float32 params, as
+PyTorch's autocast does), the training step's compile time (scanned and
 unscanned), peak memory of each side (fresh processes), and the achieved
 GFLOP/s next to what a plain float32 matrix multiply reaches here through XLA
 and through PyTorch.
@@ -106,11 +107,13 @@ class JaxSide:
       self.fn = lambda: jax.block_until_ready(f(self.params, x))
     else:
       tx = optax.sgd(0.01, momentum=0.9)
+      # bf16: compute in bf16, params and optimizer state in float32 (PyTorch: autocast).
+      model = self.model.clone(dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
 
       def step(state, x, y):
         p, o = state
         def loss(p):
-          logits = self.model.apply({"params": p}, x, train=True)
+          logits = model.apply({"params": p}, x, train=True).astype(jnp.float32)
           return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         l, g = jax.value_and_grad(loss)(p)
         u, o = tx.update(g, o, p)
@@ -198,7 +201,9 @@ class TorchSide:
 
       def step():
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(m(pixel_values=xt).logits, yt).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+          logits = m(pixel_values=xt).logits
+        torch.nn.functional.cross_entropy(logits.float(), yt).backward()
         opt.step()
       self.fn = step
     self.fn()  # warm up
@@ -326,7 +331,7 @@ def main():
   ap.add_argument("--json", default=None, help="also write the results here")
   ap.add_argument("--skip", default="", help="comma list of: inference,attention,train,compile,memory")
   ap.add_argument("--batches", default="1,8,32", help="inference batch sizes")
-  ap.add_argument("--dtypes", default="fp32,bf16", help="inference compute dtypes")
+  ap.add_argument("--dtypes", default="fp32,bf16", help="compute dtypes (inference and training)")
   ap.add_argument("--model", default="ViT-B_16", help="variant, at 224 px with 1000 classes")
   ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   ap.add_argument("--weights", help=argparse.SUPPRESS)
@@ -349,7 +354,7 @@ def main():
     if "attention" not in skip:
       runs.append(("attention", 8, "fp32"))
     if "train" not in skip:
-      runs.append(("train", 8, "fp32"))
+      runs += [("train", 8, d) for d in args.dtypes.split(",")]
     result["runs"] = []
     for kind, batch, dtype in runs:
       r = compare(workers, kind, batch, dtype, repeats, result["gflop_per_image"])
@@ -382,7 +387,7 @@ def table(r: dict) -> str:
            "| --- | --- | --- | --- | --- | --- | --- |"]
   for x in r.get("runs", []):
     name = {"inference": f"inference {x['dtype']}", "attention": "inference fp32 + attention maps",
-            "train": "train step fp32 (SGD momentum)"}[x["kind"]]
+            "train": f"train step {x['dtype']} (SGD momentum)"}[x["kind"]]
     lines.append(f"| {name} | {x['batch']} | {x['jax_img_s']:.2f} | {x['torch_img_s']:.2f} | {x['ratio']:.2f} | "
                  f"{x['jax_gflops']:.0f} | {x['torch_gflops']:.0f} |")
   if "compile_seconds" in r:

@@ -75,3 +75,27 @@ def test_the_resize_drift_measurement_runs_and_sees_antialiasing_only_when_shrin
   assert rows["64-64px"]["pixels max |diff|"] < 1e-6
   # Shrinking 4-7x, PIL's antialiasing averages what a plain bilinear resize samples.
   assert rows["257-448px"]["pixels max |diff|"] > 0.1
+
+
+@pytest.mark.slow
+def test_the_bf16_agreement_measurement_runs(tmp_path):
+  import ckpt_fixtures as cf  # pylint: disable=import-outside-toplevel
+  import data_fixtures as df  # pylint: disable=import-outside-toplevel
+  # A stand-in for a finished demo run: digits 5-9 and a small model over them.
+  df.write_digits(str(tmp_path / "demo" / "digits" / "b"), range(5, 10), size=24)
+  (tmp_path / "demo" / "finetune").mkdir()
+  cf.write_original(tmp_path / "demo" / "finetune" / "final.npz",
+                    cf.Spec(hidden=48, mlp=96, heads=3, layers=2, patch=4, image_size=24, classes=5))
+  (tmp_path / "demo" / "finetune" / "labels.txt").write_text("".join(f"digit_{d}\n" for d in range(5, 10)))
+  script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_agreement.py"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("VIT_JAX_DTYPE", None)
+  run = subprocess.run([sys.executable, str(script), "--demo-workdir", str(tmp_path / "demo"), "--crops", "3"],
+                       capture_output=True, text=True, timeout=900, env=env)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(run.stdout.strip().splitlines()[-1])
+  digits, b16 = result["demo digits"], result["ViT-B/16 random weights"]
+  assert digits["images"] == 224 and b16["images"] == 3
+  for r in (digits, b16):
+    assert 0 <= r["top1_agreement"] <= 1 and 0 < r["max_prob_diff"] < 0.5  # bf16 moves something
+  assert "| demo digits | 224 |" in run.stdout
