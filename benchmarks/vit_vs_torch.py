@@ -94,9 +94,13 @@ class JaxSide:
     jax = self.jax
     x, y = (jax.device_put(a) for a in _inputs(batch))
     if kind == "inference":
-      m = self.model.clone(dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
+      # bf16 as `--dtype bfloat16` runs it (and as PyTorch's model.to(bfloat16)): the
+      # weights cast to bf16 once.
+      dt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
+      m = self.model.clone(dtype=dt, param_dtype=dt)
+      p = jax.tree_util.tree_map(lambda v: v.astype(dt), self.params)
       f = jax.jit(lambda p, x: m.apply({"params": p}, x, train=False))
-      self.fn = lambda: f(self.params, x).block_until_ready()
+      self.fn = lambda: f(p, x).block_until_ready()
     elif kind == "attention":
       from vit_jax import explain, models  # pylint: disable=import-outside-toplevel
 

@@ -36,12 +36,13 @@ def test_auto_follows_the_machine_and_the_environment_sets_the_default(monkeypat
     jax_setup.compute_dtype(None)
 
 
-def test_bf16_compute_keeps_float32_params_and_logits(imagenet_ckpt):
+def test_bf16_compute_casts_the_weights_once_and_keeps_float32_logits(imagenet_ckpt):
   x = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
   f32 = classifier.load_classifier(imagenet_ckpt, dtype="float32")
   bf16 = classifier.load_classifier(imagenet_ckpt, dtype="bfloat16")
   assert (f32.dtype, bf16.dtype) == ("float32", "bfloat16")
-  assert {p.dtype for p in jax.tree_util.tree_leaves(bf16.params)} == {np.dtype("float32")}
+  assert {p.dtype for p in jax.tree_util.tree_leaves(bf16.params)} == {jax.numpy.dtype("bfloat16")}
+  assert {p.dtype for p in jax.tree_util.tree_leaves(f32.params)} == {np.dtype("float32")}
   a, b = f32.logits(x), bf16.logits(x)
   assert b.dtype == np.float32
   # bf16 keeps 8 significant bits: logits of order 1 move by a few hundredths, not more.

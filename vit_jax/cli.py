@@ -33,8 +33,9 @@ def _add_classifier_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--threshold", type=float, default=None,
                  help="leave out classes scored below this probability (e.g. 0.5 for tags)")
   p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
-                 help="compute dtype (params and logits stay float32); auto (the default, or "
-                      "$VIT_JAX_DTYPE): bfloat16 on TPUs and AMX CPUs, else float32")
+                 help="compute dtype (the weights are cast to it once; logits stay float32); "
+                      "auto (the default, or $VIT_JAX_DTYPE): bfloat16 on TPUs and AMX CPUs, "
+                      "else float32")
 
 
 def _load_classifier(args: argparse.Namespace, **kw):
