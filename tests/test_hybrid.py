@@ -134,19 +134,13 @@ def test_analytic_flops_match_xla_for_hybrids(name, layers):
 def trained(tmp_path_factory):
   """A small R+ViT-Ti_16-shaped hybrid trained briefly on digits at 32 px (root /4, 2 px patches)."""
   from tests import data_fixtures  # pylint: disable=import-outside-toplevel
-  from vit_jax import configs, train  # pylint: disable=import-outside-toplevel
+  from tests import test_train  # pylint: disable=import-outside-toplevel
+  from vit_jax import train  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("hybrid")
   data_fixtures.write_digits(str(root / "digits"), range(0, 5))
-  c = configs.base()
-  c.dataset, c.folder, c.image_size = "folder", str(root / "digits"), 32
-  c.model.name = "R+ViT-Ti_16"
-  c.model.update(dict(hidden_size=48, mlp_dim=96, num_heads=3, num_layers=2, patch_size=2))
-  c.augment.update(dict(inception_crop=False, hflip=False))
-  c.batch_size, c.eval_batch_size = 32, 32
-  c.base_lr, c.warmup_steps, c.total_steps = 0.05, 5, 60
-  c.shuffle_buffer = 256
-  c.log_every, c.eval_every, c.checkpoint_every = 10, 30, 30
-  c.async_checkpointing = False
+  c = test_train.tiny_config(str(root / "digits"), image_size=32, base_lr=0.05, total_steps=60,
+                             log_every=10, eval_every=30, checkpoint_every=30)
+  c.model.update(dict(name="R+ViT-Ti_16", patch_size=2))  # tiny's widths, the hybrid's ResNet root
   result = train.train_and_evaluate(c, str(root / "run"))
   return c, root, result
 

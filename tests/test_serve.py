@@ -794,11 +794,16 @@ def test_the_command_under_4x_overload_refuses_the_excess_at_once_and_keeps_late
   # Measured: p99 1.1-2.6 s, 5.1-7.7 calls. Unbounded, the last of the 4x flood would wait for
   # the 3 other floods' worth queued before it, ~3 x 6 s (measured so: p99 18.9 s).
   # Before the queue, every request waits its turn in the event loop (reading, decoding,
-  # answering the flood): the refused requests wait for nothing else, so their p99 is that
-  # wait, added. It matters where model calls are fast next to HTTP: an AMD EPYC with
-  # AVX-512 served a call of 8 in 85 ms, refused at p99 1.16 s and accepted at p99 1.52 s,
-  # over the calls-only bound of 1.27 s. An unbounded queue refuses nothing: no addition.
-  bound = 3 * (math.ceil(queue / batch) + 1) * call_s + refused_p99
+  # answering the flood, and any stall of the whole process on a shared machine). The
+  # refusals and /healthz wait for nothing else, so the longer of the refusals' p99 and
+  # /healthz's slowest answer is that wait, added. It matters where model calls are fast
+  # next to HTTP. On an AMD EPYC with AVX-512 (a call of 8 in 73-85 ms, calls-only bound
+  # 1.14-1.27 s), two runs of the whole suite measured accepted p99 1.52 s with refusals'
+  # p99 1.16 s, and accepted p99 1.42 s with /healthz's slowest 1.23 s (refusals' p99 41 ms).
+  # An unbounded queue (p99 18.9 s) refuses nothing and keeps /healthz quick: no addition.
+  calls_bound = 3 * (math.ceil(queue / batch) + 1) * call_s
+  loop_wait = max(refused_p99, float(health_s.max()) if len(health_s) else 0.0)
+  bound = calls_bound + loop_wait
   refusals = [(a[2], a[3]) for a in answers if a[0] == 503]
   checks = {  # every check, so that a failing run tells all that went wrong
       "only 200 and 503": set(statuses) <= {200, 503},
@@ -816,10 +821,11 @@ def test_the_command_under_4x_overload_refuses_the_excess_at_once_and_keeps_late
           max(rss_flood[len(rss_flood) // 2:]) < 1.10 * max(rss_flood[:len(rss_flood) // 2]),
       "RSS within 25% of the warm run's": max(rss_flood) < 1.25 * max(rss_warm),
       # /healthz waits for no model call (test_a_full_queue_refuses_at_once_... has it answer
-      # with the model held shut), only for the event loop: every poll answers 200, each within
-      # the accepted requests' bound (measured: max 38-183 ms), so polls went on all along.
+      # with the model held shut), only for the event loop: every poll answers 200 (measured:
+      # max 18-183 ms; once 1.23 s in a stall of the whole process). A loop blocked past the
+      # queue's worth of calls plus 1.5 s would be a model call or other work run on it.
       "/healthz answered every poll": all(status == 200 for status, _ in health)
-                                      and health_s.max() < bound,
+                                      and health_s.max() < calls_bound + 1.5,
       "/healthz polled throughout": len(health) >= seconds / (0.05 + bound),
   }
   assert all(checks.values()), [name for name, ok in checks.items() if not ok]

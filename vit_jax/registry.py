@@ -142,7 +142,7 @@ def lookup(name: str) -> Record:
 
 def looks_like_path(value: str) -> bool:
   """A URL, an existing file or folder, or an .npz: a path, not a name."""
-  return files.is_remote(value) or value.endswith(".npz") or os.path.exists(value)
+  return files.is_remote(value) or value.endswith(".npz") or files.exists(value)
 
 
 def cache_dir() -> str:
