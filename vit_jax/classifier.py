@@ -21,6 +21,7 @@ from vit_jax import spec as spec_lib
 
 log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass
 class Classifier:
   """A model with its params and class names, and a jitted batch call."""
