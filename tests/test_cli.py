@@ -355,3 +355,14 @@ def test_the_readme_lists_every_command():
   block = readme.split("## Command line", 1)[1].split("```", 2)[1]
   listed = set(re.findall(r"^vit-jax (\w+)", block, flags=re.M))
   assert listed == set(cli.COMMANDS)
+
+
+@pytest.mark.slow
+def test_a_reader_that_goes_away_ends_the_listing_quietly():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "vit_jax.cli", "checkpoints"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=env)
+  assert proc.stdout.readline().startswith(b"name ")
+  proc.stdout.close()  # as `| head -1` does
+  err = proc.stderr.read().decode()
+  assert proc.wait(timeout=60) in (0, 1) and "Traceback" not in err, err

@@ -474,6 +474,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command.config != "none":
       args.config = config_args.load_config(rest) if (rest or command.config == "required") else None
     return command.run(args)
+  except BrokenPipeError:
+    import stat  # pylint: disable=import-outside-toplevel
+    if not stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
+      raise  # not our output's reader: some other pipe broke
+    # The reader went away (`vit-jax checkpoints | head`): stop quietly, and let Python's
+    # final flush of stdout go nowhere instead of failing again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
   except (errors.UserError, OSError) as e:
     if os.environ.get("VIT_JAX_DEBUG") or not (isinstance(e, errors.UserError) or e.filename):
       raise
