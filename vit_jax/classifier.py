@@ -22,6 +22,16 @@ from vit_jax import spec as spec_lib
 log = logging.getLogger(__name__)
 
 
+def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
+  """`images` [N <= size, ...] padded with zero images to `size`: one compiled shape per size."""
+  n = len(images)
+  if n > size:
+    raise ValueError(f"{n} images is more than the batch size {size}")
+  if n == size:
+    return images
+  return np.concatenate([images, np.zeros((size - n, *images.shape[1:]), images.dtype)])
+
+
 @dataclasses.dataclass
 class Classifier:
   """A model with its params and class names, and a jitted batch call."""
@@ -59,10 +69,7 @@ class Classifier:
     out = []
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
-      n = len(chunk)
-      if n < self.batch_size:
-        chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-      out.append(np.asarray(self._logits(self.params, chunk))[:n])
+      out.append(np.asarray(self._logits(self.params, pad_batch(chunk, self.batch_size)))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
   def top_k(self, images: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
@@ -92,10 +99,8 @@ class Classifier:
     fits = [s for s in sizes if s >= n]
     if not fits:
       raise ValueError(f"{n} images is more than the largest compiled batch size {max(sizes)}")
-    pad = min(fits) - n
-    if pad:
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
-    return np.asarray(self._probs(self.params, np.asarray(images, np.float32)))[:n]
+    images = pad_batch(np.asarray(images, np.float32), min(fits))
+    return np.asarray(self._probs(self.params, images))[:n]
 
 
 def load_classifier(checkpoint_path: str, *, model_name: str | None = None,

@@ -104,10 +104,9 @@ class Explainer:
 
   def batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(probabilities [N, C], maps [N, g, g], per-head maps [N, heads, g, g] or None)."""
-    n, size = len(images), self.clf.batch_size
-    # One compiled shape: a partial batch is padded.
-    pad = np.zeros((size - n, *images.shape[1:]), np.float32)
-    out = self._run(self.clf.params, np.concatenate([images, pad]) if n < size else images)
+    n = len(images)
+    out = self._run(self.clf.params, classifier_lib.pad_batch(np.asarray(images, np.float32),
+                                                              self.clf.batch_size))
     return tuple(None if x is None else np.asarray(x)[:n] for x in out)
 
   def files(self, paths: Sequence[str], k: int = 3) -> Iterator[Explanation]:
