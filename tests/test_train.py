@@ -305,3 +305,18 @@ def test_resuming_on_another_mesh_restores_the_same_params_resharded(digits, tmp
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"resumed from {tmp_path / 'checkpoints'} at step 10" in proc.stderr
+
+
+@pytest.mark.slow
+def test_profile_steps_writes_a_trace_of_those_steps(digits, tmp_path):
+  folder = os.path.join(digits, "a")
+  cfg = tiny_config(folder, total_steps=12, eval_every=12, checkpoint_every=12, profile_steps=3)
+  train.train_and_evaluate(cfg, str(tmp_path))
+  traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 1000
+  # The trace names the jitted training step it recorded.
+  assert b"jit_step" in open(traces[0], "rb").read()
+  # A run that ends inside the traced steps still writes its trace.
+  cfg = tiny_config(folder, total_steps=6, eval_every=6, checkpoint_every=6, profile_steps=50)
+  train.train_and_evaluate(cfg, str(tmp_path / "short"))
+  assert glob.glob(str(tmp_path / "short" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))

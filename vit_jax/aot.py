@@ -8,7 +8,9 @@ estimated step time). Run with JAX_PLATFORMS=cpu (the command sets it).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import re
 from typing import Any
@@ -18,33 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import errors
+from vit_jax import jax_setup
 from vit_jax import resnet
 from vit_jax import sharding
 from vit_jax import steps
+from vit_jax import tpus
 
 GiB = 1024 ** 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-  """A Cloud TPU slice: its topology string for libtpu and its HBM per JAX device."""
-  name: str
-  topology: str
-  hbm_bytes: int
-  options: tuple[tuple[str, Any], ...] = ()
-
-
-# HBM per JAX device: a v3 core, a v4/v5p megacore chip, a v5e/v6e chip.
-TOPOLOGIES = {t.name: t for t in [
-    Topology("v3-8", "v3:2x2", 16 * GiB),
-    Topology("v3-32", "v3:4x4", 16 * GiB),
-    Topology("v4-8", "v4:2x2x1", 32 * GiB, (("chip_config_name", "megacore"),)),
-    Topology("v4-32", "v4:2x2x4", 32 * GiB, (("chip_config_name", "megacore"),)),
-    Topology("v5e-8", "v5e:2x4", 16 * GiB, (("chips_per_host_bounds", (2, 4, 1)),)),
-    Topology("v5e-16", "v5e:4x4", 16 * GiB),
-    Topology("v5p-8", "v5p:2x2x1", 95 * GiB, (("chip_config_name", "megacore"),)),
-    Topology("v6e-8", "v6e:2x4", 32 * GiB, (("chips_per_host_bounds", (2, 4, 1)),)),
-]}
 
 
 def model_flops_per_image(model, train: bool = True, as_computed: bool = False) -> float:
@@ -70,16 +52,22 @@ def model_flops_per_image(model, train: bool = True, as_computed: bool = False) 
   return 2.0 * macs * (3 if train else 1)
 
 
-def get_devices(topology: str) -> list:
+def topology(name: str) -> tpus.Topology:
+  """The slice called `name`, or a one-line error listing the known ones."""
+  if name not in tpus.TOPOLOGIES:
+    raise errors.ConfigError(f"unknown topology {name!r}; known: {', '.join(tpus.TOPOLOGIES)}")
+  return tpus.TOPOLOGIES[name]
+
+
+def get_devices(slice_: str | tpus.Topology) -> list:
   """The devices of a TPU slice described by libtpu (no hardware needed)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  if topology not in TOPOLOGIES:
-    raise errors.ConfigError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
-  t = TOPOLOGIES[topology]
+  t = topology(slice_) if isinstance(slice_, str) else slice_
+  jax_setup.allow_several_compile_only_libtpus()  # before libtpu loads, on the first call
   try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=t.topology, **dict(t.options))
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=t.topology, **t.libtpu_options)
   except Exception as e:  # pylint: disable=broad-except
-    raise errors.UserError(f"cannot describe TPU topology {topology} ({str(e).splitlines()[0]}); "
+    raise errors.UserError(f"cannot describe TPU topology {t.name} ({str(e).splitlines()[0]}); "
                            "is libtpu installed (pip install 'vit-jax[aot]')?") from None
   return list(desc.devices)
 
@@ -89,6 +77,37 @@ _OOM = (re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", re.I),
         re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])?\) exceeds available HBM "
                    r"\(([\d.]+)([KMGT])?\)", re.I))
 _UNIT = {None: 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 * GiB}
+
+
+def _oom_bytes(error: str) -> tuple[int | None, int | None]:
+  """(bytes needed, bytes available) from the compiler's out-of-memory message."""
+  m = next((m for p in _OOM if (m := p.search(error or ""))), None)
+  if not m:
+    return None, None
+  return int(float(m.group(1)) * _UNIT[m.group(2)]), int(float(m.group(3)) * _UNIT[m.group(4)])
+
+
+def usable_hbm_bytes(slice_: str | tpus.Topology) -> int:
+  """The HBM per device the TPU compiler lets a program use on this slice (a little under the chip's)."""
+  return _usable_hbm_bytes((topology(slice_) if isinstance(slice_, str) else slice_).chip.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _usable_hbm_bytes(chip: str) -> int:
+  """Read off the compiler's own out-of-memory message for a program that cannot fit (well under
+  a second): 15.48 GiB of a v3 core's 16, 30.75 of a v4's 32 with libtpu 0.0.50."""
+  t = tpus.CHIPS[chip]
+  devices = get_devices(tpus.Topology(f"{chip}-1chip", t, t.one_chip_topology))
+  mesh = jax.sharding.Mesh(devices, ("d",))
+  shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+  huge = 4 * t.hbm_bytes_per_device  # four times the chip's HBM per device, in float32
+  fn = jax.jit(lambda x: jnp.zeros((len(devices) * huge // 4,), jnp.float32) + x[0], out_shardings=shard)
+  compiled, error = _compile(fn, jax.ShapeDtypeStruct((len(devices),), jnp.float32, sharding=shard))
+  _, available = _oom_bytes(error or "")
+  if compiled is not None or available is None:
+    raise RuntimeError(f"the TPU compiler accepted or misreported a program of {huge} bytes per device: "
+                       f"{(error or '')[:300]}")
+  return available
 
 
 def _compile(fn, *args) -> tuple[Any, str | None]:
@@ -101,13 +120,11 @@ def _compile(fn, *args) -> tuple[Any, str | None]:
     raise
 
 
-def _report(compiled, error: str | None, capacity: int) -> dict[str, Any]:
+def _report(compiled, error: str | None, usable: int) -> dict[str, Any]:
   if compiled is None:
-    m = next((m for p in _OOM if (m := p.search(error or ""))), None)
-    used = int(float(m.group(1)) * _UNIT[m.group(2)]) if m else None
-    limit = int(float(m.group(3)) * _UNIT[m.group(4)]) if m else None
+    used, limit = _oom_bytes(error or "")
     # When only temporaries are reported, the true peak is higher still: a lower bound.
-    return {"fits": False, "hbm_peak_bytes": used, "hbm_limit_bytes": limit,
+    return {"fits": False, "hbm_peak_bytes": used, "hbm_limit_bytes": limit or usable,
             "error": (error or "").strip().splitlines()[0][:300]}
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -115,58 +132,158 @@ def _report(compiled, error: str | None, capacity: int) -> dict[str, Any]:
   # Donated arguments alias outputs: count those bytes once.
   peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
           - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes)
-  return {"fits": peak <= capacity, "hbm_peak_bytes": int(peak),
+  return {"fits": peak <= usable, "hbm_peak_bytes": int(peak), "hbm_limit_bytes": usable,
           "hbm_breakdown": {"arguments": int(mem.argument_size_in_bytes),
                             "temporaries": int(mem.temp_size_in_bytes),
                             "outputs": int(mem.output_size_in_bytes),
                             "aliased": int(mem.alias_size_in_bytes),
                             "code": int(mem.generated_code_size_in_bytes)},
           "flops_per_device": float(cost.get("flops", 0.0)),
-          # Multi-host slices get no usable estimate (the compiler returns a negative number).
+          "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+          # Some programs get no estimate: the compiler returns -1 plus a small number (seen
+          # on multi-host slices, and on v4 and v5e beyond some per-device batch).
           "estimated_step_seconds": seconds if (seconds := float(cost.get("optimal_seconds", 0.0))) > 0
-                                    else None}
+                                    else None,
+          **({} if seconds > 0 else {"compiler_optimal_seconds": seconds})}
 
 
-def check(config: ml_collections.ConfigDict, topology: str, num_classes: int | None = None
-          ) -> dict[str, Any]:
-  """Compiles the config's train and inference steps for `topology`; returns the report."""
-  devices = get_devices(topology)
-  capacity = TOPOLOGIES[topology].hbm_bytes
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-  classes = num_classes or config.num_classes or _default_classes(config)
-  # The data is not opened here: a multi-label list is the one kind known from the config.
-  setup = steps.Setup(config, classes, config.dataset == "multilabel", mesh)
-  size = config.image_size
-  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+@dataclasses.dataclass
+class Program:
+  """A config's steps on one slice: the mesh, the shapes, and what the compiler says of them."""
+  config: ml_collections.ConfigDict
+  slice: tpus.Topology
+  num_classes: int
 
-  def batch(n, with_mask=False):
-    spec = {"image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=setup.batch_sharding),
-            "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=setup.batch_sharding)}
+  def __post_init__(self):
+    devices = get_devices(self.slice)
+    self.mesh = sharding.make_mesh(self.config.mesh.to_dict(), devices)
+    # The data is not opened here: a multi-label list is the one kind known from the config.
+    self.setup = steps.Setup(self.config, self.num_classes, self.config.dataset == "multilabel", self.mesh)
+    self.devices = len(devices)
+    self.hosts = len({d.process_index for d in devices})
+    self.data_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+  def _batch(self, n: int, with_mask: bool = False) -> dict:
+    size, shard = self.config.image_size, self.setup.batch_sharding
+    spec = {"image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=shard),
+            "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=shard)}
     if with_mask:
-      spec["mask"] = jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=setup.batch_sharding)
+      spec["mask"] = jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=shard)
     return spec
 
-  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
-  train = _report(*_compile(setup.jit_train_step(), setup.abstract_state(), batch(config.batch_size), rng),
-                  capacity)
-  eval_bs = config.eval_batch_size
-  params = setup.abstract_state().params
-  infer = _report(*_compile(setup.jit_eval_step(), params, batch(eval_bs, True)), capacity)
+  def train(self) -> dict[str, Any]:
+    """The training step's report: fit, HBM, FLOPs and the compiler's step time."""
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(self.mesh))
+    compiled = _compile(self.setup.jit_train_step(), self.setup.abstract_state(),
+                        self._batch(self.config.batch_size), rng)
+    report = _report(*compiled, usable_hbm_bytes(self.slice))
+    accum = self.setup.accum_steps
+    if accum > 1 and report["fits"]:
+      # The compiler's cost analysis counts a loop's body once: the accumulation loop
+      # (a lax.scan) is counted as one micro-batch. Scaled by the micro-batches, which
+      # also counts the optimizer update accum times: an upper bound, by (accum - 1)
+      # updates. For ViT-B/16 on v3-8, a whole step at one image per device is
+      # estimated at 0.012 s, a micro-batch of 256 per device at 0.67 s.
+      report["compiler_counted_one_micro_batch"] = {
+          key: report[key] for key in ("flops_per_device", "bytes_accessed_per_device", "estimated_step_seconds")}
+      report["flops_per_device"] *= accum
+      report["bytes_accessed_per_device"] *= accum
+      if report["estimated_step_seconds"] is not None:
+        report["estimated_step_seconds"] *= accum
+    return report
+
+  def inference(self) -> dict[str, Any]:
+    params = self.setup.abstract_state().params
+    compiled = _compile(self.setup.jit_eval_step(), params, self._batch(self.config.eval_batch_size, True))
+    return {"global_batch": self.config.eval_batch_size,
+            **_report(*compiled, usable_hbm_bytes(self.slice))}
+
+  def param_bytes(self) -> int:
+    """Bytes of the parameters (and so of one gradient), as stored."""
+    shapes = jax.tree_util.tree_leaves(self.setup.abstract_state().params)
+    return int(sum(x.size * x.dtype.itemsize for x in shapes))
+
+
+def roofline_seconds(report: dict[str, Any], slice_: tpus.Topology) -> float | None:
+  """max(FLOPs / peak, bytes / HBM bandwidth) of one device's program: a lower bound on its time."""
+  if not report.get("flops_per_device"):
+    return None
+  chip = slice_.chip
+  return max(report["flops_per_device"] / chip.peak_flops_per_device,
+             report.get("bytes_accessed_per_device", 0.0) / chip.hbm_bytes_per_s_per_device)
+
+
+def derived_step_seconds(config: ml_collections.ConfigDict, slice_: tpus.Topology, num_classes: int,
+                         slice_report: dict[str, Any] | None = None, try_chip: bool = True
+                         ) -> dict[str, Any]:
+  """A step time where the compiler gives none: one chip's compute, plus the collectives.
+
+  t = t_chip + c * (n - 1) / n * P / B. t_chip is the compiler's estimate for the
+  same per-device program compiled on one chip (the same per-device batch, dtype,
+  remat and accumulation; no partitioning); where the compiler gives none there
+  either (v4 and v5e, for ViT-B/16), the roofline of the slice's own per-device
+  program (`roofline_seconds`, from `slice_report`). P is the bytes of the
+  parameters (one gradient), n the slice's chips, B the chip's all-reduce
+  bandwidth (`tpus.Chip`). c = 2 for data parallelism (a ring all-reduce sends
+  and receives each byte twice) and 3 for FSDP (an all-gather of the parameters
+  for the forward pass, another for the backward, a reduce-scatter of the
+  gradients). Communication is not overlapped with compute: on that count an
+  upper bound.
+  """
+  chip = slice_.single_chip()
+  per_device = config.batch_size // (slice_.devices // config.mesh.model)
+  one = copy.deepcopy(config)
+  one.batch_size = one.eval_batch_size = per_device * chip.devices // config.mesh.model
+  one.mesh.data, one.mesh.fsdp = -1, 1
+  program = Program(one, chip, num_classes)
+  report = program.train() if try_chip else {}
+  chip_seconds, source = report.get("estimated_step_seconds"), "compiler"
+  if chip_seconds is None and slice_report is not None:
+    chip_seconds, source = roofline_seconds(slice_report, slice_), "roofline"
+  n, bandwidth = slice_.chips, slice_.chip.allreduce_bytes_per_s
+  comm = (3 if config.mesh.fsdp != 1 else 2) * (n - 1) / n * program.param_bytes() / bandwidth
+  return {"chip_step_seconds": chip_seconds, "chip_step_source": None if chip_seconds is None else source,
+          "collective_seconds": comm,
+          "derived_step_seconds": None if chip_seconds is None else chip_seconds + comm}
+
+
+def mfu(model_flops_per_image: float, global_batch: int, seconds: float | None, slice_: tpus.Topology
+        ) -> float | None:
+  """Model FLOPs utilisation: the model's FLOPs per step over the slice's peak bf16 FLOP/s for that time."""
+  if not seconds:
+    return None
+  return model_flops_per_image * global_batch / (seconds * slice_.devices * slice_.chip.peak_flops_per_device)
+
+
+def check(config: ml_collections.ConfigDict, name: str, num_classes: int | None = None
+          ) -> dict[str, Any]:
+  """Compiles the config's train and inference steps for the slice `name`; returns the report."""
+  t = topology(name)
+  classes = num_classes or config.num_classes or default_classes(config)
+  program = Program(config, t, classes)
+  train, infer = program.train(), program.inference()
+  flops_per_image = model_flops_per_image(program.setup.model, train=True)
+  seconds, source = train.get("estimated_step_seconds"), "compiler"
+  if seconds is None and train["fits"]:
+    train.update(derived_step_seconds(config, t, classes, train))
+    seconds, source = train["derived_step_seconds"], f"derived ({train['chip_step_source']})"
   return {
-      "topology": topology, "devices": len(devices),
-      "hosts": len({d.process_index for d in devices}),
-      "mesh": dict(mesh.shape), "model": str(setup.model.spec), "image_size": size,
-      "dtype": config.model.dtype, "remat": bool(config.model.remat),
-      "accum_steps": setup.accum_steps,
-      "global_batch": config.batch_size, "per_device_batch": config.batch_size // data_devices,
-      "hbm_capacity_bytes": capacity,
-      "model_flops_per_image": model_flops_per_image(setup.model, train=True),
+      "topology": name, "devices": program.devices, "hosts": program.hosts,
+      "mesh": dict(program.mesh.shape), "model": str(program.setup.model.spec),
+      "image_size": config.image_size, "dtype": config.model.dtype, "remat": bool(config.model.remat),
+      "remat_policy": config.model.remat_policy if config.model.remat else None,
+      "accum_steps": program.setup.accum_steps,
+      "global_batch": config.batch_size, "per_device_batch": config.batch_size // program.data_devices,
+      "hbm_capacity_bytes": t.chip.hbm_bytes_per_device, "hbm_usable_bytes": usable_hbm_bytes(name),
+      "model_flops_per_image": flops_per_image,
       **{k: train.get(k) for k in ("hbm_peak_bytes", "fits", "flops_per_device", "estimated_step_seconds")},
-      "train": train, "inference": {"global_batch": eval_bs, **infer},
+      "step_seconds": seconds, "step_seconds_source": source if seconds else None,
+      "mfu": mfu(flops_per_image, config.batch_size, seconds, t),
+      "train": train, "inference": infer,
   }
 
 
-def _default_classes(config: ml_collections.ConfigDict) -> int:
+def default_classes(config: ml_collections.ConfigDict) -> int:
   known = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000, "imagenet21k": 21843,
            "oxford_iiit_pet": 37}
   return known.get(config.dataset, 1000)
@@ -181,15 +298,20 @@ def table(report: dict[str, Any]) -> str:
           ("model", f"{r['model']} at {r['image_size']}px, {r['dtype']}, remat={r['remat']}, "
                     f"accum_steps={r['accum_steps']}"),
           ("batch", f"{r['global_batch']} global, {r['per_device_batch']} per device"),
-          ("train step HBM", f"{gib(t.get('hbm_peak_bytes'))} of {gib(r['hbm_capacity_bytes'])} "
+          ("train step HBM", f"{gib(t.get('hbm_peak_bytes'))} of {gib(r['hbm_usable_bytes'])} usable "
+                             f"({gib(r['hbm_capacity_bytes'])} per device) "
                              f"-> {'fits' if t['fits'] else 'DOES NOT FIT'}"),
           ("inference HBM", f"{gib(i.get('hbm_peak_bytes'))} (batch {i['global_batch']}) -> "
                             f"{'fits' if i['fits'] else 'DOES NOT FIT'}"),
           ("model FLOPs/image", f"{r['model_flops_per_image'] / 1e9:.1f} GFLOP (3x forward)")]
   if t.get("flops_per_device"):
     rows.append(("compiled FLOPs/device", f"{t['flops_per_device'] / 1e12:.2f} TFLOP per step"))
-  if t.get("estimated_step_seconds"):
-    rows.append(("estimated step time", f"{t['estimated_step_seconds']:.3f} s (compiler's estimate)"))
+  if r.get("step_seconds"):
+    how = ("the compiler's estimate" if r["step_seconds_source"] == "compiler" else
+           f"derived: one chip's {t['chip_step_seconds']:.3f} s ({t['chip_step_source']}) + "
+           f"{t['collective_seconds']:.3f} s of collectives")
+    rows.append(("estimated step time", f"{r['step_seconds']:.3f} s ({how})"))
+    rows.append(("MFU", f"{r['mfu']:.1%} of {r['devices']} devices' peak bf16 FLOP/s"))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

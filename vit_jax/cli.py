@@ -257,18 +257,74 @@ def _print_result(result: dict) -> None:
 
 
 def _add_aot(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--topology", required=True,
-                 help="v3-8, v3-32, v4-8, v4-32, v5e-8, v5e-16, v5p-8 or v6e-8")
+  from vit_jax import tpus  # pylint: disable=import-outside-toplevel
+  p.add_argument("--topology", required=True, help=", ".join(tpus.TOPOLOGIES))
   p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
-  p.add_argument("--json-only", action="store_true", help="print only the JSON line")
+  p.add_argument("--json-only", action="store_true", help="print only the JSON line(s)")
+  g = p.add_argument_group("search: the fastest setting that fits")
+  g.add_argument("--search", action="store_true",
+                 help="compile dtype x remat x accum_steps x mesh variants of the training step; one row "
+                      "and one JSON line per variant, then the recommended overrides as a JSON line")
+  g.add_argument("--headroom", type=float, default=0.10,
+                 help="HBM a recommended variant leaves free, as a fraction of the usable HBM (default 0.10)")
+  g.add_argument("--max-accum", type=int, default=16, help="the most accumulation steps tried (default 16)")
+  g.add_argument("--exhaustive", action="store_true",
+                 help="compile every variant (no pruning) and check the pruning rules on the results")
+  g.add_argument("--apply", metavar="FILE", default=None,
+                 help="write the recommended setting as a config file that imports --config")
 
 
 def _run_aot(args: argparse.Namespace) -> int:
   from vit_jax import aot  # pylint: disable=import-outside-toplevel
+  if args.search or args.exhaustive or args.apply:
+    return _run_aot_search(args)
   report = aot.check(args.config, args.topology, args.num_classes)
   if not args.json_only:
     print(aot.table(report))
   print(aot.to_json(report))
+  return 0
+
+
+def _run_aot_search(args: argparse.Namespace) -> int:
+  from vit_jax import aot  # pylint: disable=import-outside-toplevel
+  from vit_jax import aot_search  # pylint: disable=import-outside-toplevel
+  from vit_jax import files  # pylint: disable=import-outside-toplevel
+  import tqdm  # pylint: disable=import-outside-toplevel
+  if not 0 <= args.headroom < 1:
+    raise errors.ConfigError(f"--headroom {args.headroom}: a fraction in [0, 1)")
+  if args.apply and files.exists(args.apply):
+    raise errors.UserError(f"--apply {args.apply}: the file exists; give a new path")
+  search = aot_search.Search(args.config, aot.topology(args.topology),
+                             args.num_classes or aot.default_classes(args.config), args.headroom,
+                             args.max_accum)
+  total = len(aot_search.variants(search.accums))
+  rows = []
+  with tqdm.tqdm(total=total, desc=f"aot --search {args.topology}", unit="variant", file=sys.stderr,
+                 disable=None) as bar:
+    def progress(variant, row):
+      bar.set_postfix_str(variant.label() + (" (skipped)" if "skipped" in row else ""))
+      bar.update(1)
+    for row in search.run(exhaustive=args.exhaustive, progress=progress):
+      rows.append(row)
+      if args.json_only:
+        print(aot_search.to_json(row), flush=True)
+  result = aot_search.summary(rows, search)
+  if args.exhaustive:
+    result["rule_violations"] = aot_search.check_rules(rows)
+  if not args.json_only:
+    print(aot_search.table(rows))
+    for row in rows:
+      print(aot_search.to_json(row))
+  if args.apply and result["recommended"]:
+    from vit_jax import recipes  # pylint: disable=import-outside-toplevel
+    spec = recipes.absolute(config_args.config_spec(args.config_args))
+    with files.atomic_write(args.apply) as f:
+      f.write(aot_search.config_file(spec, args.config, result).encode())
+    result["applied"] = args.apply
+  print(aot_search.to_json(result))
+  if result["recommended"] is None:
+    print(f"vit-jax aot: no variant fits {args.topology} with {args.headroom:.0%} headroom", file=sys.stderr)
+    return 1
   return 0
 
 
@@ -473,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_extras(command)
     if command.config != "none":
       args.config = config_args.load_config(rest) if (rest or command.config == "required") else None
+      args.config_args = rest
     return command.run(args)
   except BrokenPipeError:
     import stat  # pylint: disable=import-outside-toplevel

@@ -16,17 +16,7 @@ def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
   """A locked config from `--config RECIPE_OR_FILE [--config.key=value ...]`."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  argv = list(argv)
-  where = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
-  if where is None:
-    raise errors.ConfigError("--config is required: a recipe name (e.g. vit_b16_cifar10) or a config file")
-  if argv[where] == "--config":
-    if where + 1 == len(argv):
-      raise errors.ConfigError("--config needs a value: a recipe name (e.g. vit_b16_cifar10) or a config file")
-    spec = argv.pop(where + 1)
-  else:
-    spec = argv[where].split("=", 1)[1]
-  del argv[where]
+  spec, argv = _pop_spec(argv)
   argv, unset = _unset_args(argv)
   fv = flags.FlagValues()
   argv = ["vit-jax", *argv]
@@ -49,6 +39,27 @@ def load_config(argv: Sequence[str]) -> "ml_collections.ConfigDict":
                              + (f" (did you mean {near.group(1)!r}?)" if near else "")) from None
   except (flags.Error, TypeError) as e:
     raise errors.ConfigError(f"config {spec}: {str(e).splitlines()[0]}") from None
+
+
+def config_spec(argv: Sequence[str]) -> str:
+  """The `--config` value (a recipe name or a file, with an optional `:arg`) of these arguments."""
+  return _pop_spec(argv)[0]
+
+
+def _pop_spec(argv: Sequence[str]) -> tuple[str, list[str]]:
+  """(the --config value, the other arguments)."""
+  argv = list(argv)
+  where = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+  if where is None:
+    raise errors.ConfigError("--config is required: a recipe name (e.g. vit_b16_cifar10) or a config file")
+  if argv[where] == "--config":
+    if where + 1 == len(argv):
+      raise errors.ConfigError("--config needs a value: a recipe name (e.g. vit_b16_cifar10) or a config file")
+    spec = argv.pop(where + 1)
+  else:
+    spec = argv[where].split("=", 1)[1]
+  del argv[where]
+  return spec, argv
 
 
 def print_schema(command: str, config_args: list[str]) -> int:

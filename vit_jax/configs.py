@@ -113,6 +113,8 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         _f("keep_checkpoints", int, 2, "Orbax checkpoints kept"),
         _f("async_checkpointing", bool, True, "write checkpoints while training goes on"),
         _f("best_metric", str, "loss", "what best.npz is chosen by: loss, accuracy, macro_f1, mAP, ..."),
+        _f("profile_steps", int, 0, "trace this many training steps with jax.profiler into "
+           "WORKDIR/profile, from the 5th step after (re)start; 0: no trace"),
     ),
     "mesh": (
         _f("mesh.data", int, -1, "devices on the data-parallel axis (-1: the rest)"),

@@ -183,12 +183,16 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def copy_dir(src: str, dst: str) -> None:
-  """Copies the files directly inside `src` into `dst` (created); either may be remote."""
+def copy_dir(src: str, dst: str, recursive: bool = False) -> None:
+  """Copies the files inside `src` into `dst` (created), and its subdirectories' when
+  `recursive`; either may be remote."""
   makedirs(dst)
-  for name in list_dir(src)[1]:
+  dirs, names = list_dir(src)
+  for name in names:
     with atomic_write(join(dst, name)) as f:
       f.write(read_bytes(join(src, name)))
+  for name in dirs if recursive else ():
+    copy_dir(join(src, name), join(dst, name), recursive=True)
 
 
 def append_text(path: str, text: str) -> None:

@@ -14,8 +14,13 @@ def keep_off_absent_tpus(force_cpu: bool = False) -> None:
   if force_cpu or (importlib.util.find_spec("libtpu") is not None and not has_tpu):
     os.environ["JAX_PLATFORMS"] = "cpu"
   if force_cpu:
-    # Compile-only use of libtpu touches no TPU: let several such processes run at once.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    allow_several_compile_only_libtpus()
+
+
+def allow_several_compile_only_libtpus() -> None:
+  """Compile-only use of libtpu touches no TPU: let several such processes run at once
+  (libtpu otherwise holds a lock file that a second process fails on)."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def compilation_cache_dir(configured: str | None, enabled: bool,

@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -94,10 +96,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending, t0, seen = None, time.perf_counter(), 0
   step = start
   # Closed on the way out of an error too, so that the error's line starts a line of its own.
-  with _progress(start, total, is_main) as progress:
+  with _progress(start, total, is_main) as progress, _Profile(workdir, start, config.profile_steps) as profile:
     for step in range(start + 1, total + 1):
       batch = next(batches)
+      profile.before(step)
       state, m = train_step(state, batch, step_rng)
+      profile.after(step, state)
       # Check the previous step's loss while this one runs: no stall per step.
       if pending is not None:
         _check_finite(pending, step - 1)
@@ -160,6 +164,42 @@ def _check_finite(m: dict[str, jax.Array], step: int) -> None:
   if not math.isfinite(loss):
     raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping. The last checkpoint "
                              "saved before this step is intact; lower base_lr or check the data")
+
+
+class _Profile:
+  """A jax.profiler trace of `steps` training steps, copied to WORKDIR/profile (local or gs://)."""
+  # Steps 1-4 after a (re)start hold the compilation and the input pipeline's warm-up.
+  AFTER = 4
+
+  def __init__(self, workdir: str, start: int, steps: int):
+    self.workdir, self.first, self.last = workdir, start + 1 + self.AFTER, start + self.AFTER + steps
+    self.local = None
+
+  def __enter__(self) -> "_Profile":
+    return self
+
+  def before(self, step: int) -> None:
+    if step == self.first and self.last >= self.first:
+      self.local = tempfile.mkdtemp(prefix="vit-jax-profile-")
+      jax.profiler.start_trace(self.local)
+
+  def after(self, step: int, state: Any) -> None:
+    if step == self.last and self.local:
+      jax.block_until_ready(state)  # the traced steps end inside the trace
+      self._stop()
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    dest = files.join(self.workdir, "profile")
+    files.copy_dir(self.local, dest, recursive=True)
+    shutil.rmtree(self.local, ignore_errors=True)
+    self.local = None
+    log.info("profile of steps %d-%d written to %s (tensorboard --logdir %s, Profile tab)",
+             self.first, self.last, dest, dest)
+
+  def __exit__(self, *exc) -> None:
+    if self.local:  # the run ended (or failed) inside the traced steps
+      self._stop()
 
 
 def _progress(start: int, total: int, enabled: bool):

@@ -43,6 +43,17 @@ def _import(file: str):
   return module
 
 
+def absolute(spec: str) -> str:
+  """`spec` with a local config file's path made absolute (a recipe name or a URL is kept)."""
+  scheme, slashes, _ = spec.partition("://")
+  if slashes:
+    return spec
+  name, sep, arg = spec.partition(":")
+  if files.isfile(name):
+    return os.path.abspath(name) + sep + arg
+  return spec
+
+
 def read(spec: str) -> "ml_collections.ConfigDict":
   """The config a `--config` value names: a recipe name or a file, either with an optional `:arg`."""
   scheme, slashes, rest = spec.partition("://")  # a URL's own colon is not an argument's
