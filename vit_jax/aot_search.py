@@ -58,29 +58,23 @@ class Variant:
   accum_steps: int
   mesh: str
 
-  def overrides(self, model_axis: int = 1) -> list[str]:
-    """The `--config.key=value` flags that set this variant."""
-    out = [f"--config.model.dtype={self.dtype}", f"--config.model.remat={self.remat != 'none'}"]
-    if self.remat != "none":
-      out.append(f"--config.model.remat_policy={REMAT[self.remat]}")
-    out.append(f"--config.accum_steps={self.accum_steps}")
-    data, fsdp = (-1, 1) if self.mesh == "dp" else (1, -1)
-    out += [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.model={model_axis}"]
-    return out
-
-  def values(self) -> dict[str, Any]:
+  def values(self, model_axis: int = 1) -> dict[str, Any]:
     """The config keys and values this variant sets."""
-    values = {"model.dtype": self.dtype, "model.remat": self.remat != "none",
-              "accum_steps": self.accum_steps, "mesh.data": -1 if self.mesh == "dp" else 1,
-              "mesh.fsdp": 1 if self.mesh == "dp" else -1}
+    values = {"model.dtype": self.dtype, "model.remat": self.remat != "none"}
     if self.remat != "none":
       values["model.remat_policy"] = REMAT[self.remat]
-    return values
+    data, fsdp = (-1, 1) if self.mesh == "dp" else (1, -1)
+    return {**values, "accum_steps": self.accum_steps, "mesh.data": data, "mesh.fsdp": fsdp,
+            "mesh.model": model_axis}
 
-  def apply(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  def overrides(self, model_axis: int = 1) -> list[str]:
+    """The `--config.key=value` flags that set this variant."""
+    return [f"--config.{key}={value}" for key, value in self.values(model_axis).items()]
+
+  def apply(self, config: ml_collections.ConfigDict, model_axis: int = 1) -> ml_collections.ConfigDict:
     """A copy of `config` with this variant's levers."""
     c = copy.deepcopy(config)
-    for key, value in self.values().items():
+    for key, value in self.values(model_axis).items():
       parent, _, leaf = key.rpartition(".")
       (c[parent] if parent else c)[leaf] = value
     return c
@@ -170,8 +164,7 @@ class Search:
   def _compile(self, v: Variant) -> dict[str, Any]:
     if self.compile_fn is not None:
       return self.compile_fn(v)
-    config = v.apply(self.config)
-    config.mesh.model = self.model_axis
+    config = v.apply(self.config, self.model_axis)
     try:
       program = aot.Program(config, self.slice, self.num_classes)
       report = program.train()
@@ -239,6 +232,7 @@ def summary(rows: list[dict[str, Any]], search: Search) -> dict[str, Any]:
   variant = None if top is None else Variant(top["dtype"], top["remat"], top["accum_steps"], top["mesh"])
   return {"topology": search.slice.name, "headroom": search.headroom, "model_axis": search.model_axis,
           "recommended": None if variant is None else variant.overrides(search.model_axis),
+          "variant": None if variant is None else dataclasses.asdict(variant),
           "estimated_step_seconds": None if top is None else top["step_seconds"],
           "step_seconds_source": None if top is None else top["step_seconds_source"],
           "hbm_peak_bytes": None if top is None else top["hbm_peak_bytes"],
@@ -290,28 +284,18 @@ def table(rows: list[dict[str, Any]]) -> str:
 def config_file(spec: str, config: ml_collections.ConfigDict, result: dict[str, Any]) -> str:
   """A config file that imports `spec` and sets the user's overrides and the search's answer."""
   from vit_jax import recipes  # pylint: disable=import-outside-toplevel
-  base = recipes.read(spec)
-  user = {key: value for key, value in _flat(config).items() if _flat(base).get(key, object()) != value}
-  answer = _answer_values(result)
+  base = _flat(recipes.read(spec))
+  user = {key: value for key, value in _flat(config).items() if base.get(key, object()) != value}
+  answer = Variant(**result["variant"]).values(result["model_axis"])
   lines = [f'"""{spec} with `vit-jax aot --search`\'s setting for {result["topology"]}.',
            "",
            f"Estimated step {result['estimated_step_seconds']:.3f} s ({result['step_seconds_source']}), "
            f"{result['hbm_peak_bytes'] / aot.GiB:.2f} GiB HBM per device, MFU {result['mfu']:.1%}.",
            '"""', "from vit_jax import recipes", "", "", "def get_config():",
            f"  c = recipes.read({spec!r})"]
-  for key, value in {**user, **answer}.items():
-    lines.append(f"  c.{key} = {value!r}")
+  lines += [f"  c.{key} = {value!r}" for key, value in {**user, **answer}.items()]
   lines.append("  return c")
   return "\n".join(lines) + "\n"
-
-
-def _answer_values(result: dict[str, Any]) -> dict[str, Any]:
-  """The recommended overrides as config keys and Python values."""
-  out = {}
-  for flag in result["recommended"]:
-    key, _, text = flag[len("--config."):].partition("=")
-    out[key] = {"True": True, "False": False}.get(text, int(text) if text.lstrip("-").isdigit() else text)
-  return out
 
 
 def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
