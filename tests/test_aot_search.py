@@ -30,7 +30,7 @@ class Model:
     self.remat_time["full"] = max(self.remat_time["full"], self.remat_time["dots"])
     self.fp32_time = rng.uniform(1.0, 1.6)
     self.accum_cost = rng.uniform(0.0, 0.1)
-    self.fsdp_time = rng.uniform(1.0, 1.2)
+    self.fsdp_time = rng.uniform(0.95, 1.2)  # either mesh may be faster
     self.calls = []
 
   def memory(self, v):
@@ -74,8 +74,8 @@ def test_pruned_search_finds_the_exhaustive_searchs_answer():
     assert all(r["step_seconds"] >= best_pruned["step_seconds"] for r in everything if r["eligible"])
     assert len(pruned) == len(everything) == 2 * 3 * 5 * 2  # accum 1..16
     compiled.append(n_pruned / len(everything))
-  # Measured over these seeds: the pruned search compiles 2-27% of the grid, 10% on average.
-  assert max(compiled) < 0.4 and sum(compiled) / len(compiled) < 0.15
+  # Measured over these seeds: the pruned search compiles 3-30% of the grid, 13% on average.
+  assert max(compiled) < 0.4 and sum(compiled) / len(compiled) < 0.2
 
 
 def test_accumulation_grows_only_until_a_variant_fits():
