@@ -33,6 +33,7 @@ import json
 import math
 from typing import Any, Callable, Iterator
 
+import jax
 import ml_collections
 
 from vit_jax import aot
@@ -167,8 +168,9 @@ class Search:
     try:
       program = aot.Program(config, self.slice, self.num_classes)
       report = program.train()
-    except Exception as e:  # pylint: disable=broad-except
-      # A variant the compiler rejects for another reason than memory: the row says why.
+    except (jax.errors.JaxRuntimeError, errors.UserError) as e:
+      # A variant the compiler (or the mesh) rejects for another reason than memory: the
+      # row says why. A bug in this code is not caught: it shows its traceback.
       return {"fits": False, "hbm_peak_bytes": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     if self.flops_per_image is None:
       self.flops_per_image = aot.model_flops_per_image(program.setup.model, train=True)
