@@ -26,6 +26,7 @@ its results.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import itertools
@@ -206,19 +207,29 @@ class Search:
 
   def run(self, exhaustive: bool = False, progress: Callable[[Variant, dict | None], None] | None = None
           ) -> Iterator[dict[str, Any]]:
-    """Yields one row per variant (skipped ones say why), in search order."""
-    results: dict[Variant, dict[str, Any]] = {}
+    """One row per variant (skipped ones say why), in search order.
+
+    No rule crosses meshes, so the two meshes are searched side by side, one thread
+    each: the compiler releases the GIL, and one compile keeps about 1.4 of 2 cores busy.
+    """
+    def search_mesh(mesh: str) -> dict[Variant, dict[str, Any]]:
+      results: dict[Variant, dict[str, Any]] = {}
+      for v in (v for v in variants(self.accums) if v.mesh == mesh):
+        reason = None if exhaustive else ruled_out(v, results)
+        if reason:
+          row = {"variant": v.label(), "dtype": v.dtype, "remat": v.remat, "accum_steps": v.accum_steps,
+                 "mesh": v.mesh, "skipped": reason}
+        else:
+          row = self.row(v, self._compile(v))
+        results[v] = row
+        if progress:
+          progress(v, row)
+      return results
+
+    with concurrent.futures.ThreadPoolExecutor(len(MESHES)) as pool:
+      by_mesh = dict(zip(MESHES, pool.map(search_mesh, MESHES)))
     for v in variants(self.accums):
-      reason = None if exhaustive else ruled_out(v, results)
-      if reason:
-        row = {"variant": v.label(), "dtype": v.dtype, "remat": v.remat, "accum_steps": v.accum_steps,
-               "mesh": v.mesh, "skipped": reason}
-      else:
-        row = self.row(v, self._compile(v))
-      results[v] = row
-      if progress:
-        progress(v, row)
-      yield row
+      yield by_mesh[v.mesh][v]
 
 
 def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
