@@ -6,9 +6,10 @@ pipe, so neither's thread pool competes with the other's, and load from
 elsewhere on a shared machine hits both alike. We report medians and ratios of
 inference (fp32 and bf16, batch 1, 8, 32), inference that also returns every
 layer's attention weights (ours: with the rollout map; theirs:
-`output_attentions=True`, batch 8), the training step (forward,
-backward, SGD momentum, batch 8; bf16 computes in bf16 with float32 params, as
-PyTorch's autocast does), the training step's compile time (scanned and
+`output_attentions=True`, batch 8), the training step (forward, backward,
+gradients clipped at global norm 1, SGD momentum: the fine-tuning recipe's
+update; batch 8; bf16 computes in bf16 with float32 params, as PyTorch's
+autocast does), the training step's compile time (scanned and
 unscanned), peak memory of each side (fresh processes), and the achieved
 GFLOP/s next to what a plain float32 matrix multiply reaches here through XLA
 and through PyTorch.
@@ -33,6 +34,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 B16_GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224, forward (17.6 GMACs)
 TRAIN_FACTOR = 3  # forward + backward: two matmuls per forward one
 MATMUL_N = 2048
+LR, MOMENTUM, CLIP_NORM = 0.01, 0.9, 1.0  # the training step's SGD, on both sides
+
+
+def _optax_sgd():
+  """Clipping at global norm CLIP_NORM, then SGD with momentum (the fine-tuning recipe's update)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  return optax.chain(optax.clip_by_global_norm(CLIP_NORM), optax.sgd(LR, momentum=MOMENTUM))
 
 
 def _seconds(fn, iters: int) -> float:
@@ -110,7 +118,7 @@ class JaxSide:
       f = jax.jit(maps)
       self.fn = lambda: jax.block_until_ready(f(self.params, x))
     else:
-      tx = optax.sgd(0.01, momentum=0.9)
+      tx = _optax_sgd()
       # bf16: compute in bf16, params and optimizer state in float32 (PyTorch: autocast).
       model = self.model.clone(dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
 
@@ -125,7 +133,7 @@ class JaxSide:
 
       f = jax.jit(step, donate_argnums=(0,))
       p = jax.tree_util.tree_map(jnp.copy, self.params)
-      state = [(p, tx.init(p))]
+      state = self.state = [(p, tx.init(p))]
 
       def run():
         state[0], l = f(state[0], x, y)
@@ -141,7 +149,7 @@ class JaxSide:
     jax = self.jax
     model = models.create_model(self.name, num_classes=1000, scan=scan)
     shapes = models.param_shapes(model)
-    tx = optax.sgd(0.01, momentum=0.9)
+    tx = _optax_sgd()
     x = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)
     y = jax.ShapeDtypeStruct((8,), jnp.int32)
     times = []
@@ -201,16 +209,48 @@ class TorchSide:
       self.fn = run
     else:
       m = self.model.float().train()
-      opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+      opt = torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM)
 
       def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
           logits = m(pixel_values=xt).logits
         torch.nn.functional.cross_entropy(logits.float(), yt).backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP_NORM)
         opt.step()
       self.fn = step
     self.fn()  # warm up
+
+
+def same_step(name: str, batch: int = 2) -> dict:
+  """One fp32 training step on each side from the same weights: how far apart the updates are.
+
+  The timed steps must do the same work. Call with torch imported before JAX.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from vit_jax import convert  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    npz, hf = write_weights(tmp, name)
+    ours, theirs = JaxSide(npz, name), TorchSide(hf, name)
+  before = {k: v.detach().numpy().copy() for k, v in theirs.model.state_dict().items()}
+  x, y = (jax.numpy.asarray(a) for a in _inputs(batch))
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      ours.model.apply({"params": p}, x, train=True), y).mean()
+  grad_norm = float(optax.global_norm(jax.grad(loss)(ours.params)))
+  # setup() runs one step to warm up; that step is the one compared.
+  ours.setup("train", batch)
+  theirs.setup("train", batch)
+  ours_update = convert.to_torch_state_dict(
+      jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b), ours.state[0][0], ours.params),
+      ours.model.num_heads)
+  theirs_update = {k: v.detach().numpy() - before[k] for k, v in theirs.model.state_dict().items()}
+  diff = max(float(np.abs(ours_update[k] - theirs_update[k]).max()) for k in ours_update)
+  size = max(float(np.abs(u).max()) for u in ours_update.values())
+  norm = lambda u: float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in u.values())))
+  return {"grad_norm": grad_norm, "update_norm": {"jax": norm(ours_update), "torch": norm(theirs_update)},
+          "max_abs_update": size, "max_abs_update_diff": diff}
 
 
 def worker(side: str, weights: str, name: str) -> None:
@@ -337,11 +377,17 @@ def main():
   ap.add_argument("--batches", default="1,8,32", help="inference batch sizes")
   ap.add_argument("--dtypes", default="fp32,bf16", help="compute dtypes (inference and training)")
   ap.add_argument("--model", default="ViT-B_16", help="variant, at 224 px with 1000 classes")
+  ap.add_argument("--check-step", action="store_true",
+                  help="only compare one training step of each side (same weights) and print the JSON")
   ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   ap.add_argument("--weights", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
     worker(args.worker, args.weights, args.model)
+    return
+  if args.check_step:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import  # before JAX: see same_step
+    print(json.dumps(same_step(args.model)))
     return
   skip = set(filter(None, args.skip.split(",")))
   repeats = 3 if args.quick else 7
@@ -391,7 +437,7 @@ def table(r: dict) -> str:
            "| --- | --- | --- | --- | --- | --- | --- |"]
   for x in r.get("runs", []):
     name = {"inference": f"inference {x['dtype']}", "attention": "inference fp32 + attention maps",
-            "train": f"train step {x['dtype']} (SGD momentum)"}[x["kind"]]
+            "train": f"train step {x['dtype']} (SGD momentum, clipping)"}[x["kind"]]
     lines.append(f"| {name} | {x['batch']} | {x['jax_img_s']:.2f} | {x['torch_img_s']:.2f} | {x['ratio']:.2f} | "
                  f"{x['jax_gflops']:.0f} | {x['torch_gflops']:.0f} |")
   if "compile_seconds" in r:

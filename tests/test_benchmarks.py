@@ -65,6 +65,27 @@ def test_runs_both_sides_and_reports(tmp_path):
 
 
 @pytest.mark.slow
+def test_both_training_steps_make_the_same_update():
+  """The timed steps do the same work: clipping at norm 1, then SGD momentum, from the same weights."""
+  bench = _module()
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--check-step", "--model", "ViT-Ti_16"],
+                        capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  # The random weights' gradient is well over the clipping norm (measured 14), so a side
+  # that skipped clipping would move 14x further.
+  assert r["grad_norm"] > 2 * bench.CLIP_NORM
+  # A first momentum step is lr * the clipped gradient. PyTorch divides by norm + 1e-6
+  # (5e-6 relative here); float32 norms add ~1e-7.
+  for side in ("jax", "torch"):
+    assert r["update_norm"][side] == pytest.approx(bench.LR * bench.CLIP_NORM, rel=1e-4)
+  # Element by element: measured 1.4e-5 of the largest update (two float32 backward passes
+  # summing in different orders); a different loss, learning rate or parameter mapping
+  # would be of the order of the update itself.
+  assert r["max_abs_update_diff"] < 1e-3 * r["max_abs_update"]
+
+
+@pytest.mark.slow
 def test_the_resize_drift_measurement_runs_and_sees_antialiasing_only_when_shrinking():
   script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "hf_resize_drift.py"
   run = subprocess.run([sys.executable, str(script), "--steps", "10", "--crops", "7", "--json-only"],
