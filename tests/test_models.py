@@ -257,36 +257,6 @@ def test_default_gelu_is_the_tanh_approximation():
   assert models.create_model("B/16").gelu_approximate is True
 
 
-@pytest.mark.parametrize("patch,size,channels", [(16, 32, 3), (4, 12, 5), (1, 3, 8)])
-def test_patch_embedding_is_the_stride_p_conv(patch, size, channels):
-  # Old checkpoints hold a Conv's kernel [p, p, C, D]: the reshape-and-matmul must
-  # compute that Conv, values and gradients, patch sizes of the image (16) and of
-  # hybrids' feature maps (1).
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, channels))
-  embed = models.PatchEmbedding(6, patch)
-  params = embed.init(jax.random.PRNGKey(1), x)["params"]
-  params = {"kernel": params["kernel"], "bias": jax.random.normal(jax.random.PRNGKey(2), (6,))}
-  conv = nn.Conv(6, (patch, patch), strides=(patch, patch), padding="VALID")
-  ours = lambda p, x: embed.apply({"params": p}, x)
-  theirs = lambda p, x: conv.apply({"params": p}, x).reshape(2, -1, 6)
-  # Both sum the same p*p*C products in other orders: each output is within
-  # 2 * n * eps * sum|x*w| of the exact sum (n terms; the usual bound for float32
-  # summation, doubled for the two sides), an error bound, not a measured spread.
-  n = patch * patch * channels
-  abs_sum = theirs(jax.tree_util.tree_map(jnp.abs, params), jnp.abs(x))
-  bound = 2 * n * np.finfo(np.float32).eps * np.asarray(abs_sum)
-  assert np.all(np.abs(np.asarray(ours(params, x)) - np.asarray(theirs(params, x))) <= bound)
-  assert ours(params, x).shape == (2, (size // patch) ** 2, 6)
-  loss = lambda fn: lambda p, x: jnp.sum(jnp.sin(fn(p, x)))
-  g_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
-  g_theirs = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
-  # Gradients: sums over at most 8 patches (kernel) or D = 6 features (input), in
-  # other orders. Measured at most 6e-7 of the largest element (AMD EPYC, AVX2);
-  # 1e-5 of it leaves 16x.
-  for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_theirs)):
-    np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()), rtol=0)
-
-
 def _qkv(seed, shape=(2, 7, 3, 8)):
   keys = jax.random.split(jax.random.PRNGKey(seed), 3)
   return [jax.random.normal(k, shape) * 2 for k in keys]
