@@ -14,8 +14,12 @@ unscanned), peak memory of each side (fresh processes), and the achieved
 GFLOP/s next to what a plain float32 matrix multiply reaches here through XLA
 and through PyTorch.
 
+`--malloc LIB` preloads another allocator (tcmalloc, jemalloc) into both
+workers, so an allocator's effect is measured on both sides at once.
+
   JAX_PLATFORMS=cpu python benchmarks/vit_vs_torch.py [--quick] [--json out.json]
       [--skip inference,attention,train,compile,memory] [--batches 1,8,32] [--dtypes fp32,bf16] [--model ViT-B_16]
+      [--malloc /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4]
 """
 from __future__ import annotations
 
@@ -273,23 +277,37 @@ def worker(side: str, weights: str, name: str) -> None:
       reply = {"seconds": impl.compile_seconds(**req)}
     elif cmd == "peak_rss_mib":
       reply = {"mib": _peak_rss_mib()}
+    elif cmd == "mapped":
+      reply = {"mapped": mapped(req["path"])}
     else:
       raise ValueError(f"unknown command {cmd!r}")
     print(json.dumps(reply), file=out, flush=True)
 
 
+def mapped(path: str) -> bool:
+  """Whether this process has the shared library at `path` mapped."""
+  real = os.path.realpath(path)
+  with open("/proc/self/maps", encoding="utf-8") as f:
+    return any(line.rstrip("\n").endswith(real) for line in f)
+
+
 class Worker:
   """A worker process on one side, driven over its stdin and stdout."""
 
-  def __init__(self, side: str, weights: str, name: str):
+  def __init__(self, side: str, weights: str, name: str, malloc: str | None = None):
+    # No persistent compilation cache: compile times are measured, not loaded.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_ENABLE_COMPILATION_CACHE="false")
+    if malloc:
+      env["LD_PRELOAD"] = " ".join(filter(None, (os.path.abspath(malloc), env.get("LD_PRELOAD"))))
     self.proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--worker", side, "--weights", weights,
          "--model", name],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        # No persistent compilation cache: compile times are measured, not loaded.
-        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-                 JAX_ENABLE_COMPILATION_CACHE="false"))
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self._read()
+    # The loader skips a library it cannot preload with only a warning on stderr.
+    if malloc and not self("mapped", path=malloc)["mapped"]:
+      self.close()
+      raise RuntimeError(f"--malloc {malloc}: not loaded by the {side} worker (see its warning above)")
 
   def _read(self) -> dict:
     line = self.proc.stdout.readline()
@@ -327,9 +345,9 @@ def compare(workers, kind: str, batch: int, dtype: str, repeats: int, gflop: flo
           "ratio": med["torch"] / med["jax"]}
 
 
-def peak_memory(side: str, weights: str, name: str, batch: int) -> float:
+def peak_memory(side: str, weights: str, name: str, batch: int, malloc: str | None = None) -> float:
   """Peak RSS (MiB) of a fresh worker after fp32 inference at `batch`."""
-  w = Worker(side, weights, name)
+  w = Worker(side, weights, name, malloc)
   w("setup", kind="inference", batch=batch)
   w("time", iters=2)
   mib = w("peak_rss_mib")["mib"]
@@ -377,6 +395,8 @@ def main():
   ap.add_argument("--batches", default="1,8,32", help="inference batch sizes")
   ap.add_argument("--dtypes", default="fp32,bf16", help="compute dtypes (inference and training)")
   ap.add_argument("--model", default="ViT-B_16", help="variant, at 224 px with 1000 classes")
+  ap.add_argument("--malloc", default=None, metavar="LIB",
+                  help="a shared-library allocator to preload into both workers (LD_PRELOAD)")
   ap.add_argument("--check-step", action="store_true",
                   help="only compare one training step of each side (same weights) and print the JSON")
   ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -389,13 +409,16 @@ def main():
     import torch  # pylint: disable=import-outside-toplevel,unused-import  # before JAX: see same_step
     print(json.dumps(same_step(args.model)))
     return
+  if args.malloc and not os.path.isfile(args.malloc):
+    ap.error(f"--malloc {args.malloc}: no such file")
   skip = set(filter(None, args.skip.split(",")))
   repeats = 3 if args.quick else 7
-  result = {"machine": machine(), "model": args.model, "gflop_per_image": gflop_per_image(args.model)}
-  print(json.dumps(result["machine"]), flush=True)
+  result = {"machine": machine(), "model": args.model, "gflop_per_image": gflop_per_image(args.model),
+            "malloc": os.path.abspath(args.malloc) if args.malloc else "default (the C library's)"}
+  print(json.dumps({"machine": result["machine"], "malloc": result["malloc"]}), flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     npz, hf = write_weights(tmp, args.model)
-    workers = {"jax": Worker("jax", npz, args.model), "torch": Worker("torch", hf, args.model)}
+    workers = {side: Worker(side, path, args.model, args.malloc) for side, path in (("jax", npz), ("torch", hf))}
     result["matmul_gflops"] = {k: w("matmul")["gflops"] for k, w in workers.items()}
     print(json.dumps(result["matmul_gflops"]), flush=True)
     runs = []
@@ -415,10 +438,13 @@ def main():
           k: workers["jax"]("compile", scan=scan, repeats=3)["seconds"]
           for k, scan in (("unscanned", False), ("scanned", True))}
       print(json.dumps(result["compile_seconds"]), flush=True)
+    # Over everything each worker ran: with training, the step's peak.
+    result["peak_rss_mib_workers"] = {k: w("peak_rss_mib")["mib"] for k, w in workers.items()}
+    print(json.dumps(result["peak_rss_mib_workers"]), flush=True)
     for w in workers.values():
       w.close()
     if "memory" not in skip:
-      result["peak_rss_mib_batch8"] = {side: peak_memory(side, path, args.model, 8)
+      result["peak_rss_mib_batch8"] = {side: peak_memory(side, path, args.model, 8, args.malloc)
                                        for side, path in (("jax", npz), ("torch", hf))}
       print(json.dumps(result["peak_rss_mib_batch8"]), flush=True)
   print(table(result))
@@ -432,6 +458,7 @@ def table(r: dict) -> str:
   mm = r["matmul_gflops"]
   lines = [f"{r['model']} at 224 ({r['gflop_per_image']:.1f} GFLOP per image forward)",
            f"machine: {r['machine']}",
+           f"allocator: {r.get('malloc', 'default')}",
            f"fp32 {MATMUL_N}x{MATMUL_N} matmul: XLA {mm['jax']:.0f} GFLOP/s, PyTorch {mm['torch']:.0f} GFLOP/s", "",
            "| benchmark | batch | ours (img/s) | PyTorch (img/s) | ours / PyTorch | ours GFLOP/s | PyTorch GFLOP/s |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -446,6 +473,9 @@ def table(r: dict) -> str:
   if "peak_rss_mib_batch8" in r:
     m = r["peak_rss_mib_batch8"]
     lines.append(f"peak RSS, fp32 inference batch 8: ours {m['jax']:.0f} MiB, PyTorch {m['torch']:.0f} MiB")
+  if "peak_rss_mib_workers" in r:
+    m = r["peak_rss_mib_workers"]
+    lines.append(f"peak RSS of the workers over all the runs above: ours {m['jax']:.0f} MiB, PyTorch {m['torch']:.0f} MiB")
   return "\n".join(lines)
 
 

@@ -60,8 +60,50 @@ def test_runs_both_sides_and_reports(tmp_path):
   assert min(r["matmul_gflops"].values()) > 0
   # Fresh workers hold at least the framework and the weights, and well under this machine's RAM.
   assert all(100 < mib < 8000 for mib in r["peak_rss_mib_batch8"].values())
+  # The long-lived workers also trained at batch 8, so each holds at least what a fresh one
+  # peaked at for inference at batch 8.
+  for side, mib in r["peak_rss_mib_workers"].items():
+    assert r["peak_rss_mib_batch8"][side] <= mib < 8000
+  assert r["malloc"] == "default (the C library's)"
   assert "| inference fp32 | 2 |" in proc.stdout and "| train step fp32" in proc.stdout
   assert "| inference fp32 + attention maps | 8 |" in proc.stdout
+
+
+def test_a_missing_allocator_is_refused_before_any_work():
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--malloc", "/nonexistent/libtcmalloc.so"],
+                        capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2 and "--malloc /nonexistent/libtcmalloc.so: no such file" in proc.stderr
+  assert proc.stdout == ""
+
+
+# Debian's packages of the allocators `--malloc` is meant for.
+ALLOCATORS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+@pytest.mark.slow
+def test_the_allocator_is_preloaded_into_the_worker_or_refused(tmp_path):
+  from vit_jax import checkpoint, models  # pylint: disable=import-outside-toplevel
+  bench = _module()
+  weights = str(tmp_path / "weights.npz")
+  checkpoint.save(models.init_params(models.create_model("ViT-Ti_16", num_classes=1000), 0), weights)
+  # The dynamic loader skips a file it cannot preload with a warning and runs on.
+  junk = tmp_path / "libjunk.so"
+  junk.write_text("not a shared library")
+  with pytest.raises(RuntimeError, match=f"--malloc {junk}: not loaded by the jax worker"):
+    bench.Worker("jax", weights, "ViT-Ti_16", str(junk))
+  plain = bench.Worker("jax", weights, "ViT-Ti_16")
+  try:
+    lib = next((p for p in ALLOCATORS if os.path.isfile(p)), None)
+    if lib is None:
+      pytest.skip("neither Debian allocator package (libtcmalloc-minimal4, libjemalloc2) is installed")
+    assert plain("mapped", path=lib) == {"mapped": False}
+  finally:
+    plain.close()
+  preloaded = bench.Worker("jax", weights, "ViT-Ti_16", lib)
+  try:
+    assert preloaded("mapped", path=lib) == {"mapped": True}
+  finally:
+    preloaded.close()
 
 
 @pytest.mark.slow
