@@ -418,7 +418,8 @@ def main():
   print(json.dumps({"machine": result["machine"], "malloc": result["malloc"]}), flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     npz, hf = write_weights(tmp, args.model)
-    workers = {side: Worker(side, path, args.model, args.malloc) for side, path in (("jax", npz), ("torch", hf))}
+    weights = {"jax": npz, "torch": hf}
+    workers = {side: Worker(side, path, args.model, args.malloc) for side, path in weights.items()}
     result["matmul_gflops"] = {k: w("matmul")["gflops"] for k, w in workers.items()}
     print(json.dumps(result["matmul_gflops"]), flush=True)
     runs = []
@@ -445,7 +446,7 @@ def main():
       w.close()
     if "memory" not in skip:
       result["peak_rss_mib_batch8"] = {side: peak_memory(side, path, args.model, 8, args.malloc)
-                                       for side, path in (("jax", npz), ("torch", hf))}
+                                       for side, path in weights.items()}
       print(json.dumps(result["peak_rss_mib_batch8"]), flush=True)
   print(table(result))
   if args.json:
@@ -458,7 +459,7 @@ def table(r: dict) -> str:
   mm = r["matmul_gflops"]
   lines = [f"{r['model']} at 224 ({r['gflop_per_image']:.1f} GFLOP per image forward)",
            f"machine: {r['machine']}",
-           f"allocator: {r.get('malloc', 'default')}",
+           f"allocator: {r['malloc']}",
            f"fp32 {MATMUL_N}x{MATMUL_N} matmul: XLA {mm['jax']:.0f} GFLOP/s, PyTorch {mm['torch']:.0f} GFLOP/s", "",
            "| benchmark | batch | ours (img/s) | PyTorch (img/s) | ours / PyTorch | ours GFLOP/s | PyTorch GFLOP/s |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
