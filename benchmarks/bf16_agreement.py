@@ -24,8 +24,8 @@ import time
 import jax
 import numpy as np
 
-from vit_jax import classifier
-from vit_jax import preprocess
+from vit_jax.apps import classifier
+from vit_jax.data import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
@@ -69,7 +69,7 @@ def compare(checkpoint: str, images: np.ndarray, **kw) -> dict:
 def demo_digits(workdir: str | None) -> dict:
   """The demo's fine-tuned model on every held-out image of digits 5-9."""
   if workdir is None:
-    from vit_jax import demo  # pylint: disable=import-outside-toplevel
+    from vit_jax.apps import demo  # pylint: disable=import-outside-toplevel
     workdir = tempfile.mkdtemp(prefix="bf16-demo-")
     demo.run(workdir)
   root = os.path.join(workdir, "digits", "b", "test")

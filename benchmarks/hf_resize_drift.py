@@ -30,10 +30,10 @@ import numpy as np
 import optax
 from PIL import Image
 
-from vit_jax import convert
+from vit_jax.weights import convert
 from vit_jax import models
-from vit_jax import preprocess
-from vit_jax import spec
+from vit_jax.data import preprocess
+from vit_jax.models import spec
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
           "retina")

@@ -53,8 +53,9 @@ def write_jpegs(root: str, n: int, seed: int = 0) -> None:
 # -- the two loaders ---------------------------------------------------------------
 
 def tf_batches(root: str, threads: int):
-  from vit_jax import configs, input_pipeline  # pylint: disable=import-outside-toplevel
-  c = configs.base()
+  from vit_jax.config import schema  # pylint: disable=import-outside-toplevel
+  from vit_jax import data as input_pipeline  # pylint: disable=import-outside-toplevel
+  c = schema.base()
   c.dataset, c.folder, c.image_size = "folder", root, SIZE
   c.batch_size = BATCH
   c.data_threads = threads

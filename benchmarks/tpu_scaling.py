@@ -40,7 +40,9 @@ PAPER_L16_CORE_DAYS = 230
 
 def measure(model: str, topology: str) -> dict:
   """One row: the search on `topology`, then the chosen setting's derived step time."""
-  from vit_jax import aot, aot_search, config_args  # pylint: disable=import-outside-toplevel
+  from vit_jax.planning import aot  # pylint: disable=import-outside-toplevel
+  from vit_jax.planning import aot_search  # pylint: disable=import-outside-toplevel
+  from vit_jax.config import config_args  # pylint: disable=import-outside-toplevel
   config = config_args.load_config(["--config", os.path.join(ROOT, "configs", "vit_b16_pretrain_i21k.py"),
                                     f"--config.model.name={MODELS[model]}"])
   slice_ = aot.topology(topology)

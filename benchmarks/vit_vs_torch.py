@@ -62,7 +62,8 @@ def _matmul_gflops(matmul, repeats: int = 5) -> float:
 
 def gflop_per_image(name: str) -> float:
   """Nominal forward GFLOP per image at 224, scaled so that ViT-B/16 counts the usual 35.2."""
-  from vit_jax import aot, models  # pylint: disable=import-outside-toplevel
+  from vit_jax.planning import aot  # pylint: disable=import-outside-toplevel
+  from vit_jax import models  # pylint: disable=import-outside-toplevel
   flops = lambda n: aot.model_flops_per_image(models.create_model(n, num_classes=1000), train=False)
   return B16_GFLOP_PER_IMAGE * flops(name) / flops("ViT-B_16")
 
@@ -87,7 +88,8 @@ class JaxSide:
 
   def __init__(self, weights: str, name: str):
     import jax  # pylint: disable=import-outside-toplevel
-    from vit_jax import checkpoint, models  # pylint: disable=import-outside-toplevel
+    from vit_jax.weights import checkpoint  # pylint: disable=import-outside-toplevel
+    from vit_jax import models  # pylint: disable=import-outside-toplevel
     self.jax = jax
     self.name = name
     self.model = models.create_model(name, num_classes=1000)
@@ -114,7 +116,8 @@ class JaxSide:
       f = jax.jit(lambda p, x: m.apply({"params": p}, x, train=False))
       self.fn = lambda: f(p, x).block_until_ready()
     elif kind == "attention":
-      from vit_jax import explain, models  # pylint: disable=import-outside-toplevel
+      from vit_jax.apps import explain  # pylint: disable=import-outside-toplevel
+      from vit_jax import models  # pylint: disable=import-outside-toplevel
 
       def maps(p, x):
         logits, weights = models.attention_weights(self.model, p, x)
@@ -234,7 +237,7 @@ def same_step(name: str, batch: int = 2) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  from vit_jax import convert  # pylint: disable=import-outside-toplevel
+  from vit_jax.weights import convert  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     npz, hf = write_weights(tmp, name)
     ours, theirs = JaxSide(npz, name), TorchSide(hf, name)
@@ -359,7 +362,9 @@ def write_weights(directory: str, name: str) -> tuple[str, str]:
   """Random weights (not the init: every parameter perturbed) as .npz and as a transformers directory."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from vit_jax import checkpoint, convert, models  # pylint: disable=import-outside-toplevel
+  from vit_jax.weights import checkpoint  # pylint: disable=import-outside-toplevel
+  from vit_jax.weights import convert  # pylint: disable=import-outside-toplevel
+  from vit_jax import models  # pylint: disable=import-outside-toplevel
   model = models.create_model(name, num_classes=1000)
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(

@@ -228,9 +228,9 @@ _STORAGE_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AU
 def gcs_emulator():
   """The emulator that every gs:// access of this test session reaches, ours and subprocesses'.
 
-  STORAGE_EMULATOR_HOST is the whole contract: vit_jax.files derives the rest from it.
+  STORAGE_EMULATOR_HOST is the whole contract: vit_jax.platform.files derives the rest from it.
   """
-  from vit_jax import files  # pylint: disable=import-outside-toplevel
+  from vit_jax.platform import files  # pylint: disable=import-outside-toplevel
   saved = {k: os.environ.get(k) for k in _STORAGE_VARS}
   emulator = GcsEmulator()
   for k in _STORAGE_VARS:

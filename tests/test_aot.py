@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from vit_jax import aot
-from vit_jax import config_args
+from vit_jax.planning import aot
+from vit_jax.config import config_args
 from vit_jax import models
-from vit_jax import steps
+from vit_jax.training import steps
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from vit_jax import aot
-from vit_jax import aot_search
-from vit_jax import config_args
-from vit_jax import tpus
+from vit_jax.planning import aot
+from vit_jax.planning import aot_search
+from vit_jax.config import config_args
+from vit_jax.planning import tpus
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 TINY = os.path.join(CONFIGS, "tiny.py")

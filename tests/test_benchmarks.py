@@ -25,7 +25,8 @@ def _macs(d, mlp, layers, patch=16, tokens=197):
 
 
 def test_flop_counts():
-  from vit_jax import aot, models
+  from vit_jax.planning import aot
+  from vit_jax import models
   bench = _module()
   assert _macs(768, 3072, 12) == pytest.approx(17.6e9, rel=3e-3)  # the usual figure, rounded (17.56e9)
   # The library's analytic count is the one written out here (integer arithmetic: exact).
@@ -82,7 +83,8 @@ ALLOCATORS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x8
 
 @pytest.mark.slow
 def test_the_allocator_is_preloaded_into_the_worker_or_refused(tmp_path):
-  from vit_jax import checkpoint, models  # pylint: disable=import-outside-toplevel
+  from vit_jax.weights import checkpoint  # pylint: disable=import-outside-toplevel
+  from vit_jax import models  # pylint: disable=import-outside-toplevel
   bench = _module()
   weights = str(tmp_path / "weights.npz")
   checkpoint.save(models.init_params(models.create_model("ViT-Ti_16", num_classes=1000), 0), weights)

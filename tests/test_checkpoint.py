@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import ckpt_fixtures as cf
-from vit_jax import checkpoint
-from vit_jax import files
+from vit_jax.weights import checkpoint
+from vit_jax.platform import files
 from vit_jax import models
-from vit_jax import layout
+from vit_jax.models import layout
 
 SPEC = cf.Spec()  # Ti-width, 2 blocks, patch 16, 32 px, 10 classes
 
@@ -330,7 +330,7 @@ def test_failed_save_leaves_the_old_file(tmp_path, original):
   target.write_bytes(b"previous contents")
   code = textwrap.dedent(f"""
       import resource, signal, sys
-      from vit_jax import checkpoint
+      from vit_jax.weights import checkpoint
       signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
       params = checkpoint.load({str(path)!r})
       resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))

@@ -12,18 +12,18 @@ from PIL import Image
 
 import ckpt_fixtures as cf
 import data_fixtures as df
-from vit_jax import checkpoint
-from vit_jax import classifier
+from vit_jax.weights import checkpoint
+from vit_jax.apps import classifier
 from vit_jax import cli
-from vit_jax import config_args
+from vit_jax.config import config_args
 from vit_jax import errors
-from vit_jax import files
-from vit_jax import head_record
-from vit_jax import jax_setup
-from vit_jax import labels
+from vit_jax.platform import files
+from vit_jax.weights import head_record
+from vit_jax.platform import jax_setup
+from vit_jax.weights import labels
 from vit_jax import models
-from vit_jax import preprocess
-from vit_jax import recipes
+from vit_jax.data import preprocess
+from vit_jax.config import recipes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -267,8 +267,8 @@ def test_a_recipe_by_name_and_the_same_recipe_by_file_are_one_config():
 
 def test_a_config_file_with_an_argument(tmp_path):
   path = tmp_path / "mine.py"
-  path.write_text("from vit_jax import configs\n\n\ndef get_config(arg):\n"
-                  "  c = configs.base()\n  c.model.name = arg\n  return c\n")
+  path.write_text("from vit_jax.config import schema\n\n\ndef get_config(arg):\n"
+                  "  c = schema.base()\n  c.model.name = arg\n  return c\n")
   assert config_args.load_config(["--config", f"{path}:ViT-S_32"]).model.name == "ViT-S_32"
 
 
@@ -301,7 +301,7 @@ def test_a_user_mistake_is_one_line_and_exit_2(capsys, tmp_path):
 @pytest.mark.slow
 def test_a_bug_is_not_taken_for_a_user_mistake(capsys, imagenet_ckpt, images, monkeypatch):
   """A ValueError from inside the library is a bug: it propagates (traceback, exit 1)."""
-  from vit_jax import classifier  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps import classifier  # pylint: disable=import-outside-toplevel
 
   def broken(*args, **kw):
     raise ValueError("an internal invariant failed")
@@ -310,7 +310,7 @@ def test_a_bug_is_not_taken_for_a_user_mistake(capsys, imagenet_ckpt, images, mo
   with pytest.raises(ValueError, match="an internal invariant failed"):
     cli.main(["predict", "--checkpoint", imagenet_ckpt, images["rgb.jpg"]])
   # The installed command: the traceback is printed and the exit status is 1.
-  code = ("import sys; from vit_jax import classifier, cli\n"
+  code = ("import sys; from vit_jax import cli; from vit_jax.apps import classifier\n"
           "def broken(*a, **k): raise ValueError('an internal invariant failed')\n"
           "classifier.classify_files = broken\n"
           f"sys.exit(cli.main(['predict', '--checkpoint', {imagenet_ckpt!r}, {images['rgb.jpg']!r}]))\n")

@@ -5,9 +5,9 @@ import os
 import pytest
 
 from vit_jax import cli
-from vit_jax import config_args
-from vit_jax import configs
-from vit_jax import recipes
+from vit_jax.config import config_args
+from vit_jax.config import schema
+from vit_jax.config import recipes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "vit_jax")
@@ -16,7 +16,7 @@ PACKAGE = os.path.join(ROOT, "vit_jax")
 def _flat(config, prefix=""):
   out = {}
   for k, v in config.items():
-    if k in configs.SUBDICTS and not prefix:
+    if k in schema.SUBDICTS and not prefix:
       out.update(_flat(v, f"{k}."))
     else:
       out[prefix + k] = v
@@ -36,14 +36,14 @@ def _typed(field, value):
 def test_every_recipe_sets_declared_keys_only_with_their_types(name):
   config = recipes.read(name)
   flat = _flat(config)
-  assert set(flat) == set(configs.FIELDS)
+  assert set(flat) == set(schema.FIELDS)
   for key, value in flat.items():
-    assert _typed(configs.FIELDS[key], value), (key, value)
+    assert _typed(schema.FIELDS[key], value), (key, value)
 
 
 def test_a_config_file_cannot_add_a_key(tmp_path):
-  (tmp_path / "typo.py").write_text("from vit_jax import configs\n\ndef get_config():\n"
-                                    "  c = configs.base()\n  c.base_rate = 0.1\n  return c\n")
+  (tmp_path / "typo.py").write_text("from vit_jax.config import schema\n\ndef get_config():\n"
+                                    "  c = schema.base()\n  c.base_rate = 0.1\n  return c\n")
   with pytest.raises(AttributeError, match='"base_rate" does not exist'):
     recipes.read(str(tmp_path / "typo.py"))
 
@@ -61,9 +61,9 @@ def _other_value(field):
   return "some_value", "some_value"
 
 
-@pytest.mark.parametrize("key", sorted(configs.FIELDS))
+@pytest.mark.parametrize("key", sorted(schema.FIELDS))
 def test_every_declared_key_is_overridable_and_keeps_its_type(key):
-  field = configs.FIELDS[key]
+  field = schema.FIELDS[key]
   text, want = _other_value(field)
   config = config_args.load_config(["--config", "tiny", f"--config.{key}={text}"])
   got = _flat(config)[key]
@@ -93,7 +93,7 @@ def test_unset_pretrained_trains_from_scratch_in_the_folder_recipe():
 def test_help_config_lists_every_key_with_the_recipe_values(capsys):
   assert cli.main(["train", "--help-config", "--config", "tiny", "--config.base_lr=0.5"]) == 0
   out = capsys.readouterr().out
-  for key in configs.FIELDS:
+  for key in schema.FIELDS:
     assert f"  {key} " in out, key
   assert "0.5" in next(l for l in out.splitlines() if l.strip().startswith("base_lr "))
   assert cli.main(["eval", "--help-config"]) == 0  # no --config: the defaults
@@ -151,11 +151,11 @@ def test_modules_read_declared_keys_only_and_never_with_a_default():
         continue
       if chain[0] in _CONFIG_METHODS:
         continue
-      key = ".".join(chain[:2]) if chain[0] in configs.SUBDICTS and len(chain) > 1 else chain[0]
+      key = ".".join(chain[:2]) if chain[0] in schema.SUBDICTS and len(chain) > 1 else chain[0]
       if key.split(".")[-1] in _CONFIG_METHODS:
         key = chain[0]
       seen.add(key)
-      if key not in configs.FIELDS and key not in configs.SUBDICTS:
+      if key not in schema.FIELDS and key not in schema.SUBDICTS:
         undeclared.append(f"{where}:{line}: config.{key}")
   assert not undeclared, undeclared
   assert not defaults, f"config.get(...) with a default of its own: {defaults}"

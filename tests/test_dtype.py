@@ -5,10 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import classifier
+from vit_jax.apps import classifier
 from vit_jax import cli
 from vit_jax import errors
-from vit_jax import jax_setup
+from vit_jax.platform import jax_setup
 
 
 @pytest.mark.parametrize("platform,flags,native", [
@@ -61,7 +61,7 @@ def test_predict_takes_dtype(imagenet_ckpt, tmp_path, capsys):
 def test_the_server_says_which_dtype_it_runs(imagenet_ckpt):
   import httpx  # pylint: disable=import-outside-toplevel
   from tests import test_serve  # pylint: disable=import-outside-toplevel
-  from vit_jax.serving import app as serve  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps.serving import app as serve  # pylint: disable=import-outside-toplevel
   clf = classifier.load_classifier(imagenet_ckpt, dtype="bfloat16")
   with test_serve.running(serve.create_app(clf, test_serve.OPTIONS)) as url:
     assert httpx.get(f"{url}/metadata", timeout=60).json()["dtype"] == "bfloat16"

@@ -8,10 +8,10 @@ from PIL import Image
 
 import ckpt_fixtures as cf
 import data_fixtures as df
-from vit_jax import classifier
+from vit_jax.apps import classifier
 from vit_jax import cli
-from vit_jax import explain
-from vit_jax import layout
+from vit_jax.apps import explain
+from vit_jax.models import layout
 from vit_jax import models
 
 # 32 px images in 8 px patches: a 4x4 grid plus the class token, 17 tokens.
@@ -159,7 +159,7 @@ def test_explain_writes_pngs_and_the_json_map(ckpt, tmp_path, capsys):
   assert rows[0]["grid"] == [4, 4] and len(rows[0]["map"]) == 4 and len(rows[0]["predictions"]) == 3
   # The printed map is the library's rollout of the same image.
   clf = classifier.load_classifier(ckpt)
-  from vit_jax import preprocess  # pylint: disable=import-outside-toplevel
+  from vit_jax.data import preprocess  # pylint: disable=import-outside-toplevel
   image = preprocess.eval_resize(preprocess.read_rgb(photo), 32)[None]
   _, weights = models.attention_weights(clf.model, clf.params, image)
   np.testing.assert_allclose(rows[0]["map"], explain.rollout(clf.model, weights)[0], atol=1e-5)

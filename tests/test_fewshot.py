@@ -7,11 +7,11 @@ from sklearn.linear_model import Ridge
 
 import data_fixtures as df
 from vit_jax import cli
-from vit_jax import demo
+from vit_jax.apps import demo
 from vit_jax import errors
-from vit_jax import evaluation
-from vit_jax import fewshot
-from vit_jax.input_pipeline import sources
+from vit_jax.training import evaluation
+from vit_jax.apps import fewshot
+from vit_jax.data import sources
 
 
 @pytest.mark.parametrize("n,d", [(30, 96), (200, 24)])  # fewer shots than features, and more
@@ -41,7 +41,7 @@ def test_support_sets_take_k_per_class_by_seed():
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
   """The demo's setting: a ViT pre-trained on digits 0-4, and digits 5-9 as the new task."""
-  from vit_jax import train  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import train  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("digits")
   df.write_digits(str(root / "a"), range(5), size=16)
   df.write_digits(str(root / "b"), range(5, 10), size=16)

@@ -28,15 +28,15 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import ckpt_fixtures as cf
-from vit_jax import checkpoint
-from vit_jax import config_args
-from vit_jax import preprocess
-from vit_jax import recipes
+from vit_jax.weights import checkpoint
+from vit_jax.config import config_args
+from vit_jax.data import preprocess
+from vit_jax.config import recipes
 from vit_jax import models
-from vit_jax import spec
-from vit_jax import layout
-from vit_jax.serving import app as serve
-from vit_jax.serving import protocol
+from vit_jax.models import spec
+from vit_jax.models import layout
+from vit_jax.apps.serving import app as serve
+from vit_jax.apps.serving import protocol
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:PIL"),  # "Corrupt EXIF data"
               pytest.mark.timeout(900, method="thread")]

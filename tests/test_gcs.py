@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from tests import data_fixtures as df
-from vit_jax import checkpoint
+from vit_jax.weights import checkpoint
 from vit_jax import cli
-from vit_jax import config_args
+from vit_jax.config import config_args
 from vit_jax import errors
-from vit_jax import files
-from vit_jax import layout
+from vit_jax.platform import files
+from vit_jax.models import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT_JAX = os.path.join(os.path.dirname(sys.executable), "vit-jax")
@@ -85,7 +85,7 @@ def test_a_run_in_a_bucket_writes_every_output_there(straight):
   assert [r["step"] for r in rows if r["split"] == "train"] == [5, 10, 15, 20]
   assert [r["step"] for r in rows if r["split"] == "eval"] == [10, 20]
   # The TensorBoard events hold the same scalars.
-  from vit_jax import tf_setup  # pylint: disable=import-outside-toplevel
+  from vit_jax.platform import tf_setup  # pylint: disable=import-outside-toplevel
   tf = tf_setup.tf()
   (event_file,) = files.list_dir(f"{work}/tensorboard")[1]
   local = os.path.join(cwd, "..", "events")
@@ -246,7 +246,7 @@ def test_storage_lost_mid_run_fails_in_one_line_and_the_last_checkpoint_restores
 
 def test_a_config_file_in_a_bucket_loads_with_its_argument(gcs):
   with files.atomic_write(f"{gcs}/configs/mine.py") as f:
-    f.write(b"from vit_jax.recipes import tiny\n\n"
+    f.write(b"from vit_jax.config.recipes import tiny\n\n"
             b"def get_config(steps='7'):\n  c = tiny.get_config()\n  c.total_steps = int(steps)\n  return c\n")
   assert config_args.load_config(["--config", f"{gcs}/configs/mine.py"]).total_steps == 7
   assert config_args.load_config(["--config", f"{gcs}/configs/mine.py:12", "--config.seed=3"]).total_steps == 12

@@ -11,10 +11,10 @@ from transformers import ViTConfig, ViTForImageClassification
 
 import ckpt_fixtures as cf
 import data_fixtures as df
-from vit_jax import checkpoint
+from vit_jax.weights import checkpoint
 from vit_jax import cli
-from vit_jax import convert
-from vit_jax import classifier
+from vit_jax.weights import convert
+from vit_jax.apps import classifier
 
 torch.set_num_threads(2)
 NAMES = [f"class {i}" for i in range(10)]

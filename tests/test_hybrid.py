@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import ckpt_fixtures as cf
-from vit_jax import checkpoint
-from vit_jax import classifier
+from vit_jax.weights import checkpoint
+from vit_jax.apps import classifier
 from vit_jax import models
-from vit_jax import spec as spec_lib
+from vit_jax.models import spec as spec_lib
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "timm_hybrid_logits.py")
 
@@ -118,7 +118,7 @@ def test_a_hybrid_file_with_a_missing_unit_is_refused(tmp_path):
 @pytest.mark.parametrize("name,layers", [("R+ViT-Ti_16", 2), ("R26+ViT-S_32", 1)])
 def test_analytic_flops_match_xla_for_hybrids(name, layers):
   import jax  # pylint: disable=import-outside-toplevel
-  from vit_jax import aot  # pylint: disable=import-outside-toplevel
+  from vit_jax.planning import aot  # pylint: disable=import-outside-toplevel
   model = models.create_model(name, num_classes=1000, image_size=224, num_layers=layers)
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
   cost = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(
@@ -135,7 +135,7 @@ def trained(tmp_path_factory):
   """A small R+ViT-Ti_16-shaped hybrid trained briefly on digits at 32 px (root /4, 2 px patches)."""
   from tests import data_fixtures  # pylint: disable=import-outside-toplevel
   from tests import test_train  # pylint: disable=import-outside-toplevel
-  from vit_jax import train  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import train  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("hybrid")
   data_fixtures.write_digits(str(root / "digits"), range(0, 5))
   c = test_train.tiny_config(str(root / "digits"), image_size=32, base_lr=0.05, total_steps=60,
@@ -147,7 +147,8 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_hybrid_trains_evaluates_predicts_and_explains(trained, capsys):
-  from vit_jax import cli, evaluation  # pylint: disable=import-outside-toplevel
+  from vit_jax import cli  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import evaluation  # pylint: disable=import-outside-toplevel
   config, root, result = trained
   assert result["test"]["accuracy"] > 0.5  # 5 classes: chance is 0.2
   final = str(root / "run" / "final.npz")
@@ -163,7 +164,7 @@ def test_a_hybrid_trains_evaluates_predicts_and_explains(trained, capsys):
 def test_a_hybrid_serves(trained):
   import httpx  # pylint: disable=import-outside-toplevel
   from tests import test_serve  # pylint: disable=import-outside-toplevel
-  from vit_jax.serving import app as serve  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps.serving import app as serve  # pylint: disable=import-outside-toplevel
   _, root, _ = trained
   clf = classifier.load_classifier(str(root / "run" / "final.npz"))
   assert clf.model.resnet_layers == () and clf.model.grid_size == 4
@@ -187,7 +188,9 @@ def test_convert_refuses_a_hybrid_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_hybrid_config_compiles_for_a_tpu(tmp_path):
-  from vit_jax import aot, config_args, steps  # pylint: disable=import-outside-toplevel
+  from vit_jax.planning import aot  # pylint: disable=import-outside-toplevel
+  from vit_jax.config import config_args  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import steps  # pylint: disable=import-outside-toplevel
   # The tiny recipe's fields over R26+ViT-S_32's ResNet: 64 px, /32, 1x1 patches: a 2x2 grid.
   args = ["--config", "tiny", "--config.batch_size=64", "--config.image_size=64",
           "--config.model.name=R26+ViT-S_32", "--config.model.patch_size=1"]

@@ -16,20 +16,20 @@ import numpy as np
 import pytest
 
 import data_fixtures as df
-from vit_jax import configs
-from vit_jax import files
-from vit_jax import input_pipeline as ip
-from vit_jax import labels as labels_lib
-from vit_jax import preprocess
-from vit_jax import sharding
-from vit_jax import tf_setup
-from vit_jax.input_pipeline import transforms
+from vit_jax.config import schema
+from vit_jax.platform import files
+from vit_jax import data as ip
+from vit_jax.weights import labels as labels_lib
+from vit_jax.data import preprocess
+from vit_jax.training import sharding
+from vit_jax.platform import tf_setup
+from vit_jax.data import transforms
 
 SIZE = 16
 
 
 def cfg(**kw):
-  c = configs.base()
+  c = schema.base()
   c.image_size = SIZE
   c.batch_size = 4
   c.eval_batch_size = 4
@@ -414,14 +414,14 @@ def test_corrupt_files_skipped_counted_and_logged(tmp_path, caplog):
   c = cfg(dataset="folder", folder=root)
   assert ip.get_info(c).num_examples["train"] == 8 + len(corrupt) + len(df.odd_images())
   before = ip.decode_errors()
-  with caplog.at_level(logging.WARNING, logger="vit_jax.input_pipeline"):
+  with caplog.at_level(logging.WARNING, logger="vit_jax.data"):
     ev = list(ip.host_batches(c, "eval", process_index=0, process_count=1))
   assert ip.decode_errors() - before == 1 and cat(ev, "mask").sum() == 4
   assert "truncated.jpg" in caplog.text
   files = split_files(root, "train")
   bad = {i for i, f in enumerate(files) if os.path.basename(f) in corrupt}
   before = ip.decode_errors()
-  with caplog.at_level(logging.WARNING, logger="vit_jax.input_pipeline"):
+  with caplog.at_level(logging.WARNING, logger="vit_jax.data"):
     batches = take(ip.host_batches(c, process_index=0, process_count=1), 12)  # 48 of 16 good per epoch
   idx = cat(batches, "index")
   assert not bad & set(idx.tolist()) and set(idx.tolist()) == set(range(len(files))) - bad
@@ -542,7 +542,7 @@ def test_global_arrays_on_one_device(folder):
 
 
 def test_device_prefetch_keeps_batches_in_flight():
-  from vit_jax.input_pipeline import devices  # pylint: disable=import-outside-toplevel
+  from vit_jax.data import devices  # pylint: disable=import-outside-toplevel
   pulled = []
 
   def host():
@@ -560,8 +560,10 @@ def test_device_prefetch_keeps_batches_in_flight():
 _DEVICES_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from vit_jax import configs, sharding, input_pipeline as ip
-    c = configs.base()
+    from vit_jax.config import schema
+    from vit_jax.training import sharding
+    from vit_jax import data as ip
+    c = schema.base()
     c.dataset, c.folder, c.image_size, c.batch_size, c.eval_batch_size = "folder", sys.argv[1], 16, 16, 8
     c.data_threads = 2
     s = sharding.batch_sharding(sharding.make_mesh())
@@ -609,11 +611,12 @@ def test_global_arrays_sharded_over_eight_devices(folder):
 
 _TWO_PROCESSES_SCRIPT = textwrap.dedent("""
     import json, sys
-    from vit_jax import sharding
+    from vit_jax.training import sharding
     sharding.maybe_initialize_distributed(sys.argv[2], 2, int(sys.argv[3]))
     import jax, numpy as np
-    from vit_jax import configs, input_pipeline as ip
-    c = configs.base()
+    from vit_jax.config import schema
+    from vit_jax import data as ip
+    c = schema.base()
     c.dataset, c.folder, c.image_size, c.batch_size, c.eval_batch_size = "folder", sys.argv[1], 16, 16, 8
     c.data_threads = 1
     s = sharding.batch_sharding(sharding.make_mesh())

@@ -5,7 +5,7 @@ import optax
 import pytest
 from sklearn import metrics as skm
 
-from vit_jax import metrics
+from vit_jax.training import metrics
 
 
 def _batches(logits, labels, batch):

@@ -7,7 +7,7 @@ import pytest
 
 from vit_jax import errors
 from vit_jax import models
-from vit_jax import spec
+from vit_jax.models import spec
 
 
 def analytic_params(d, mlp, layers, patch, image_size, classes, rep=None):

@@ -11,15 +11,15 @@ import pytest
 
 import data_fixtures as df
 from tests import test_serve
-from vit_jax import classifier
-from vit_jax import configs
-from vit_jax import head_record
-from vit_jax import metrics
-from vit_jax import preprocess
-from vit_jax import split_predictions
-from vit_jax import train
-from vit_jax.serving import app as serve
-from vit_jax.serving import protocol
+from vit_jax.apps import classifier
+from vit_jax.config import schema
+from vit_jax.weights import head_record
+from vit_jax.training import metrics
+from vit_jax.data import preprocess
+from vit_jax.apps import split_predictions
+from vit_jax.training import train
+from vit_jax.apps.serving import app as serve
+from vit_jax.apps.serving import protocol
 
 NAMES = ["blue", "green", "red", "warm"]  # sorted, as the list reader orders them
 
@@ -43,7 +43,7 @@ def tagged(tmp_path_factory):
 
 
 def _config(list_file):
-  c = configs.base()
+  c = schema.base()
   c.dataset, c.multilabel_file = "multilabel", list_file
   c.image_size = 16
   c.model.name = None

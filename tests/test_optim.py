@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import configs
-from vit_jax import optim
-from vit_jax import recipes
+from vit_jax.config import schema
+from vit_jax.training import optim
+from vit_jax.config import recipes
 
 
 def _config(**kw):
-  c = configs.base()
+  c = schema.base()
   c.base_lr, c.warmup_steps, c.total_steps = 0.1, 10, 110
   for k, v in kw.items():
     c[k] = v
@@ -115,7 +115,7 @@ def test_unknown_optimizer():
 
 def test_pretraining_recipe_is_the_released_checkpoints_recipe():
   """vision_transformer issue #2's table, and big_vision's sigmoid loss with a -10 head bias."""
-  from vit_jax import steps  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import steps  # pylint: disable=import-outside-toplevel
   c = recipes.read("vit_b16_pretrain_i21k")
   assert (c.optimizer, c.b1, c.b2, c.batch_size, c.base_lr) == ("adam", 0.9, 0.999, 4096, 1e-3)
   assert (c.warmup_steps, c.decay_type, c.end_lr) == (10_000, "linear", 1e-5)
@@ -139,7 +139,8 @@ def test_the_loss_and_head_bias_fields_reach_the_train_step(loss, bias):
   sigmoid_xent over C classes: softplus(-b) for the true class plus (C - 1) softplus(b);
   softmax_xent (and auto, on single-label data): log C.
   """
-  from vit_jax import sharding, steps  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import steps  # pylint: disable=import-outside-toplevel
   c = _config(loss=loss, batch_size=4, eval_batch_size=4, image_size=16)
   c.model.update(dict(name="ViT-Ti_16", hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1,
                       patch_size=8, head_bias_init=bias))
@@ -156,7 +157,8 @@ def test_the_loss_and_head_bias_fields_reach_the_train_step(loss, bias):
 
 
 def test_softmax_loss_on_multilabel_data_is_refused():
-  from vit_jax import sharding, steps  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import steps  # pylint: disable=import-outside-toplevel
   c = _config(loss="softmax_xent", batch_size=4, eval_batch_size=4, image_size=16)
   c.model.update(dict(name="ViT-Ti_16", hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1, patch_size=8))
   with pytest.raises(ValueError, match="softmax_xent needs one label per image; this dataset is multi-label"):

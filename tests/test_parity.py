@@ -16,11 +16,11 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 import ckpt_fixtures as cf
-from vit_jax import checkpoint
-from vit_jax import convert
+from vit_jax.weights import checkpoint
+from vit_jax.weights import convert
 from vit_jax import models
-from vit_jax import spec as spec_lib
-from vit_jax import layout
+from vit_jax.models import spec as spec_lib
+from vit_jax.models import layout
 
 torch.set_num_threads(2)
 

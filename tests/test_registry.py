@@ -15,12 +15,12 @@ import pytest
 
 import ckpt_fixtures as cf
 import data_fixtures as df
-from vit_jax import classifier
+from vit_jax.apps import classifier
 from vit_jax import cli
 from vit_jax import errors
-from vit_jax import files
-from vit_jax import registry
-from vit_jax import spec as spec_lib
+from vit_jax.platform import files
+from vit_jax.weights import registry
+from vit_jax.models import spec as spec_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TI = "ViT-Ti_16/augreg+i1k-384"
@@ -190,7 +190,8 @@ def test_names_work_wherever_a_checkpoint_path_goes(mirror, tmp_path, capsys):
 @pytest.mark.slow
 def test_names_in_train_eval_and_convert(mirror, tmp_path, capsys):
   from tests import test_train  # pylint: disable=import-outside-toplevel
-  from vit_jax import evaluation, train  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import evaluation  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import train  # pylint: disable=import-outside-toplevel
   df.write_digits(str(tmp_path / "digits"), range(3), size=32)
   config = test_train.tiny_config(str(tmp_path / "digits"), pretrained=TI, total_steps=10,
                                   eval_every=10, checkpoint_every=10, image_size=32)
@@ -228,7 +229,7 @@ def test_every_file_family_loads_and_predict_takes_the_readme_name(tmp_path):
     put(str(mirror), name)
   env = dict(os.environ, JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(tmp_path / "cache"),
              **{registry.BASE_ENV: str(mirror)})
-  script = ("import sys; from vit_jax import classifier\n"
+  script = ("import sys; from vit_jax.apps import classifier\n"
             "for name in sys.argv[1:]:\n"
             "  c = classifier.load_classifier(name)\n"
             "  print(name, c.model_name, c.image_size, c.model.num_classes, c.model.representation_size)\n")

@@ -26,11 +26,11 @@ from PIL import Image
 
 import data_fixtures as df
 from vit_jax import cli
-from vit_jax import classifier
-from vit_jax.serving import app as serve
-from vit_jax.serving import batcher as batching
-from vit_jax.serving import protocol
-from vit_jax.serving import urls
+from vit_jax.apps import classifier
+from vit_jax.apps.serving import app as serve
+from vit_jax.apps.serving import batcher as batching
+from vit_jax.apps.serving import protocol
+from vit_jax.apps.serving import urls
 
 # Small limits, so that every one of them is cheap to cross.
 OPTIONS = protocol.Options(max_batch=8, max_wait_ms=10, max_body_bytes=256 << 10, max_pixels=100_000,

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import sharding
+from vit_jax.training import sharding
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "sharded_steps.py")
 
@@ -85,7 +85,7 @@ def test_two_processes_match_one(single_process, tmp_path, run_on_free_port):
 def test_launch_retries_on_a_taken_port_only(run_on_free_port):
   # The race is rare, so force it: the first port offered is held by a listening socket. This
   # also checks that the coordinator's bind error still reads as run_on_free_port expects.
-  code = ("import sys; from vit_jax import sharding; "
+  code = ("import sys; from vit_jax.training import sharding; "
           "sharding.maybe_initialize_distributed(sys.argv[1], 1, 0); "
           "import jax; print(jax.process_count())")
   tried = []

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import pytest
 
 from tests import ckpt_fixtures as cf
-from vit_jax import checkpoint
-from vit_jax import config_args
+from vit_jax.weights import checkpoint
+from vit_jax.config import config_args
 from vit_jax import errors
-from vit_jax import layout
+from vit_jax.models import layout
 from vit_jax import models
-from vit_jax import spec
-from vit_jax import steps
+from vit_jax.models import spec
+from vit_jax.training import steps
 
 TI16 = dict(hidden_size=192, mlp_dim=768, num_heads=3, num_layers=12, patch_size=16)
 PACKAGE = os.path.join(os.path.dirname(__file__), "..", "vit_jax")

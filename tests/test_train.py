@@ -13,12 +13,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import data_fixtures
-from vit_jax import checkpoint
-from vit_jax import configs
-from vit_jax import evaluation
-from vit_jax import input_pipeline
-from vit_jax import layout
-from vit_jax import train
+from vit_jax.weights import checkpoint
+from vit_jax.config import schema
+from vit_jax.training import evaluation
+from vit_jax import data as input_pipeline
+from vit_jax.models import layout
+from vit_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def digits(tmp_path_factory):
 
 
 def tiny_config(folder, **kw):
-  c = configs.base()
+  c = schema.base()
   c.dataset = "folder"
   c.folder = folder
   c.image_size = 16
@@ -211,7 +211,7 @@ def test_train_command_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp_path):
-  from vit_jax import split_predictions
+  from vit_jax.apps import split_predictions
   cfg = tiny_config(os.path.join(digits, "a"))
   out = split_predictions.predict_dataset(cfg, pretrained, str(tmp_path / "one.npz"), split="test", top_k=3)
   n = len(glob.glob(os.path.join(digits, "a", "test", "*", "*.png")))
@@ -269,7 +269,7 @@ def test_preemption_saves_and_exits_then_the_rerun_ends_like_a_straight_run(
   assert sorted(os.listdir(tmp_path / "pre" / "checkpoints")) == ["10", "15"]
   assert not os.path.exists(tmp_path / "pre" / "final.npz")
   monkeypatch.undo()
-  with caplog.at_level(logging.INFO, logger="vit_jax.train"):
+  with caplog.at_level(logging.INFO, logger="vit_jax.training.train"):
     resumed = train.train_and_evaluate(cfg(), str(tmp_path / "pre"))
   assert f"resumed from {tmp_path / 'pre' / 'checkpoints'} at step 15" in caplog.text
   # Exact: the same compiled steps on the same batches from the restored state (see the

@@ -59,8 +59,8 @@ def _run(cmd, cwd, **kw):
 def test_the_wheel_ships_the_recipes_and_data(wheel_env):
   _, _, wheel = wheel_env
   names = set(zipfile.ZipFile(wheel).namelist())
-  assert {"vit_jax/recipes/__init__.py", "vit_jax/recipes/tiny.py",
-          "vit_jax/recipes/vit_b16_cifar10.py", "vit_jax/data/imagenet2012_labels.txt"} <= names
+  assert {"vit_jax/config/recipes/__init__.py", "vit_jax/config/recipes/tiny.py",
+          "vit_jax/config/recipes/vit_b16_cifar10.py", "vit_jax/weights/imagenet2012_labels.txt"} <= names
   assert not any(n.startswith(("configs/", "tests/")) for n in names)
 
 
@@ -68,7 +68,7 @@ def test_train_and_predict_from_the_installed_wheel(wheel_env, tmp_path):
   py, exe, _ = wheel_env
   outside = tmp_path / "elsewhere"
   outside.mkdir()
-  where = _run([py, "-c", "import vit_jax, vit_jax.recipes as r; print(vit_jax.__file__); print(r.names())"],
+  where = _run([py, "-c", "import vit_jax, vit_jax.config.recipes as r; print(vit_jax.__file__); print(r.names())"],
                outside)
   assert where.returncode == 0, where.stderr
   assert not where.stdout.splitlines()[0].startswith(str(ROOT)), "vit_jax came from the checkout"

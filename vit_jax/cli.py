@@ -9,9 +9,9 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from vit_jax import config_args
+from vit_jax.config import config_args
 from vit_jax import errors
-from vit_jax import jax_setup
+from vit_jax.platform import jax_setup
 
 
 
@@ -39,7 +39,7 @@ def _add_classifier_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load_classifier(args: argparse.Namespace, **kw):
-  from vit_jax import classifier  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps import classifier  # pylint: disable=import-outside-toplevel
   return classifier.load_classifier(args.checkpoint, model_name=args.model,
                                     image_size=args.image_size, labels_path=args.labels,
                                     multilabel=args.multilabel, threshold=args.threshold,
@@ -66,14 +66,14 @@ def _run_predict(args: argparse.Namespace) -> int:
   if args.config is not None:
     if args.images or not args.output:
       raise errors.ConfigError("with --config, predict runs over a dataset split: give --output, no IMAGEs")
-    from vit_jax import split_predictions  # pylint: disable=import-outside-toplevel
+    from vit_jax.apps import split_predictions  # pylint: disable=import-outside-toplevel
     out = split_predictions.predict_dataset(args.config, args.checkpoint, args.output, split=args.split,
                                 embeddings=args.embeddings, top_k=args.top_k)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in out.items()))
     return 0
   if not args.images:
     raise errors.ConfigError("give IMAGE files, or --config RECIPE_OR_FILE --output OUT.npz for a dataset split")
-  from vit_jax import classifier  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps import classifier  # pylint: disable=import-outside-toplevel
   clf = _load_classifier(args, batch_size=args.batch_size)
   failed = 0
   for r in classifier.classify_files(clf, args.images, k=args.top_k):
@@ -109,8 +109,8 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
 def _run_explain(args: argparse.Namespace) -> int:
   if args.top_k < 1 or args.batch_size < 1:
     raise errors.ConfigError("--top-k and --batch-size must be at least 1")
-  from vit_jax import explain  # pylint: disable=import-outside-toplevel
-  from vit_jax import files  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps import explain  # pylint: disable=import-outside-toplevel
+  from vit_jax.platform import files  # pylint: disable=import-outside-toplevel
   out_dir = args.output or (None if args.json else "explanations")
   names = explain.output_names(args.images, out_dir) if out_dir else []
   explainer = explain.Explainer(_load_classifier(args, batch_size=args.batch_size), args.method)
@@ -146,10 +146,10 @@ def _run_fewshot(args: argparse.Namespace) -> int:
     shots = [int(k) for k in args.shots.split(",")]
   except ValueError:
     raise errors.ConfigError(f"--shots {args.shots!r}: give whole numbers, e.g. 1,5,10,25") from None
-  from vit_jax import sharding  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import sharding  # pylint: disable=import-outside-toplevel
   sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   import jax  # pylint: disable=import-outside-toplevel
-  from vit_jax import fewshot  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps import fewshot  # pylint: disable=import-outside-toplevel
   result = fewshot.evaluate(args.config, args.checkpoint, shots=shots, seeds=args.seeds, l2=args.l2)
   if jax.process_index() == 0:
     if not args.json:
@@ -166,7 +166,7 @@ def _add_checkpoints(p: argparse.ArgumentParser) -> None:
 
 
 def _run_checkpoints(args: argparse.Namespace) -> int:
-  from vit_jax import registry  # pylint: disable=import-outside-toplevel
+  from vit_jax.weights import registry  # pylint: disable=import-outside-toplevel
   if args.markdown:
     print(registry.markdown_table())
     return 0
@@ -198,7 +198,7 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-  from vit_jax import convert  # pylint: disable=import-outside-toplevel
+  from vit_jax.weights import convert  # pylint: disable=import-outside-toplevel
   for path in convert.convert(args.src, args.dst, labels=args.labels,
                               drop_pre_logits=args.drop_pre_logits):
     print(f"wrote {path}")
@@ -224,9 +224,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-  from vit_jax import sharding  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import sharding  # pylint: disable=import-outside-toplevel
   sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-  from vit_jax import train  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import train  # pylint: disable=import-outside-toplevel
   result = train.train_and_evaluate(args.config, args.workdir)
   _print_result(result)
   return 0
@@ -240,9 +240,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-  from vit_jax import sharding  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import sharding  # pylint: disable=import-outside-toplevel
   sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-  from vit_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import evaluation  # pylint: disable=import-outside-toplevel
   _print_result({args.split: evaluation.evaluate(args.config, args.checkpoint, args.split)})
   return 0
 
@@ -257,7 +257,7 @@ def _print_result(result: dict) -> None:
 
 
 def _add_aot(p: argparse.ArgumentParser) -> None:
-  from vit_jax import tpus  # pylint: disable=import-outside-toplevel
+  from vit_jax.planning import tpus  # pylint: disable=import-outside-toplevel
   p.add_argument("--topology", required=True, help=", ".join(tpus.TOPOLOGIES))
   p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
   p.add_argument("--json-only", action="store_true", help="print only the JSON line(s)")
@@ -275,7 +275,7 @@ def _add_aot(p: argparse.ArgumentParser) -> None:
 
 
 def _run_aot(args: argparse.Namespace) -> int:
-  from vit_jax import aot  # pylint: disable=import-outside-toplevel
+  from vit_jax.planning import aot  # pylint: disable=import-outside-toplevel
   if args.search or args.exhaustive or args.apply:
     return _run_aot_search(args)
   report = aot.check(args.config, args.topology, args.num_classes)
@@ -286,9 +286,9 @@ def _run_aot(args: argparse.Namespace) -> int:
 
 
 def _run_aot_search(args: argparse.Namespace) -> int:
-  from vit_jax import aot  # pylint: disable=import-outside-toplevel
-  from vit_jax import aot_search  # pylint: disable=import-outside-toplevel
-  from vit_jax import files  # pylint: disable=import-outside-toplevel
+  from vit_jax.planning import aot  # pylint: disable=import-outside-toplevel
+  from vit_jax.planning import aot_search  # pylint: disable=import-outside-toplevel
+  from vit_jax.platform import files  # pylint: disable=import-outside-toplevel
   import tqdm  # pylint: disable=import-outside-toplevel
   if not 0 <= args.headroom < 1:
     raise errors.ConfigError(f"--headroom {args.headroom}: a fraction in [0, 1)")
@@ -316,7 +316,7 @@ def _run_aot_search(args: argparse.Namespace) -> int:
     for row in rows:
       print(aot_search.to_json(row))
   if args.apply and result["recommended"]:
-    from vit_jax import recipes  # pylint: disable=import-outside-toplevel
+    from vit_jax.config import recipes  # pylint: disable=import-outside-toplevel
     spec = recipes.absolute(config_args.config_spec(args.config_args))
     with files.atomic_write(args.apply) as f:
       f.write(aot_search.config_file(spec, args.config, result).encode())
@@ -339,13 +339,13 @@ def _run_demo(args: argparse.Namespace) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   # Several CPU devices, so that the demo runs the same sharded step as a TPU slice.
   jax.config.update("jax_num_cpu_devices", args.devices)
-  from vit_jax import demo  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps import demo  # pylint: disable=import-outside-toplevel
   demo.run(args.workdir, args.pretrain_steps, args.finetune_steps)
   return 0
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-  from vit_jax.serving import protocol  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps.serving import protocol  # pylint: disable=import-outside-toplevel
   _add_classifier_options(p)
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
   p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
@@ -358,8 +358,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-  from vit_jax.serving import app as serve  # pylint: disable=import-outside-toplevel
-  from vit_jax.serving import protocol  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps.serving import app as serve  # pylint: disable=import-outside-toplevel
+  from vit_jax.apps.serving import protocol  # pylint: disable=import-outside-toplevel
   options = protocol.from_flags(args)
   if args.drain_timeout < 0:
     raise errors.ConfigError(f"--drain-timeout {args.drain_timeout}: must be at least 0")
@@ -503,7 +503,7 @@ def _show_our_logs() -> None:
     # (importing Orbax does): each line would show twice.
     log.propagate = False
   # gcsfs logs each failed request's traceback before it gives up; the error that follows
-  # reaches the user as one line naming the path (vit_jax.files.StorageError).
+  # reaches the user as one line naming the path (vit_jax.platform.files.StorageError).
   logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 

@@ -12,8 +12,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vit_jax import checkpoint, evaluation, layout, sharding, train  # noqa: E402
-from vit_jax.recipes import tiny  # noqa: E402
+from vit_jax.weights import checkpoint  # noqa: E402
+from vit_jax.training import evaluation  # noqa: E402
+from vit_jax.models import layout  # noqa: E402
+from vit_jax.training import sharding  # noqa: E402
+from vit_jax.training import train  # noqa: E402
+from vit_jax.config.recipes import tiny  # noqa: E402
 
 folder, work = sys.argv[1], sys.argv[2]
 logging.getLogger("vit_jax").addHandler(logging.StreamHandler())

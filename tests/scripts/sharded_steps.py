@@ -17,7 +17,7 @@ parser.add_argument("--coordinator", default=None)
 parser.add_argument("--only", default=None, help="run one case")
 args = parser.parse_args()
 
-from vit_jax import sharding  # noqa: E402
+from vit_jax.training import sharding  # noqa: E402
 
 if args.coordinator:
   sharding.maybe_initialize_distributed(args.coordinator, args.processes, args.process_id)
@@ -26,7 +26,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from vit_jax import configs, models, steps  # noqa: E402
+from vit_jax.config import schema  # noqa: E402
+from vit_jax import models  # noqa: E402
+from vit_jax.training import steps  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -34,7 +36,7 @@ BATCH, CLASSES = 32, 5
 
 
 def config(**kw):
-  c = configs.base()
+  c = schema.base()
   c.image_size = 32
   c.model.name = "ViT-Ti_16"
   c.model.update(dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=8))

@@ -1,0 +1,367 @@
+"""`vit-jax serve`'s HTTP app: an endpoint that classifies images, batching requests that arrive together.
+
+    POST /score    {"input_data": ["<base64 image, data: URI or http(s) URL>", ...], "top_k": 5}
+                   -> [[{"label": ..., "score": ...}, ...], ...]  (one list per image, sorted)
+    GET  /healthz  200 {"status": "ready"} once every batch size is compiled, 503 before
+    GET  /metadata model name, image size, classes, labels, batch sizes, limits
+    GET  /stats    requests, errors by status, images queued, requests in flight, and how
+                   many images each model call held
+
+The images of concurrent requests share one compiled call: a single worker
+collects them for up to `max_wait_ms` or `max_batch` images, pads the batch to
+the smallest compiled size that holds it, and runs the model in its own thread
+while the event loop goes on accepting and decoding. Every size is compiled
+before /healthz says ready, so no request compiles. Input that cannot be served
+gets a 4xx with `{"error": "..."}` naming the input; see docs/bad_input.md.
+
+At most `max_queue` images wait for the model (being fetched, decoded or
+queued): a request that would put more there gets 503 with `Retry-After` at
+once, so an accepted request waits for at most max_queue / max_batch + 1 model
+calls and memory stays bounded under any load. URL inputs are fetched only
+from public addresses unless `allow_private_urls`: the host is resolved once,
+every address it resolves to is checked, and the connection goes to a checked
+address (so a name that resolves differently the second time cannot reach
+inside); redirects are followed by hand, each hop checked the same way.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import concurrent.futures
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import logging
+import re
+import socket
+import urllib.parse
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import numpy as np
+import uvicorn
+import uvicorn.config
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.exceptions import HTTPException
+
+from vit_jax.apps import classifier
+from vit_jax.data import preprocess
+from vit_jax.apps.serving import protocol
+from vit_jax.apps.serving.batcher import Batcher, QueueFull
+from vit_jax.apps.serving.protocol import Options, RequestError
+from vit_jax.apps.serving.urls import UrlFetcher
+
+log = logging.getLogger(__name__)
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_DATA_URI = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
+_FIELDS = ("input_data", "top_k")
+
+
+@dataclasses.dataclass
+class _State:
+  """What the handlers share: readiness, the batcher, counters."""
+  status: str = "starting"
+  error: str | None = None
+  batcher: Batcher | None = None
+  fetcher: UrlFetcher | None = None  # when URLs are allowed
+  requests: int = 0
+  in_flight: int = 0  # /score requests begun and not yet answered
+  images: int = 0
+  errors: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
+
+
+def _decode_base64(text: str, index: int) -> bytes:
+  """The bytes of a base64 string (standard alphabet, padded; an optional data: URI prefix)."""
+  text = _DATA_URI.sub("", text, count=1)
+  try:
+    return base64.b64decode("".join(text.split()), validate=True)
+  except (binascii.Error, ValueError) as e:
+    raise RequestError(400, f"input_data[{index}]: not valid base64 ({e})") from None
+
+
+def _prepare(data: bytes, index: int, size: int, max_pixels: int) -> np.ndarray:
+  """Encoded bytes to the model's input [S, S, 3], or a RequestError saying why not."""
+  name = f"input_data[{index}]"
+  try:  # the header alone tells the size: too many pixels is 413, not "not an image"
+    with Image.open(io.BytesIO(data)) as im:
+      width, height = im.size
+  except Image.DecompressionBombError as e:
+    raise RequestError(413, f"{name}: too many pixels ({e})") from None
+  except Exception:  # pylint: disable=broad-except
+    width = height = 0  # unreadable: decode_rgb below says how
+  if width * height > max_pixels:
+    raise RequestError(413, f"{name}: {width}x{height} pixels is over the limit of {max_pixels}")
+  try:
+    rgb = preprocess.decode_rgb(data, name=name, max_pixels=max_pixels)
+  except preprocess.ImageError as e:
+    raise RequestError(400, str(e)) from None
+  return preprocess.eval_resize(rgb, size)
+
+
+def _top_k(value: Any, where: str) -> int:
+  """A top_k from JSON or the query string: a positive integer."""
+  if isinstance(value, str):
+    with contextlib.suppress(ValueError):
+      value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise RequestError(400, f"{where} top_k must be a positive integer, not {protocol.short(value)}")
+  return value
+
+
+def _parse(body: bytes, options: Options) -> tuple[list[str], int | None]:
+  """The inputs and top_k of a /score body, or a RequestError naming what is wrong."""
+  try:
+    payload = json.loads(body)
+  except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+    raise RequestError(400, f"malformed JSON body ({str(e).splitlines()[0][:200]})") from None
+  if not isinstance(payload, dict):
+    raise RequestError(400, f"the body must be a JSON object with 'input_data', not a "
+                            f"{type(payload).__name__}")
+  unknown = sorted(set(payload) - set(_FIELDS))
+  if unknown:
+    raise RequestError(400, f"unknown field {protocol.short(unknown[0])} (the fields are "
+                            f"{', '.join(_FIELDS)})")
+  if "input_data" not in payload:
+    raise RequestError(400, "missing field 'input_data': a list of base64 images or URLs")
+  inputs = payload["input_data"]
+  if not isinstance(inputs, list) or not inputs:
+    raise RequestError(400, "'input_data' must be a non-empty list of base64 images or URLs")
+  if len(inputs) > options.max_images:
+    raise RequestError(422, f"{len(inputs)} images in one request is over the limit of "
+                            f"{options.max_images}")
+  for i, item in enumerate(inputs):
+    if not isinstance(item, str):
+      raise RequestError(400, f"input_data[{i}]: expected a base64 string or URL, not "
+                              f"{type(item).__name__}")
+  k = _top_k(payload["top_k"], "JSON") if "top_k" in payload else None
+  return inputs, k
+
+
+def create_app(clf: classifier.Classifier, options: Options = Options()) -> FastAPI:
+  """The FastAPI application serving `clf`; compiles every batch size when it starts."""
+  sizes = options.sizes
+  state = _State()
+
+  def run_batch(images: list[np.ndarray]) -> np.ndarray:
+    return clf.probs(np.stack(images), sizes)
+
+  def warm_up() -> None:
+    # eval_resize imports TensorFlow on first use: pay that here, not in the first request.
+    preprocess.eval_resize(np.zeros((clf.image_size, clf.image_size, 3), np.uint8), clf.image_size)
+    clf.compile_batches(sizes)
+
+  @contextlib.asynccontextmanager
+  async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    # One thread for the model: warm-up first, then one batch at a time, in order.
+    model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vit-jax-model")
+    state.batcher = Batcher(run_batch, max(sizes), options.max_wait_ms / 1000, model_thread,
+                            max_queue=options.max_queue)
+    worker = asyncio.create_task(state.batcher.serve_forever())
+    if options.allow_urls:
+      state.fetcher = UrlFetcher(options)
+
+    async def become_ready() -> None:
+      try:
+        await loop.run_in_executor(model_thread, warm_up)
+      except Exception as e:  # pylint: disable=broad-except
+        log.exception("warm-up failed")
+        state.status, state.error = "failed", f"{e.__class__.__name__}: {e}"
+        return
+      state.status = "ready"
+      log.info("ready: %s, %dpx, %d classes, %s, batch sizes %s", clf.model_name, clf.image_size,
+               len(clf.class_names), clf.dtype, list(sizes))
+
+    log.info("compiling batch sizes %s", list(sizes))
+    ready = asyncio.create_task(become_ready())
+    try:
+      yield
+    finally:
+      for task in (ready, worker):
+        task.cancel()
+      await asyncio.gather(ready, worker, return_exceptions=True)
+      if state.fetcher is not None:
+        await state.fetcher.aclose()
+      model_thread.shutdown(wait=False, cancel_futures=True)
+
+  app = FastAPI(title="vit-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+  def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    state.errors[status] += 1
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+  @app.exception_handler(RequestError)
+  async def _request_error(_request: Request, e: RequestError) -> JSONResponse:
+    return error(e.status, e.message, e.headers)
+
+  @app.exception_handler(QueueFull)
+  async def _queue_full(_request: Request, e: QueueFull) -> JSONResponse:
+    return error(503, str(e), {"Retry-After": str(e.retry_after_s)})
+
+  @app.exception_handler(HTTPException)
+  async def _http_error(_request: Request, e: HTTPException) -> JSONResponse:
+    return error(e.status_code, str(e.detail))  # unknown paths and methods, in the same shape
+
+  @app.exception_handler(Exception)
+  async def _internal_error(_request: Request, e: Exception) -> JSONResponse:
+    log.error("internal error: %s: %s", e.__class__.__name__, e)
+    return error(500, f"internal error ({e.__class__.__name__})")
+
+  def check_url(url: str, index: int) -> None:
+    if not url.lower().startswith(("http://", "https://")):
+      raise RequestError(400, f"input_data[{index}]: only http(s) URLs can be fetched")
+    if not options.allow_urls:
+      raise RequestError(400, f"input_data[{index}]: URL inputs are disabled on this server "
+                              "(send the image as base64, or start it with --allow-urls)")
+    try:
+      parts = urllib.parse.urlsplit(url)
+      if parts.port is not None and not 0 < parts.port < 65536:  # urlsplit accepts port 0
+        raise ValueError(f"port {parts.port}")
+    except ValueError as e:
+      raise RequestError(400, f"input_data[{index}]: not a valid URL ({e})") from None
+    if not parts.hostname:
+      raise RequestError(400, f"input_data[{index}]: not a valid URL (no host)")
+
+  def prepare(item: str | bytes, index: int) -> np.ndarray:
+    data = _decode_base64(item, index) if isinstance(item, str) else item
+    return _prepare(data, index, clf.image_size, options.max_pixels)
+
+  @app.post("/score")
+  async def score(request: Request) -> JSONResponse:
+    state.requests += 1
+    if state.status != "ready":
+      raise RequestError(503, f"not ready: {state.error or 'compiling'}")
+    if state.batcher.full:  # refused before its body is read: a flood costs little
+      raise QueueFull(None, state.batcher.waiting, options.max_queue, state.batcher.retry_after_s())
+    state.in_flight += 1
+    try:
+      return await scored(request)
+    finally:
+      state.in_flight -= 1
+
+  async def scored(request: Request) -> JSONResponse:
+    body = await protocol.read_limited(request.headers, request.stream(), options.max_body_bytes,
+                              "request body")
+    inputs, k = await asyncio.to_thread(_parse, body, options)  # a large body parses off the loop
+    if k is None:
+      query = request.query_params.get("top_k")
+      k = options.top_k if query is None else _top_k(query, "query parameter")
+    urls = [i for i, item in enumerate(inputs) if _URL.match(item)]
+    for i in urls:
+      check_url(inputs[i], i)
+    # Places in the queue are held from here: what is fetched and decoded waits for the model too.
+    with state.batcher.admit(len(inputs)) as ticket:
+      fetched = await asyncio.gather(*(state.fetcher.fetch(inputs[i], i, options.max_body_bytes)
+                                       for i in urls), return_exceptions=True)
+      _raise_first(fetched)
+      items: list[str | bytes] = list(inputs)
+      for i, data in zip(urls, fetched):
+        items[i] = data
+      # Decoding and resizing run in threads, so the event loop goes on accepting; of several
+      # bad inputs, the first in order is named.
+      prepared = await asyncio.gather(*(asyncio.to_thread(prepare, item, i)
+                                        for i, item in enumerate(items)), return_exceptions=True)
+      _raise_first(prepared)
+      rows = await state.batcher.classify(prepared, ticket)
+    state.images += len(rows)
+    ranked = clf.rank(np.stack(rows), k)
+    # A bare list, one ranked list per image: the managed endpoint's answer, which its
+    # clients index directly.
+    return JSONResponse([[{"label": p["label"], "score": p["score"]} for p in preds]
+                         for preds in ranked])
+
+  @app.get("/healthz")
+  async def healthz() -> JSONResponse:
+    code = {"ready": 200, "starting": 503}.get(state.status, 500)
+    body = {"status": state.status} | ({"error": state.error} if state.error else {})
+    return JSONResponse(body, status_code=code)
+
+  @app.get("/metadata")
+  async def metadata() -> dict[str, Any]:
+    return {"model": clf.model_name, "image_size": clf.image_size, "dtype": clf.dtype,
+            "num_classes": len(clf.class_names), "labels": clf.class_names,
+            # A sigmoid head scores each class on its own; a softmax's scores sum to 1.
+            "head": "sigmoid" if clf.multilabel else "softmax", "threshold": clf.threshold,
+            "batch_sizes": list(sizes), "max_wait_ms": options.max_wait_ms,
+            "top_k": options.top_k, "allow_urls": options.allow_urls,
+            "allow_private_urls": options.allow_private_urls,
+            "limits": {"max_body_bytes": options.max_body_bytes,
+                       "max_pixels": options.max_pixels, "max_images": options.max_images,
+                       "max_queue": options.max_queue}}
+
+  @app.get("/stats")
+  async def stats() -> dict[str, Any]:
+    sizes_seen = state.batcher.batch_sizes if state.batcher else collections.Counter()
+    return {"status": state.status, "requests": state.requests, "images": state.images,
+            "queued": state.batcher.waiting if state.batcher else 0, "in_flight": state.in_flight,
+            "errors": {str(k): v for k, v in sorted(state.errors.items())},
+            "batches": sum(sizes_seen.values()),
+            "batch_sizes": {str(k): v for k, v in sorted(sizes_seen.items())}}
+
+  return app
+
+
+def _raise_first(results: Sequence[Any]) -> None:
+  """Re-raises the first exception among gathered results (by input order, not by time)."""
+  for r in results:
+    if isinstance(r, BaseException):
+      raise r
+
+
+def bind(host: str, port: int) -> socket.socket:
+  """A listening TCP socket; port 0 picks a free one (read it off getsockname)."""
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  sock = socket.socket(family, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind((host, port))
+  except OSError:
+    sock.close()
+    raise
+  sock.listen(2048)
+  return sock
+
+
+def server(app: FastAPI, *, access_log: bool = True, log_level: str = "info",
+           drain_timeout_s: float = 25.0) -> uvicorn.Server:
+  """A uvicorn server for `app`, logging in uvicorn's format; SIGTERM or Ctrl-C drains it."""
+  log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+  log_config["loggers"][__name__] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+  # Draining: stop accepting, answer the requests in flight for at most drain_timeout_s (then
+  # they are cancelled), shut the app down.
+  config = uvicorn.Config(app, log_config=log_config, log_level=log_level, access_log=access_log,
+                          timeout_graceful_shutdown=drain_timeout_s)
+  return uvicorn.Server(config)
+
+
+def run(app: FastAPI, sock: socket.socket, *, access_log: bool = True,
+        drain_timeout_s: float = 25.0) -> None:
+  """Serves `app` on `sock` until SIGTERM or Ctrl-C, then drains and returns (the socket closed)."""
+  import signal  # pylint: disable=import-outside-toplevel
+  srv = server(app, access_log=access_log, drain_timeout_s=drain_timeout_s)
+
+  def interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+  # uvicorn drains on SIGTERM as on Ctrl-C, then raises the signal again for the handler it
+  # found: this one ends the run as Ctrl-C does, so a drained server exits 0, not killed by it.
+  sigterm = signal.signal(signal.SIGTERM, interrupt)
+  try:
+    srv.run(sockets=[sock])
+  except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raised the signal
+    pass
+  finally:
+    signal.signal(signal.SIGTERM, sigterm)
+    sock.close()
+
+
+def url_of(sock: socket.socket) -> str:
+  """http://host:port of a bound socket."""
+  host, port = sock.getsockname()[:2]
+  return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

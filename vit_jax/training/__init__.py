@@ -1,0 +1,2 @@
+"""Training and evaluation: the optimizer, the mesh and shardings, the jitted steps, the metrics,
+and the loop."""
