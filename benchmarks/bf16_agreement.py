@@ -11,6 +11,7 @@ agreement is at least 99%.
 
   python benchmarks/bf16_agreement.py [--demo-workdir DIR] [--crops 256] [--json-only]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,28 @@ import time
 
 import jax
 import numpy as np
+from skimage import data
 
 from vit_jax.apps import classifier
+from vit_jax.apps import demo
 from vit_jax.data import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-          "retina")
+PHOTOS = (
+  "astronaut",
+  "coffee",
+  "chelsea",
+  "rocket",
+  "immunohistochemistry",
+  "hubble_deep_field",
+  "retina",
+)
 
 
 def _fixtures():
-  spec = importlib.util.spec_from_file_location("ckpt_fixtures", os.path.join(ROOT, "tests", "ckpt_fixtures.py"))
+  spec = importlib.util.spec_from_file_location(
+    "ckpt_fixtures", os.path.join(ROOT, "tests", "ckpt_fixtures.py")
+  )
   module = importlib.util.module_from_spec(spec)
   sys.modules["ckpt_fixtures"] = module  # its dataclasses look their module up
   spec.loader.exec_module(module)
@@ -55,26 +67,32 @@ def compare(checkpoint: str, images: np.ndarray, **kw) -> dict:
   ranked = np.sort(p32, axis=-1)
   margin = ranked[:, -1] - ranked[:, -2]
   clear = margin > np.abs(p32 - p16).max()
-  return {"images": len(images), "top1_agreement": float(np.mean(agree)),
-          "median_top1_margin": float(np.median(margin)),
-          "clear_lead_images": int(clear.sum()),
-          "clear_lead_agreement": float(np.mean(agree[clear])) if clear.any() else None,
-          "max_prob_diff": float(np.abs(p32 - p16).max()),
-          "median_top_prob_diff": float(np.median(np.abs(p32[np.arange(len(top)), top] -
-                                                         p16[np.arange(len(top)), top]))),
-          "float32_img_s": len(images) / out["float32_seconds"],
-          "bfloat16_img_s": len(images) / out["bfloat16_seconds"]}
+  return {
+    "images": len(images),
+    "top1_agreement": float(np.mean(agree)),
+    "median_top1_margin": float(np.median(margin)),
+    "clear_lead_images": int(clear.sum()),
+    "clear_lead_agreement": float(np.mean(agree[clear])) if clear.any() else None,
+    "max_prob_diff": float(np.abs(p32 - p16).max()),
+    "median_top_prob_diff": float(
+      np.median(np.abs(p32[np.arange(len(top)), top] - p16[np.arange(len(top)), top]))
+    ),
+    "float32_img_s": len(images) / out["float32_seconds"],
+    "bfloat16_img_s": len(images) / out["bfloat16_seconds"],
+  }
 
 
 def demo_digits(workdir: str | None) -> dict:
   """The demo's fine-tuned model on every held-out image of digits 5-9."""
   if workdir is None:
-    from vit_jax.apps import demo  # pylint: disable=import-outside-toplevel
     workdir = tempfile.mkdtemp(prefix="bf16-demo-")
     demo.run(workdir)
   root = os.path.join(workdir, "digits", "b", "test")
-  paths = sorted(os.path.join(root, d, f) for d in sorted(os.listdir(root))
-                 for f in sorted(os.listdir(os.path.join(root, d))))
+  paths = sorted(
+    os.path.join(root, d, f)
+    for d in sorted(os.listdir(root))
+    for f in sorted(os.listdir(os.path.join(root, d)))
+  )
   ckpt = os.path.join(workdir, "finetune", "final.npz")
   size = classifier.load_classifier(ckpt).image_size
   images = np.stack([preprocess.eval_resize(preprocess.read_rgb(p), size) for p in paths])
@@ -83,7 +101,6 @@ def demo_digits(workdir: str | None) -> dict:
 
 def random_b16(crops: int) -> dict:
   """A full-size ViT-B/16 (1000 classes, realistic random scales) on crops of real photographs."""
-  from skimage import data  # pylint: disable=import-outside-toplevel
   cf = _fixtures()
   rng = np.random.default_rng(0)
   images = []
@@ -92,7 +109,9 @@ def random_b16(crops: int) -> dict:
     photo = photos[i % len(photos)]
     side = int(rng.integers(96, min(photo.shape[:2]) + 1))
     y, x = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
-    images.append(preprocess.eval_resize(np.ascontiguousarray(photo[y:y + side, x:x + side]), 224))
+    images.append(
+      preprocess.eval_resize(np.ascontiguousarray(photo[y : y + side, x : x + side]), 224)
+    )
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "b16.npz")
     cf.write_original(path, cf.Spec(**cf.B16, image_size=224, classes=1000))
@@ -104,9 +123,11 @@ def machine() -> str:
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       lines = f.read().splitlines()
-    cpu = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
-    flags = next(l.split(":", 1)[1].split() for l in lines if l.startswith("flags"))
-    cpu += " (" + " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags) + ")"
+    cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
+    cpu += (
+      " (" + " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags) + ")"
+    )
   except (OSError, StopIteration):
     pass
   return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
@@ -114,7 +135,9 @@ def machine() -> str:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--demo-workdir", default=None, help="a finished `vit-jax demo` run (default: run one)")
+  ap.add_argument(
+    "--demo-workdir", default=None, help="a finished `vit-jax demo` run (default: run one)"
+  )
   ap.add_argument("--crops", type=int, default=256, help="photograph crops for ViT-B/16")
   ap.add_argument("--skip-b16", action="store_true")
   ap.add_argument("--json-only", action="store_true")
@@ -124,16 +147,24 @@ def main() -> None:
     result["ViT-B/16 random weights"] = random_b16(args.crops)
   if not args.json_only:
     print(result["machine"])
-    print("| model | images | top-1 agreement | max prob diff | median top-class diff | median top-1 lead "
-          "| agreement where the lead > max diff | fp32 img/s | bf16 img/s |")
+    print(
+      "| model | images | top-1 agreement | max prob diff | median top-class diff | median top-1 "
+      "lead "
+      "| agreement where the lead > max diff | fp32 img/s | bf16 img/s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in result.items():
       if name != "machine":
-        clear = ("none" if r["clear_lead_agreement"] is None else
-                 f"{r['clear_lead_agreement']:.2%} of {r['clear_lead_images']}")
-        print(f"| {name} | {r['images']} | {r['top1_agreement']:.2%} | {r['max_prob_diff']:.4f} | "
-              f"{r['median_top_prob_diff']:.2e} | {r['median_top1_margin']:.2e} | {clear} | "
-              f"{r['float32_img_s']:.1f} | {r['bfloat16_img_s']:.1f} |")
+        clear = (
+          "none"
+          if r["clear_lead_agreement"] is None
+          else f"{r['clear_lead_agreement']:.2%} of {r['clear_lead_images']}"
+        )
+        print(
+          f"| {name} | {r['images']} | {r['top1_agreement']:.2%} | {r['max_prob_diff']:.4f} | "
+          f"{r['median_top_prob_diff']:.2e} | {r['median_top1_margin']:.2e} | {clear} | "
+          f"{r['float32_img_s']:.1f} | {r['bfloat16_img_s']:.1f} |"
+        )
   print(json.dumps(result))
   sys.stdout.flush()
 

@@ -16,6 +16,7 @@ class's, and how often the top class changes. `--steps` and `--crops` scale it d
   pip install scikit-image   # the photographs
   python benchmarks/hf_resize_drift.py [--json-only]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,25 +26,39 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from PIL import Image
+from skimage import data
 
-from vit_jax.weights import convert
 from vit_jax import models
 from vit_jax.data import preprocess
 from vit_jax.models import spec
+from vit_jax.weights import convert
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-          "retina")
+PHOTOS = (
+  "astronaut",
+  "coffee",
+  "chelsea",
+  "rocket",
+  "immunohistochemistry",
+  "hubble_deep_field",
+  "retina",
+)
 SIZE = 64
-SPEC = spec.ModelSpec(hidden_size=128, mlp_dim=256, num_heads=4, num_layers=4, patch_size=8,
-                      image_size=SIZE, num_classes=len(PHOTOS))
+SPEC = spec.ModelSpec(
+  hidden_size=128,
+  mlp_dim=256,
+  num_heads=4,
+  num_layers=4,
+  patch_size=8,
+  image_size=SIZE,
+  num_classes=len(PHOTOS),
+)
 
 
 def _photos() -> list[np.ndarray]:
-  from skimage import data  # pylint: disable=import-outside-toplevel
+
   return [getattr(data, name)()[..., :3] for name in PHOTOS]
 
 
@@ -51,7 +66,7 @@ def _crop(photo: np.ndarray, rng: np.random.Generator, lo: int, hi: int) -> np.n
   h, w, _ = photo.shape
   side = int(rng.integers(lo, min(hi, h, w) + 1))
   y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-  return photo[y:y + side, x:x + side]
+  return photo[y : y + side, x : x + side]
 
 
 def _ours(crop: np.ndarray) -> np.ndarray:
@@ -68,7 +83,9 @@ def train(photos: list[np.ndarray], steps: int, seed: int = 0):
   model = models.build(SPEC)
   params = models.init_params(model, seed)
   # A zero head would give every step's gradient to the head alone at first: start it small.
-  params["head"]["kernel"] = 0.02 * jax.random.normal(jax.random.PRNGKey(seed), params["head"]["kernel"].shape)
+  params["head"]["kernel"] = 0.02 * jax.random.normal(
+    jax.random.PRNGKey(seed), params["head"]["kernel"].shape
+  )
   warmup = min(20, steps // 2)
   tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-3, warmup, max(steps, warmup + 1)))
   opt = tx.init(params)
@@ -78,6 +95,7 @@ def train(photos: list[np.ndarray], steps: int, seed: int = 0):
     def loss(p):
       logits = model.apply({"params": p}, x, train=False)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     value, grads = jax.value_and_grad(loss)(params)
     updates, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt, value
@@ -93,7 +111,8 @@ def train(photos: list[np.ndarray], steps: int, seed: int = 0):
 
 def measure(model, params, photos: list[np.ndarray], crops: int, seed: int = 1) -> dict:
   """Score changes between the two resizes, per range of crop sizes (held-out crops)."""
-  from transformers import ViTImageProcessor  # pylint: disable=import-outside-toplevel
+  from transformers import ViTImageProcessor  # noqa: PLC0415  # transformers after the JAX training: PyTorch loads only for the comparison
+
   processor = ViTImageProcessor(**convert.preprocessor_config(SIZE))
   probs = jax.jit(lambda x: jax.nn.softmax(model.apply({"params": params}, x, train=False), -1))
   rng = np.random.default_rng(seed)
@@ -110,13 +129,13 @@ def measure(model, params, photos: list[np.ndarray], crops: int, seed: int = 1) 
     diff = np.abs(pa - pb)
     top = pa.argmax(-1)
     out[f"{lo}-{hi}px"] = {
-        "crops": crops,
-        "accuracy (ours)": float((top == np.array(labels)).mean()),
-        "pixels max |diff|": float(np.abs(np.stack(a) - np.stack(b)).max()),
-        "max |dp| any class": float(diff.max()),
-        "median max |dp| per crop": float(np.median(diff.max(-1))),
-        "median |dp| of our top class": float(np.median(diff[np.arange(len(top)), top])),
-        "top class changed": float((top != pb.argmax(-1)).mean()),
+      "crops": crops,
+      "accuracy (ours)": float((top == np.array(labels)).mean()),
+      "pixels max |diff|": float(np.abs(np.stack(a) - np.stack(b)).max()),
+      "max |dp| any class": float(diff.max()),
+      "median max |dp| per crop": float(np.median(diff.max(-1))),
+      "median |dp| of our top class": float(np.median(diff[np.arange(len(top)), top])),
+      "top class changed": float((top != pb.argmax(-1)).mean()),
     }
   return out
 
@@ -125,8 +144,12 @@ def _cpu() -> str:
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       info = f.read()
-    model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-    flags = next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags"))
+    model = next(
+      line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")
+    )
+    flags = next(
+      line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")
+    )
     simd = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")]
     return f"{model} ({', '.join(sorted(set(simd)))}), {os.cpu_count()} CPUs"
   except (OSError, StopIteration):
@@ -143,13 +166,20 @@ def main() -> None:
   start = time.perf_counter()
   photos = _photos()
   model, params, loss = train(photos, args.steps)
-  result = {"cpu": _cpu(), "jax": jax.__version__, "steps": args.steps, "final train loss": loss,
-            "by crop size": measure(model, params, photos, args.crops),
-            "seconds": round(time.perf_counter() - start, 1)}
+  result = {
+    "cpu": _cpu(),
+    "jax": jax.__version__,
+    "steps": args.steps,
+    "final train loss": loss,
+    "by crop size": measure(model, params, photos, args.crops),
+    "seconds": round(time.perf_counter() - start, 1),
+  }
   if not args.json_only:
     print(f"{result['cpu']}; jax {result['jax']}; {args.steps} steps, final loss {loss:.3f}")
     for size, row in result["by crop size"].items():
-      print(f"  crops {size:>9}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k != "crops"))
+      print(
+        f"  crops {size:>9}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k != "crops")
+      )
   print(json.dumps(result))
 
 

@@ -16,6 +16,7 @@ alternate, and medians are reported.
 
   python benchmarks/input_pipeline.py [--images 384] [--repeats 5] [--threads N] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,8 @@ SIZE, BATCH = 224, 32
 
 def write_jpegs(root: str, n: int, seed: int = 0) -> None:
   """n JPEGs of ImageNet-like size and entropy in ROOT/train/{class}/ (quality 90, ~4:2:0)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # noqa: PLC0415  # each loader runs in a fresh process that imports only its own libraries
+
   rng = np.random.default_rng(seed)
   shapes = [(375, 500), (500, 375), (333, 500), (500, 400), (375, 500)]
   for i in range(n):
@@ -52,9 +54,11 @@ def write_jpegs(root: str, n: int, seed: int = 0) -> None:
 
 # -- the two loaders ---------------------------------------------------------------
 
+
 def tf_batches(root: str, threads: int):
-  from vit_jax.config import schema  # pylint: disable=import-outside-toplevel
-  from vit_jax import data as input_pipeline  # pylint: disable=import-outside-toplevel
+  from vit_jax import data as input_pipeline  # noqa: PLC0415  # each loader runs in a fresh process that imports only its own libraries
+  from vit_jax.config import schema  # noqa: PLC0415  # each loader runs in a fresh process that imports only its own libraries
+
   c = schema.base()
   c.dataset, c.folder, c.image_size = "folder", root, SIZE
   c.batch_size = BATCH
@@ -64,7 +68,7 @@ def tf_batches(root: str, threads: int):
 
 
 def _crop_box(rng: np.random.Generator, w: int, h: int) -> tuple[int, int, int, int]:
-  """Inception crop: area 5-100% and aspect 3/4-4/3 (log-uniform), 10 tries, else the whole image."""
+  """Inception crop: area 5-100%, aspect 3/4-4/3 (log-uniform), 10 tries, else the whole image."""
   for _ in range(10):
     area = rng.uniform(0.05, 1.0) * w * h
     ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -76,14 +80,17 @@ def _crop_box(rng: np.random.Generator, w: int, h: int) -> tuple[int, int, int, 
 
 
 def pil_batches(root: str, seed: int = 0):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, "train")) for f in fs)
+  from PIL import Image  # noqa: PLC0415  # each loader runs in a fresh process that imports only its own libraries
+
+  paths = sorted(
+    os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, "train")) for f in fs
+  )
   rng = np.random.default_rng(seed)
   while True:
     order = rng.permutation(len(paths))
     for start in range(0, len(order) - BATCH + 1, BATCH):
       out = np.empty((BATCH, SIZE, SIZE, 3), np.float32)
-      for row, k in enumerate(order[start:start + BATCH]):
+      for row, k in enumerate(order[start : start + BATCH]):
         with Image.open(paths[k]) as im:
           im = im.convert("RGB")
           im = im.resize((SIZE, SIZE), Image.BILINEAR, box=_crop_box(rng, *im.size))
@@ -99,22 +106,45 @@ def measure(kind: str, root: str, threads: int, warmup: int, batches: int) -> di
   it = tf_batches(root, threads) if kind == "tf" else pil_batches(root)
   for _ in range(warmup):
     b = next(it)
-  assert b["image"].shape == (BATCH, SIZE, SIZE, 3) and -1.0 <= b["image"].min() <= b["image"].max() <= 1.0
+  assert (
+    b["image"].shape == (BATCH, SIZE, SIZE, 3)
+    and -1.0 <= b["image"].min() <= b["image"].max() <= 1.0
+  )
   wall, cpu = time.perf_counter(), time.process_time()
   for _ in range(batches):
     next(it)
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
   n = batches * BATCH
-  return {"kind": kind, "images": n, "wall_s": wall, "cpu_s": cpu, "images_per_s": n / wall,
-          "images_per_core_s": n / cpu, "cores_busy": cpu / wall}
+  return {
+    "kind": kind,
+    "images": n,
+    "wall_s": wall,
+    "cpu_s": cpu,
+    "images_per_s": n / wall,
+    "images_per_core_s": n / cpu,
+    "cores_busy": cpu / wall,
+  }
 
 
 # -- driver --------------------------------------------------------------------------
 
+
 def _run_worker(kind: str, root: str, threads: int, warmup: int, batches: int) -> dict:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, __file__, "--worker", kind, "--root", root, "--threads", str(threads),
-         "--warmup", str(warmup), "--batches", str(batches)]
+  cmd = [
+    sys.executable,
+    __file__,
+    "--worker",
+    kind,
+    "--root",
+    root,
+    "--threads",
+    str(threads),
+    "--warmup",
+    str(warmup),
+    "--batches",
+    str(batches),
+  ]
   out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -125,8 +155,12 @@ def main() -> None:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--batches", type=int, default=30, help="measured batches of 32 per run")
   p.add_argument("--warmup", type=int, default=6)
-  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                 help="tf.data threads (default: every CPU this process may use)")
+  p.add_argument(
+    "--threads",
+    type=int,
+    default=len(os.sched_getaffinity(0)),
+    help="tf.data threads (default: every CPU this process may use)",
+  )
   p.add_argument("--json", default=None, help="also write the summary here")
   p.add_argument("--worker", choices=["tf", "pil"], help=argparse.SUPPRESS)
   p.add_argument("--root", help=argparse.SUPPRESS)
@@ -138,9 +172,12 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as root:
     write_jpegs(root, args.images)
     sizes = [os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(root) for f in fs]
-    print(f"{args.images} JPEGs, mean {np.mean(sizes) / 1024:.0f} KiB; {args.threads} tf.data threads; "
-          f"{len(os.sched_getaffinity(0))} CPUs; {args.repeats} alternating runs of {args.batches} "
-          f"batches of {BATCH} each", flush=True)
+    print(
+      f"{args.images} JPEGs, mean {np.mean(sizes) / 1024:.0f} KiB; {args.threads} tf.data threads; "
+      f"{len(os.sched_getaffinity(0))} CPUs; {args.repeats} alternating runs of {args.batches} "
+      f"batches of {BATCH} each",
+      flush=True,
+    )
     runs: dict[str, list[dict]] = {"tf": [], "pil": []}
     for r in range(args.repeats):
       for kind in ("tf", "pil") if r % 2 == 0 else ("pil", "tf"):
@@ -150,18 +187,26 @@ def main() -> None:
   med = {k: {m: statistics.median(x[m] for x in v) for m in metrics} for k, v in runs.items()}
   ratio = med["tf"]["images_per_core_s"] / med["pil"]["images_per_core_s"]
   print()
-  print(f"| loader                         | images/s | cores busy | images/s per core |")
-  print(f"| ------------------------------ | -------: | ---------: | ----------------: |")
+  print("| loader                         | images/s | cores busy | images/s per core |")
+  print("| ------------------------------ | -------: | ---------: | ----------------: |")
   for k, label in (("tf", f"tf.data ({args.threads} threads)"), ("pil", "PIL + numpy (1 thread)")):
     m = med[k]
-    print(f"| {label:<30} | {m['images_per_s']:8.1f} | {m['cores_busy']:10.2f} "
-          f"| {m['images_per_core_s']:17.1f} |")
+    print(
+      f"| {label:<30} | {m['images_per_s']:8.1f} | {m['cores_busy']:10.2f} "
+      f"| {m['images_per_core_s']:17.1f} |"
+    )
   print(f"\ntf.data / PIL per core: {ratio:.2f}x (target >= 1.3x)")
-  summary = {"tf_images_per_s": med["tf"]["images_per_s"],
-             "tf_images_per_core_s": med["tf"]["images_per_core_s"],
-             "pil_images_per_s": med["pil"]["images_per_s"],
-             "pil_images_per_core_s": med["pil"]["images_per_core_s"], "ratio_per_core": ratio,
-             "threads": args.threads, "images": args.images, "repeats": args.repeats, "runs": runs}
+  summary = {
+    "tf_images_per_s": med["tf"]["images_per_s"],
+    "tf_images_per_core_s": med["tf"]["images_per_core_s"],
+    "pil_images_per_s": med["pil"]["images_per_s"],
+    "pil_images_per_core_s": med["pil"]["images_per_core_s"],
+    "ratio_per_core": ratio,
+    "threads": args.threads,
+    "images": args.images,
+    "repeats": args.repeats,
+    "runs": runs,
+  }
   print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:

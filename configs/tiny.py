@@ -3,4 +3,5 @@
 The packaged recipe `tiny` (vit_jax/config/recipes/tiny.py); `--config tiny` and
 `--config configs/tiny.py` run the same config.
 """
-from vit_jax.config.recipes.tiny import get_config  # noqa: F401  pylint: disable=unused-import
+
+from vit_jax.config.recipes.tiny import get_config  # noqa: F401

@@ -4,4 +4,5 @@ The packaged recipe `vit_b16_pretrain_i21k` (vit_jax/config/recipes/vit_b16_pret
 `--config vit_b16_pretrain_i21k` and `--config configs/vit_b16_pretrain_i21k.py` run the
 same config.
 """
-from vit_jax.config.recipes.vit_b16_pretrain_i21k import get_config  # noqa: F401  pylint: disable=unused-import
+
+from vit_jax.config.recipes.vit_b16_pretrain_i21k import get_config  # noqa: F401

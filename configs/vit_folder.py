@@ -3,4 +3,5 @@
 The packaged recipe `vit_folder` (vit_jax/config/recipes/vit_folder.py); `--config vit_folder` and
 `--config configs/vit_folder.py` run the same config.
 """
-from vit_jax.config.recipes.vit_folder import get_config  # noqa: F401  pylint: disable=unused-import
+
+from vit_jax.config.recipes.vit_folder import get_config  # noqa: F401

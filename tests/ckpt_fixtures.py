@@ -4,6 +4,7 @@ The key names and shapes below are spelled out from the original file format
 (pre-Linen names, flat `np.savez`), not derived from our own save code, so a
 test that loads these files checks our loader against the format itself.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,9 @@ def resnet_arrays(spec: Spec, rng: np.random.Generator) -> tuple[dict[str, np.nd
   out = {}
 
   def conv(name, k, cin, cout):
-    out[f"{name}/kernel"] = rng.normal(0.0, 1.0 / np.sqrt(k * k * cin), (k, k, cin, cout)).astype(np.float32)
+    out[f"{name}/kernel"] = rng.normal(0.0, 1.0 / np.sqrt(k * k * cin), (k, k, cin, cout)).astype(
+      np.float32
+    )
 
   def norm(name, c):
     shape = (1, 1, 1, c) if spec.gn_4d else (c,)
@@ -93,13 +96,19 @@ def original_arrays(spec: Spec, seed: int = 0, prefix: str = "") -> dict[str, np
     return rng.normal(0.0, 0.02, shape).astype(np.float32)
 
   out, channels = resnet_arrays(spec, rng) if spec.resnet is not None else ({}, 3)
-  out.update({
-      "embedding/kernel": w(spec.patch, spec.patch, channels, d, fan_in=spec.patch * spec.patch * channels),
+  out.update(
+    {
+      "embedding/kernel": w(
+        spec.patch, spec.patch, channels, d, fan_in=spec.patch * spec.patch * channels
+      ),
       "embedding/bias": b(d),
-      "Transformer/posembed_input/pos_embedding": rng.normal(0, 0.02, (1, spec.tokens, d)).astype(np.float32),
+      "Transformer/posembed_input/pos_embedding": rng.normal(0, 0.02, (1, spec.tokens, d)).astype(
+        np.float32
+      ),
       "Transformer/encoder_norm/scale": (1 + 0.1 * rng.normal(size=d)).astype(np.float32),
       "Transformer/encoder_norm/bias": b(d),
-  })
+    }
+  )
   if spec.cls:
     out["cls"] = rng.normal(0, 0.02, (1, 1, d)).astype(np.float32)
   for i in range(spec.layers):
@@ -136,8 +145,11 @@ def write_original(path, spec: Spec, seed: int = 0, prefix: str = "") -> dict[st
 
 def linen_key(key: str) -> str:
   """The Linen name of an original key (the documented four renames)."""
-  for old, new in (("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0"),
-                   ("LayerNorm_2", "LayerNorm_1"), ("MlpBlock_3", "MlpBlock_0")):
+  for old, new in (
+    ("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0"),
+    ("LayerNorm_2", "LayerNorm_1"),
+    ("MlpBlock_3", "MlpBlock_0"),
+  ):
     key = key.replace(f"/{old}/", f"/{new}/")
   return key
 

@@ -1,4 +1,5 @@
 """Test setup: CPU JAX, quiet TensorFlow, exact float32 matmuls for comparisons."""
+
 import http
 import json
 import logging
@@ -28,14 +29,14 @@ for _name in ("torch", "triton"):
     __import__(_name)
   except ImportError:
     pass
-import jax  # noqa: E402  pylint: disable=wrong-import-position
+import jax  # noqa: E402
 
 # Parity and equality checks compare float32 results; XLA:CPU's default is
 # already fp32, "highest" makes that explicit on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-import pytest  # noqa: E402  pylint: disable=wrong-import-position
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,8 @@ def _library_logs_reach_caplog():
   yield
   logging.getLogger("vit_jax").propagate = True
 
-import ckpt_fixtures  # noqa: E402  pylint: disable=wrong-import-position
+
+import ckpt_fixtures  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -69,11 +71,17 @@ def _run_all(argvs, env, timeout):
   [(stdout, stderr)] of all.
   """
   logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in argvs]
-  procs = [subprocess.Popen(a, env=env, stdout=o, stderr=e, text=True) for a, (o, e) in zip(argvs, logs)]
+  procs = [
+    subprocess.Popen(a, env=env, stdout=o, stderr=e, text=True)
+    for a, (o, e) in zip(argvs, logs, strict=True)
+  ]
   deadline = time.monotonic() + timeout
   try:
-    while (any(p.poll() is None for p in procs) and not any(p.returncode for p in procs)
-           and time.monotonic() < deadline):
+    while (
+      any(p.poll() is None for p in procs)
+      and not any(p.returncode for p in procs)
+      and time.monotonic() < deadline
+    ):
       time.sleep(0.1)
     failed = [i for i, p in enumerate(procs) if p.returncode]
     hung = [i for i, p in enumerate(procs) if p.returncode is None]
@@ -100,8 +108,9 @@ def run_on_free_port():
   the port), all are killed and started again on a new port, a few times. Any other failure,
   or a timeout, fails the test at once. `ports` are tried first (to test the retry).
   """
+
   def run(argvs_for_port, *, env, timeout, ports=(), attempts=3):
-    __tracebackhide__ = True  # pylint: disable=unused-variable
+    __tracebackhide__ = True
     ports = iter(ports)
     for _ in range(attempts):
       port = next(ports, None) or _free_port()
@@ -110,11 +119,15 @@ def run_on_free_port():
         return out
       if not failed:
         pytest.fail(f"process {hung[0]} timed out after {timeout}s:\n{out[hung[0]][1][-3000:]}")
-      taken = [out[i][1] for i in failed
-               if "Address already in use" in out[i][1] and re.search(rf":{port}\b", out[i][1])]
+      taken = [
+        out[i][1]
+        for i in failed
+        if "Address already in use" in out[i][1] and re.search(rf":{port}\b", out[i][1])
+      ]
       if not taken:
         pytest.fail(f"process {failed[0]} failed:\n{out[failed[0]][1][-3000:]}")
     pytest.fail(f"the port was taken on all {attempts} tries:\n{taken[0][-3000:]}")
+
   return run
 
 
@@ -126,7 +139,7 @@ def _conditional_download(download):
   emulator (2026.7.19) ignores the condition and sends no generation, so TensorStore stops
   with "Malformed StorageGeneration".
   """
-  from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator.handlers import objects
 
   def wrapped(request, response, storage, *args, **kwargs):
     try:
@@ -144,6 +157,7 @@ def _conditional_download(download):
         response.status = http.HTTPStatus.PRECONDITION_FAILED
         return
     download(request, response, storage, *args, **kwargs)
+
   return wrapped
 
 
@@ -155,25 +169,31 @@ def _binary_safe_read_data(read_data):
   line break before the closing boundary and drops it: a file ending in that byte is
   stored one byte short (seen as a truncated TensorBoard record, 1 upload in 256).
   """
-  from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator import server
 
   def part_of(raw: bytes) -> tuple[bytes, bytes]:
     """(headers, body) of one part, split off at the line break before its delimiter."""
     crlf = raw.startswith(b"\r\n")
-    head, _, body = raw[2 if crlf else 1:].partition(b"\r\n\r\n" if crlf else b"\n\n")
+    head, _, body = raw[2 if crlf else 1 :].partition(b"\r\n\r\n" if crlf else b"\n\n")
     return head, body[:-1] if crlf and body.endswith(b"\r") else body
 
   def read(request_handler, query):
     content_type = request_handler.headers.get("Content-Type") or ""
     if not content_type.startswith("multipart/related"):
       return read_data(request_handler, query)
-    raw = server._decode_raw_data(server._read_raw_data(request_handler), request_handler)  # pylint: disable=protected-access
+    raw = server._decode_raw_data(server._read_raw_data(request_handler), request_handler)
     boundary = content_type.split("boundary=", 1)[1].strip().strip('"').encode()
     # A delimiter starts a line: "--BOUNDARY" inside a body is content.
-    (_, meta), (media_head, media) = (part_of(p) for p in (b"\n" + raw).split(b"\n--" + boundary)[1:3])
+    (_, meta), (media_head, media) = (
+      part_of(p) for p in (b"\n" + raw).split(b"\n--" + boundary)[1:3]
+    )
     media_type = re.search(rb"content-type:\s*([^\r\n;]+)", media_head, re.IGNORECASE)
-    return {"meta": json.loads(meta), "content": media,
-            "content-type": media_type.group(1).decode() if media_type else "application/octet-stream"}
+    return {
+      "meta": json.loads(meta),
+      "content": media,
+      "content-type": media_type.group(1).decode() if media_type else "application/octet-stream",
+    }
+
   return read
 
 
@@ -181,11 +201,12 @@ class GcsEmulator:
   """An in-memory GCS (gcp-storage-emulator) on a free localhost port."""
 
   def __init__(self):
-    from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
-    from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
     if not hasattr(server, "emulator_read_data"):
-      server.emulator_read_data = server._read_data  # pylint: disable=protected-access
-      server._read_data = _binary_safe_read_data(server.emulator_read_data)  # pylint: disable=protected-access
+      server.emulator_read_data = server._read_data
+      server._read_data = _binary_safe_read_data(server.emulator_read_data)
     if not hasattr(objects, "emulator_download"):
       objects.emulator_download = objects.download
       # objects.get calls the module's `download` for ?alt=media; the /download routes hold it.
@@ -196,13 +217,14 @@ class GcsEmulator:
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # one line per 404
     self._server = server.create_server("127.0.0.1", 0, in_memory=True)
     self._server.start()
-    self.port = self._server._api._httpd.server_address[1]  # pylint: disable=protected-access
+    self.port = self._server._api._httpd.server_address[1]
     self.endpoint = f"http://127.0.0.1:{self.port}"
     self._buckets = 0
 
   def bucket(self) -> str:
     """A new empty bucket, as a gs:// URL."""
-    import fsspec  # pylint: disable=import-outside-toplevel
+    import fsspec
+
     self._buckets += 1
     name = f"bucket{self._buckets}"
     fsspec.filesystem("gs").mkdir(name)
@@ -214,14 +236,20 @@ class GcsEmulator:
 
   def restart(self) -> None:
     """Answers again on the same port, with the objects it held."""
-    from gcp_storage_emulator.server import APIThread  # pylint: disable=import-outside-toplevel
+    from gcp_storage_emulator.server import APIThread
+
     server = self._server
-    server._api = APIThread("127.0.0.1", self.port, server._storage)  # pylint: disable=protected-access
+    server._api = APIThread("127.0.0.1", self.port, server._storage)
     server.start()
 
 
-_STORAGE_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "EPATH_USE_TF")
+_STORAGE_VARS = (
+  "STORAGE_EMULATOR_HOST",
+  "TENSORSTORE_GCS_HTTP_URL",
+  "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+  "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+  "EPATH_USE_TF",
+)
 
 
 @pytest.fixture(scope="session")
@@ -230,14 +258,16 @@ def gcs_emulator():
 
   STORAGE_EMULATOR_HOST is the whole contract: vit_jax.platform.files derives the rest from it.
   """
-  from vit_jax.platform import files  # pylint: disable=import-outside-toplevel
+  from vit_jax.platform import files
+
   saved = {k: os.environ.get(k) for k in _STORAGE_VARS}
   emulator = GcsEmulator()
   for k in _STORAGE_VARS:
     os.environ.pop(k, None)
   os.environ["STORAGE_EMULATOR_HOST"] = emulator.endpoint
   files.configure_storage()
-  import gcsfs  # pylint: disable=import-outside-toplevel
+  import gcsfs
+
   gcsfs.GCSFileSystem.clear_instance_cache()  # one made before would keep the real endpoint
   yield emulator
   emulator.stop()

@@ -1,15 +1,18 @@
-"""Small real datasets for input tests: encoded image files in folders, and a locally built TFDS dataset.
+"""Small real datasets for input tests: encoded image files in folders, and a locally built TFDS
+dataset.
 
 Images are colour-coded by class (class c has channel c bright, the others
 dark, plus texture), so a test can tell an image's class from its pixels after
 any crop, flip or resize, and check that images and labels stay together.
 """
+
 from __future__ import annotations
 
 import io
 import os
 import zlib
-from typing import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -23,8 +26,13 @@ def class_image(label: int, seed: int, height: int = 24, width: int = 32) -> np.
   base = np.full((height, width, 3), 50.0)
   base[..., label % 3] = 200.0
   coarse = rng.normal(0.0, 25.0, (max(height // 6, 2), max(width // 6, 2), 3)).astype(np.float32)
-  texture = np.stack([np.asarray(Image.fromarray(coarse[..., c], "F").resize((width, height), Image.BILINEAR))
-                      for c in range(3)], axis=-1)
+  texture = np.stack(
+    [
+      np.asarray(Image.fromarray(coarse[..., c], "F").resize((width, height), Image.BILINEAR))
+      for c in range(3)
+    ],
+    axis=-1,
+  )
   return np.clip(base + texture, 0, 255).astype(np.uint8)
 
 
@@ -49,12 +57,12 @@ def write_mode_images(directory: str, seed: int = 0) -> dict[str, str]:
   """One 70x50 image in each format and mode that decoding must bring to RGB, by file name."""
   rgb = np.random.default_rng(seed).uniform(0, 255, (50, 70, 3)).astype(np.uint8)
   images = {
-      "rgb.jpg": Image.fromarray(rgb),
-      "gray.png": Image.fromarray(rgb[..., 0]),
-      "palette.png": Image.fromarray(rgb).convert("P"),
-      "alpha.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
-      "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
-      "pic.bmp": Image.fromarray(rgb[::-1]),
+    "rgb.jpg": Image.fromarray(rgb),
+    "gray.png": Image.fromarray(rgb[..., 0]),
+    "palette.png": Image.fromarray(rgb).convert("P"),
+    "alpha.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
+    "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+    "pic.bmp": Image.fromarray(rgb[::-1]),
   }
   paths = {}
   for name, im in images.items():
@@ -63,8 +71,14 @@ def write_mode_images(directory: str, seed: int = 0) -> dict[str, str]:
   return paths
 
 
-def write_folder(root: str, counts: Mapping[str, Mapping[str, int]], *, ext: str = "png",
-                 size: tuple[int, int] = (24, 32), seed: int = 0) -> dict[str, list[str]]:
+def write_folder(
+  root: str,
+  counts: Mapping[str, Mapping[str, int]],
+  *,
+  ext: str = "png",
+  size: tuple[int, int] = (24, 32),
+  seed: int = 0,
+) -> dict[str, list[str]]:
   """ROOT/{split}/{class}/{i}.{ext}; counts = {split: {class_name: n}}; returns paths per split.
 
   The class index (for the colour) is the class name's place in sorted order.
@@ -78,24 +92,38 @@ def write_folder(root: str, counts: Mapping[str, Mapping[str, int]], *, ext: str
       for i in range(n):
         k += 1
         data = encode(class_image(names.index(cls), k, *size), fmt)
-        out.setdefault(split, []).append(write_file(os.path.join(root, split, cls, f"{i:04d}.{ext}"), data))
+        out.setdefault(split, []).append(
+          write_file(os.path.join(root, split, cls, f"{i:04d}.{ext}"), data)
+        )
   return out
 
 
 def odd_images(label: int = 0, seed: int = 0) -> dict[str, bytes]:
-  """The awkward inputs: grayscale, palette, RGBA and LA PNGs, CMYK and grayscale JPEGs, palette BMP."""
+  """The awkward inputs: grayscale, palette, RGBA and LA PNGs, CMYK and grayscale JPEGs, palette
+  BMP.
+  """
   a = class_image(label, seed, 28, 20)
-  return {"gray.png": encode(a, "PNG", "L"), "palette.png": encode(a, "PNG", "P"),
-          "rgba.png": encode(a, "PNG", "RGBA"), "la.png": encode(a, "PNG", "LA"),
-          "cmyk.jpg": encode(a, "JPEG", "CMYK"), "gray.jpg": encode(a, "JPEG", "L"),
-          "palette.bmp": encode(a, "BMP", "P"), "rgb.webp": encode(a, "WEBP", lossless=True)}
+  return {
+    "gray.png": encode(a, "PNG", "L"),
+    "palette.png": encode(a, "PNG", "P"),
+    "rgba.png": encode(a, "PNG", "RGBA"),
+    "la.png": encode(a, "PNG", "LA"),
+    "cmyk.jpg": encode(a, "JPEG", "CMYK"),
+    "gray.jpg": encode(a, "JPEG", "L"),
+    "palette.bmp": encode(a, "BMP", "P"),
+    "rgb.webp": encode(a, "WEBP", lossless=True),
+  }
 
 
 def corrupt_images() -> dict[str, bytes]:
   """Files with image names that no decoder can read."""
   jpeg = encode(class_image(0, 1), "JPEG")
-  return {"truncated.jpg": jpeg[: len(jpeg) // 3], "garbage.png": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
-          "empty.jpg": b"", "text.jpeg": b"this is not an image\n"}
+  return {
+    "truncated.jpg": jpeg[: len(jpeg) // 3],
+    "garbage.png": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
+    "empty.jpg": b"",
+    "text.jpeg": b"this is not an image\n",
+  }
 
 
 # -- TFDS --------------------------------------------------------------------------
@@ -111,11 +139,13 @@ def tfds_tags(i: int) -> list[int]:
 
 
 def _builder_class(multilabel: bool):
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
 
-  # Not registered: the pipeline must find it by name in the data_dir, as it finds prepared datasets.
+  # Not registered: the pipeline must find it by name in the data_dir, as it finds prepared
+  # datasets.
   class VitJaxTestImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Colour-coded JPEGs of varied sizes in three classes (multi-label: plus 'even')."""
+
     VERSION = tfds.core.Version("1.0.0")
     name = TFDS_MULTILABEL_NAME if multilabel else TFDS_NAME
 
@@ -124,9 +154,16 @@ def _builder_class(multilabel: bool):
         label = tfds.features.Sequence(tfds.features.ClassLabel(names=[*CLASS_COLOURS, "even"]))
       else:
         label = tfds.features.ClassLabel(names=list(CLASS_COLOURS))
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-          "label": label, "id": tfds.features.Scalar(np.int64)}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": label,
+            "id": tfds.features.Scalar(np.int64),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -136,21 +173,39 @@ def _builder_class(multilabel: bool):
       offset = 0 if split == "train" else 1000
       for i in range(n):
         h, w = 20 + (i * 7) % 21, 24 + (i * 5) % 17
-        yield f"{split}-{i}", {"image": class_image(i % 3, offset + i, h, w),
-                               "label": tfds_tags(i) if multilabel else i % 3, "id": offset + i}
+        yield (
+          f"{split}-{i}",
+          {
+            "image": class_image(i % 3, offset + i, h, w),
+            "label": tfds_tags(i) if multilabel else i % 3,
+            "id": offset + i,
+          },
+        )
 
   return VitJaxTestImages
 
 
 def build_tfds(data_dir: str, num_shards: int = 4, multilabel: bool = False) -> str:
   """Prepares a test dataset in `data_dir` (no network); returns its name."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
+
   builder = _builder_class(multilabel)(data_dir=data_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))
   return builder.name
 
 
-CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_NAMES = (
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+)
 
 
 def build_small_cifar10(data_dir: str, train: int = 100, test: int = 20) -> str:
@@ -159,7 +214,7 @@ def build_small_cifar10(data_dir: str, train: int = 100, test: int = 20) -> str:
   `tfds.builder('cifar10', data_dir=...)` then loads it with the real cifar10
   builder, so the cifar10 split presets are exercised without a download.
   """
-  from tensorflow_datasets.image_classification import cifar  # pylint: disable=import-outside-toplevel
+  from tensorflow_datasets.image_classification import cifar
 
   class SmallCifar10(cifar.Cifar10, skip_registration=True):
     name = "cifar10"
@@ -179,18 +234,32 @@ def build_small_cifar10(data_dir: str, train: int = 100, test: int = 20) -> str:
   return "cifar10"
 
 
-def write_digits(root: str, classes: Sequence[int], size: int = 32, seed: int = 0) -> dict[str, int]:
-  """scikit-learn's handwritten digits of `classes` as ROOT/{train,val,test}/digit_K/*.png (60/15/25%)."""
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+def write_digits(
+  root: str, classes: Sequence[int], size: int = 32, seed: int = 0
+) -> dict[str, int]:
+  """scikit-learn's handwritten digits of `classes` as ROOT/{train,val,test}/digit_K/*.png
+  (60/15/25%).
+  """
+  from sklearn.datasets import load_digits
+
   digits = load_digits()
-  ids = [i for i in np.random.default_rng(seed).permutation(len(digits.target))
-         if digits.target[i] in classes]
+  ids = [
+    i
+    for i in np.random.default_rng(seed).permutation(len(digits.target))
+    if digits.target[i] in classes
+  ]
   n = len(ids)
-  parts = {"train": ids[:int(0.6 * n)], "val": ids[int(0.6 * n):int(0.75 * n)], "test": ids[int(0.75 * n):]}
+  parts = {
+    "train": ids[: int(0.6 * n)],
+    "val": ids[int(0.6 * n) : int(0.75 * n)],
+    "test": ids[int(0.75 * n) :],
+  }
   for split, part in parts.items():
     for i in part:
       d = os.path.join(root, split, f"digit_{digits.target[i]}")
       os.makedirs(d, exist_ok=True)
       pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)  # the digits are 0..16
-      Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(os.path.join(d, f"{i:04d}.png"))
+      Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(
+        os.path.join(d, f"{i:04d}.png")
+      )
   return {split: len(part) for split, part in parts.items()}

@@ -1,4 +1,7 @@
-"""`vit-jax aot --search`: the pruning (against models of the compiler), the JSON contract and --apply."""
+"""`vit-jax aot --search`: the pruning (against models of the compiler), the JSON contract and
+--apply.
+"""
+
 import json
 import os
 import random
@@ -7,9 +10,9 @@ import sys
 
 import pytest
 
+from vit_jax.config import config_args
 from vit_jax.planning import aot
 from vit_jax.planning import aot_search
-from vit_jax.config import config_args
 from vit_jax.planning import tpus
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
@@ -34,20 +37,40 @@ class Model:
     self.calls = []
 
   def memory(self, v):
-    act = self.act * (self.bf16 if v.dtype == "bfloat16" else 1.0) * self.remat_mem[v.remat] / v.accum_steps
+    act = (
+      self.act
+      * (self.bf16 if v.dtype == "bfloat16" else 1.0)
+      * self.remat_mem[v.remat]
+      / v.accum_steps
+    )
     return act + self.state[v.mesh]
 
   def time(self, v):
-    return (self.remat_time[v.remat] * (self.fp32_time if v.dtype == "float32" else 1.0)
-            * (1 + self.accum_cost * (v.accum_steps - 1)) * (self.fsdp_time if v.mesh == "fsdp" else 1.0))
+    return (
+      self.remat_time[v.remat]
+      * (self.fp32_time if v.dtype == "float32" else 1.0)
+      * (1 + self.accum_cost * (v.accum_steps - 1))
+      * (self.fsdp_time if v.mesh == "fsdp" else 1.0)
+    )
 
   def __call__(self, v):
     self.calls.append(v)
     peak = self.memory(v)
     if peak > USABLE:
-      return {"fits": False, "hbm_peak_bytes": peak, "hbm_limit_bytes": USABLE, "error": "out of memory"}
-    return {"fits": True, "hbm_peak_bytes": peak, "hbm_limit_bytes": USABLE, "flops_per_device": 1.0,
-            "estimated_step_seconds": self.time(v), "model_flops_per_image": 1.0}
+      return {
+        "fits": False,
+        "hbm_peak_bytes": peak,
+        "hbm_limit_bytes": USABLE,
+        "error": "out of memory",
+      }
+    return {
+      "fits": True,
+      "hbm_peak_bytes": peak,
+      "hbm_limit_bytes": USABLE,
+      "flops_per_device": 1.0,
+      "estimated_step_seconds": self.time(v),
+      "model_flops_per_image": 1.0,
+    }
 
 
 def _search(model, batch=4096, headroom=0.1):
@@ -71,7 +94,9 @@ def test_pruned_search_finds_the_exhaustive_searchs_answer():
       continue
     assert best_pruned is not None and best_pruned["variant"] == best_all["variant"], seed
     # Every eligible variant of the exhaustive search is at least as slow as the answer.
-    assert all(r["step_seconds"] >= best_pruned["step_seconds"] for r in everything if r["eligible"])
+    assert all(
+      r["step_seconds"] >= best_pruned["step_seconds"] for r in everything if r["eligible"]
+    )
     assert len(pruned) == len(everything) == 2 * 3 * 5 * 2  # accum 1..16
     compiled.append(n_pruned / len(everything))
   # Measured over these seeds: the pruned search compiles 3-30% of the grid, 13% on average.
@@ -83,7 +108,9 @@ def test_accumulation_grows_only_until_a_variant_fits():
     model = Model(random.Random(seed))
     rows = list(_search(model).run())
     for chain in {(r["dtype"], r["remat"], r["mesh"]) for r in rows}:
-      compiled = [r for r in rows if (r["dtype"], r["remat"], r["mesh"]) == chain and "skipped" not in r]
+      compiled = [
+        r for r in rows if (r["dtype"], r["remat"], r["mesh"]) == chain and "skipped" not in r
+      ]
       first = min((r["accum_steps"] for r in compiled if r["eligible"]), default=None)
       if first is not None:
         assert max(r["accum_steps"] for r in compiled) == first, (seed, chain)
@@ -99,9 +126,13 @@ def test_skipped_variants_say_which_result_ruled_them_out():
     cause = r["skipped"].split(" of ", 1)[1].split(", which")[0]
     assert "skipped" not in by_label[cause], r  # the cause was compiled
     if r["skipped"].startswith("keeps"):
-      assert not by_label[cause]["eligible"] and model.memory(_variant(r)) >= model.memory(_variant(by_label[cause]))
+      assert not by_label[cause]["eligible"] and model.memory(_variant(r)) >= model.memory(
+        _variant(by_label[cause])
+      )
     else:
-      assert by_label[cause]["eligible"] and model.time(_variant(r)) >= by_label[cause]["step_seconds"]
+      assert (
+        by_label[cause]["eligible"] and model.time(_variant(r)) >= by_label[cause]["step_seconds"]
+      )
 
 
 def _variant(row):
@@ -110,11 +141,17 @@ def _variant(row):
 
 def test_check_rules_reports_a_compiler_that_breaks_them():
   model = Model(random.Random(3))
-  model.remat_time = {"none": 1.0, "dots": 1.1, "full": 0.9}  # full remat faster than none: breaks the time rule
+  model.remat_time = {
+    "none": 1.0,
+    "dots": 1.1,
+    "full": 0.9,
+  }  # full remat faster than none: breaks the time rule
   model.act = 10  # everything fits
   rows = list(_search(model).run(exhaustive=True))
   broken = aot_search.check_rules(rows)
-  assert broken and all(b.startswith("time: ") and "/full/" in b.split(" is faster")[0] for b in broken)
+  assert broken and all(
+    b.startswith("time: ") and "/full/" in b.split(" is faster")[0] for b in broken
+  )
 
 
 def test_nothing_eligible_gives_no_recommendation():
@@ -133,8 +170,12 @@ def test_variant_overrides_set_the_config():
   applied = config_args.load_config(["--config", TINY, *v.overrides()])
   direct = v.apply(config)
   for c in (applied, direct):
-    assert (c.model.dtype, c.model.remat, c.model.remat_policy, c.accum_steps) == \
-        ("bfloat16", True, "dots_with_no_batch_dims_saveable", 4)
+    assert (c.model.dtype, c.model.remat, c.model.remat_policy, c.accum_steps) == (
+      "bfloat16",
+      True,
+      "dots_with_no_batch_dims_saveable",
+      4,
+    )
     assert (c.mesh.data, c.mesh.fsdp) == (1, -1)
   assert config.model.remat is False  # apply copies
 
@@ -148,26 +189,54 @@ def test_accum_choices_keep_a_whole_micro_batch_per_device():
 
 # -- the real compiler, on the tiny config ---------------------------------------------
 
+
 def _aot(*args, cwd=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "vit_jax.cli", "aot", *args], env=env, cwd=cwd,
-                        capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+    [sys.executable, "-m", "vit_jax.cli", "aot", *args],
+    env=env,
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
 
 
 @pytest.mark.slow
 def test_search_json_contract_and_apply(tmp_path):
   applied = tmp_path / "tiny_v3_8.py"
-  proc = _aot("--config", TINY, "--topology", "v3-8", "--num-classes", "10", "--config.batch_size=64",
-              "--config.base_lr=0.123", "--search", "--json-only", "--apply", str(applied))
+  proc = _aot(
+    "--config",
+    TINY,
+    "--topology",
+    "v3-8",
+    "--num-classes",
+    "10",
+    "--config.batch_size=64",
+    "--config.base_lr=0.123",
+    "--search",
+    "--json-only",
+    "--apply",
+    str(applied),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
   rows, result = lines[:-1], lines[-1]
   assert len(rows) == 2 * 3 * 4 * 2  # accum 1, 2, 4, 8 for 8 per device
-  assert set(result) >= {"recommended", "estimated_step_seconds", "hbm_peak_bytes", "mfu", "searched"}
+  assert set(result) >= {
+    "recommended",
+    "estimated_step_seconds",
+    "hbm_peak_bytes",
+    "mfu",
+    "searched",
+  }
   assert result["searched"] == sum(1 for r in rows if "skipped" not in r) < len(rows)
   top = aot_search.best(rows)
-  assert result["estimated_step_seconds"] == top["step_seconds"] and result["hbm_peak_bytes"] == top["hbm_peak_bytes"]
+  assert (
+    result["estimated_step_seconds"] == top["step_seconds"]
+    and result["hbm_peak_bytes"] == top["hbm_peak_bytes"]
+  )
   assert all(r["step_seconds"] >= top["step_seconds"] for r in rows if r.get("eligible"))
   assert top["headroom"] >= 0.1 and 0 < result["mfu"] < 1
   # The written config imports the original, keeps the user's override, sets the answer,
@@ -182,9 +251,22 @@ def test_search_json_contract_and_apply(tmp_path):
   assert (report["dtype"], report["accum_steps"]) == (top["dtype"], top["accum_steps"])
   assert report["hbm_peak_bytes"] == top["hbm_peak_bytes"]  # the same program, compiled again
   # --apply never overwrites.
-  again = _aot("--config", TINY, "--topology", "v3-8", "--num-classes", "10", "--search", "--apply", str(applied))
-  assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == \
-      f"vit-jax aot: error: --apply {applied}: the file exists; give a new path"
+  again = _aot(
+    "--config",
+    TINY,
+    "--topology",
+    "v3-8",
+    "--num-classes",
+    "10",
+    "--search",
+    "--apply",
+    str(applied),
+  )
+  assert (
+    again.returncode == 2
+    and again.stderr.strip().splitlines()[-1]
+    == f"vit-jax aot: error: --apply {applied}: the file exists; give a new path"
+  )
   assert applied.read_text() == text
 
 
@@ -207,8 +289,9 @@ def test_accumulation_counts_every_micro_batch():
 
 @pytest.mark.slow
 def test_a_step_time_the_compiler_does_not_give_is_derived():
-  config = config_args.load_config(["--config", TINY, "--config.batch_size=1024",
-                                     "--config.eval_batch_size=1024"])
+  config = config_args.load_config(
+    ["--config", TINY, "--config.batch_size=1024", "--config.eval_batch_size=1024"]
+  )
   # libtpu 0.0.50.1 gives no estimate (-1 plus a small number) for this program on v4-32,
   # nor for its 64 images per device on one v4 chip: the roofline stands in for the chip.
   report = aot.check(config, "v4-32", 10)
@@ -217,11 +300,14 @@ def test_a_step_time_the_compiler_does_not_give_is_derived():
   assert t["compiler_optimal_seconds"] < 0
   assert report["step_seconds_source"] == "derived (roofline)"
   v4 = tpus.CHIPS["v4"]
-  assert t["chip_step_seconds"] == max(t["flops_per_device"] / 275e12, t["bytes_accessed_per_device"] / 1200e9)
+  assert t["chip_step_seconds"] == max(
+    t["flops_per_device"] / 275e12, t["bytes_accessed_per_device"] / 1200e9
+  )
   params = aot.Program(config, tpus.TOPOLOGIES["v4-8"], 10).param_bytes()
   chips = 16  # 2x2x4
-  assert t["collective_seconds"] == pytest.approx(2 * (chips - 1) / chips * params / v4.allreduce_bytes_per_s,
-                                                  rel=1e-12)
+  assert t["collective_seconds"] == pytest.approx(
+    2 * (chips - 1) / chips * params / v4.allreduce_bytes_per_s, rel=1e-12
+  )
   assert report["step_seconds"] == t["chip_step_seconds"] + t["collective_seconds"]
   assert 0 < report["mfu"] < 1
   # Where one chip gets an estimate (v3 at 32 per device), it is the chip's time; FSDP
@@ -229,22 +315,29 @@ def test_a_step_time_the_compiler_does_not_give_is_derived():
   config.mesh.data, config.mesh.fsdp = 1, -1
   derived = aot.derived_step_seconds(config, tpus.TOPOLOGIES["v3-32"], 10)
   assert derived["chip_step_source"] == "compiler" and derived["chip_step_seconds"] > 0
-  assert derived["collective_seconds"] == pytest.approx(3 * 15 / 16 * params / (340e12 / 1024), rel=1e-12)
+  assert derived["collective_seconds"] == pytest.approx(
+    3 * 15 / 16 * params / (340e12 / 1024), rel=1e-12
+  )
 
 
 @pytest.mark.slow
 def test_a_batch_smaller_than_the_slice_gets_a_model_axis():
   # 4 images over 8 v3 cores: no data-parallel mesh gives each core one; the tiny ViT's
   # 2 heads split over a model axis of 2 leave 4 data devices.
-  config = config_args.load_config(["--config", TINY, "--config.batch_size=4", "--config.eval_batch_size=4"])
+  config = config_args.load_config(
+    ["--config", TINY, "--config.batch_size=4", "--config.eval_batch_size=4"]
+  )
   search = aot_search.Search(config, tpus.TOPOLOGIES["v3-8"], 10)
   assert search.model_axis == 2 and search.accums == [1]
   rows = list(search.run())
   result = aot_search.summary(rows, search)
   assert "--config.mesh.model=2" in result["recommended"] and result["estimated_step_seconds"] > 0
   with pytest.raises(Exception, match="splits over no data axis"):
-    aot_search.Search(config_args.load_config(["--config", TINY, "--config.batch_size=3"]),
-                      tpus.TOPOLOGIES["v3-8"], 10)
+    aot_search.Search(
+      config_args.load_config(["--config", TINY, "--config.batch_size=3"]),
+      tpus.TOPOLOGIES["v3-8"],
+      10,
+    )
 
 
 def test_readme_lists_the_tpu_table():
@@ -253,6 +346,6 @@ def test_readme_lists_the_tpu_table():
   assert block == tpus.markdown_table()
   # Per device: a v3 chip is two JAX devices.
   v3 = tpus.CHIPS["v3"]
-  assert v3.hbm_bytes_per_device == 16 * 1024 ** 3 and v3.peak_flops_per_device == 61.5e12
+  assert v3.hbm_bytes_per_device == 16 * 1024**3 and v3.peak_flops_per_device == 61.5e12
   assert tpus.TOPOLOGIES["v3-8"].devices == 8 and tpus.TOPOLOGIES["v4-32"].devices == 16
   assert tpus.TOPOLOGIES["v6e-256"].chips == 256

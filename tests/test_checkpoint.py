@@ -1,4 +1,5 @@
 """The original .npz checkpoints: strict loading, adaptation, saving, and bad files."""
+
 import errno
 import io
 import os
@@ -9,16 +10,16 @@ import sys
 import textwrap
 import zipfile
 
+import ckpt_fixtures as cf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import ckpt_fixtures as cf
-from vit_jax.weights import checkpoint
-from vit_jax.platform import files
 from vit_jax import models
 from vit_jax.models import layout
+from vit_jax.platform import files
+from vit_jax.weights import checkpoint
 
 SPEC = cf.Spec()  # Ti-width, 2 blocks, patch 16, 32 px, 10 classes
 
@@ -42,7 +43,11 @@ def test_load_renames_pre_linen_and_keeps_arrays(original):
     np.testing.assert_array_equal(cf.get(tree, cf.linen_key(key)), value)
   assert "MlpBlock_3" not in tree["Transformer"]["encoderblock_0"]
   assert set(tree["Transformer"]["encoderblock_1"]) == {
-      "LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"}
+    "LayerNorm_0",
+    "MultiHeadDotProductAttention_0",
+    "LayerNorm_1",
+    "MlpBlock_0",
+  }
 
 
 @pytest.mark.parametrize("prefix", ["", "opt/target/"])
@@ -100,7 +105,11 @@ def test_scanned_model_loads_and_saves(original, tmp_path):
   scanned = _model(scan=True)
   p_plain = checkpoint.load_pretrained(path, plain)
   p_scan = checkpoint.load_pretrained(path, scanned)
-  assert p_scan["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"].shape == (2, 192, 384)
+  assert p_scan["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"].shape == (
+    2,
+    192,
+    384,
+  )
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1)
   ref = plain.apply({"params": p_plain}, x)
   # Two compiled programs (a loop over stacked blocks, and the blocks unrolled), free to sum in
@@ -108,13 +117,16 @@ def test_scanned_model_loads_and_saves(original, tmp_path):
   # the path (K = 5 to 768) = 1.5e-5 of the largest logit. Measured: 1.5e-6 (AMD AVX2;
   # YNNPACK, Eigen or oneDNN dots; max ISA SSE4.2 to AVX2) and 1.7e-6 (Intel AVX-512 with
   # AMX), the largest logit being 1.66.
-  np.testing.assert_allclose(scanned.apply({"params": p_scan}, x), ref, rtol=0,
-                             atol=2e-5 * float(np.abs(ref).max()))
+  np.testing.assert_allclose(
+    scanned.apply({"params": p_scan}, x), ref, rtol=0, atol=2e-5 * float(np.abs(ref).max())
+  )
   checkpoint.save(p_scan, str(tmp_path / "scan.npz"))
   with np.load(tmp_path / "scan.npz") as saved:
     assert set(saved.files) == set(arrays)
-    np.testing.assert_array_equal(saved["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"],
-                                  arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"])
+    np.testing.assert_array_equal(
+      saved["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"],
+      arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"],
+    )
 
 
 def test_head_is_reset_when_classes_differ_or_when_asked(original):
@@ -157,7 +169,8 @@ def test_posemb_is_resized_keeping_the_class_token(tmp_path):
   slope = np.linspace(-1, 1, d)
   grid = (r[..., None] * slope + c[..., None] * 0.5).reshape(1, 16, d).astype(np.float32)
   arrays["Transformer/posembed_input/pos_embedding"] = np.concatenate(
-      [np.full((1, 1, d), 7.0, np.float32), grid], axis=1)
+    [np.full((1, 1, d), 7.0, np.float32), grid], axis=1
+  )
   np.savez(tmp_path / "g4.npz", **arrays)
   params = checkpoint.load_pretrained(str(tmp_path / "g4.npz"), _model(image_size=112))  # 7x7 grid
   pe = params["Transformer"]["posembed_input"]["pos_embedding"]
@@ -200,9 +213,11 @@ def test_posemb_resize_is_the_corner_aligned_order_1_zoom(g_old, g_new):
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):
   path = _write(tmp_path, cf.Spec(mlp=256))
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=r"Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias has shape \(256,\), "
-                           r"expected \(384,\)"):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=r"Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias has shape \(256,\), "
+    r"expected \(384,\)",
+  ):
     checkpoint.load_pretrained(str(path), _model())
 
 
@@ -210,8 +225,10 @@ def test_missing_and_unexpected_keys(tmp_path):
   arrays = cf.original_arrays(SPEC)
   del arrays["Transformer/encoderblock_1/LayerNorm_2/scale"]
   np.savez(tmp_path / "missing.npz", **arrays)
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=r"missing key 'Transformer/encoderblock_1/LayerNorm_1/scale' \(shape \(192,\)\)"):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=r"missing key 'Transformer/encoderblock_1/LayerNorm_1/scale' \(shape \(192,\)\)",
+  ):
     checkpoint.load_pretrained(str(tmp_path / "missing.npz"), _model())
   arrays = cf.original_arrays(SPEC)
   arrays["Transformer/extra/kernel"] = np.zeros((3,), np.float32)
@@ -219,7 +236,9 @@ def test_missing_and_unexpected_keys(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="unexpected key 'Transformer/extra/kernel'"):
     checkpoint.load_pretrained(str(tmp_path / "extra.npz"), _model())
   # A deeper file does not silently load into a shallower model.
-  with pytest.raises(checkpoint.CheckpointError, match="unexpected key 'Transformer/encoderblock_2/"):
+  with pytest.raises(
+    checkpoint.CheckpointError, match="unexpected key 'Transformer/encoderblock_2/"
+  ):
     checkpoint.load_pretrained(str(_write(tmp_path, cf.Spec(layers=3), "deep.npz")), _model())
 
 
@@ -227,11 +246,15 @@ def test_non_square_grid_and_wrong_width(tmp_path):
   arrays = cf.original_arrays(SPEC)
   arrays["Transformer/posembed_input/pos_embedding"] = np.zeros((1, 1 + 6, 192), np.float32)
   np.savez(tmp_path / "rect.npz", **arrays)
-  with pytest.raises(checkpoint.CheckpointError, match="6 patch positions do not form a square grid"):
+  with pytest.raises(
+    checkpoint.CheckpointError, match="6 patch positions do not form a square grid"
+  ):
     checkpoint.load_pretrained(str(tmp_path / "rect.npz"), _model(image_size=48))
   arrays["Transformer/posembed_input/pos_embedding"] = np.zeros((1, 5, 64), np.float32)
   np.savez(tmp_path / "narrow.npz", **arrays)
-  with pytest.raises(checkpoint.CheckpointError, match=r"has shape \(1, 5, 64\), expected \(1, 5, 192\)"):
+  with pytest.raises(
+    checkpoint.CheckpointError, match=r"has shape \(1, 5, 64\), expected \(1, 5, 192\)"
+  ):
     checkpoint.load_pretrained(str(tmp_path / "narrow.npz"), _model())
 
 
@@ -297,8 +320,10 @@ def test_remote_paths_go_through_the_file_layer(original, tmp_path, monkeypatch,
       np.testing.assert_array_equal(cf.get(tree, cf.linen_key(key)), value, err_msg=key)
     # Fresh values, so that the file read back can only match if the save wrote them.
     rng = np.random.default_rng(1)
-    params = jax.tree_util.tree_map(lambda v: rng.normal(size=v.shape).astype(np.float32),
-                                    checkpoint.load_pretrained(url, _model()))
+    params = jax.tree_util.tree_map(
+      lambda v, rng=rng: rng.normal(size=v.shape).astype(np.float32),
+      checkpoint.load_pretrained(url, _model()),
+    )
     want = layout.flatten(params)
     checkpoint.save(params, f"{root}/out.npz")
     back = layout.flatten(checkpoint.load_pretrained(f"{root}/out.npz", _model()))
@@ -312,7 +337,9 @@ def test_remote_paths_go_through_the_file_layer(original, tmp_path, monkeypatch,
     with pytest.raises(checkpoint.CheckpointError, match=f"^{root}/none.npz: no such file$"):
       checkpoint.load(f"{root}/none.npz")
   assert not os.listdir(".")  # nothing local
-  with pytest.raises(checkpoint.CheckpointError, match="^gs://nobucket/x.npz: no such bucket gs://nobucket$"):
+  with pytest.raises(
+    checkpoint.CheckpointError, match="^gs://nobucket/x.npz: no such bucket gs://nobucket$"
+  ):
     checkpoint.load("gs://nobucket/x.npz")
 
 
@@ -341,8 +368,13 @@ def test_failed_save_leaves_the_old_file(tmp_path, original):
         sys.exit(0)
       sys.exit("the save went through")
   """)
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  r = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.strip() == f"refused: {errno.EFBIG}"
   assert os.path.getsize(path) > 4096, "the checkpoint must be larger than the limit"

@@ -1,4 +1,5 @@
 """.ci/run picks a Python >= 3.12 by itself, or stops with one line saying what to install."""
+
 import os
 import pathlib
 import shutil
@@ -13,7 +14,9 @@ CI = ROOT / ".ci" / "run"
 
 def _fake_python(path: pathlib.Path, version: tuple[int, int]) -> str:
   """A `python` that answers the version check the script makes, as that version would."""
-  path.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.exit({version} < (3, 12))'\n")
+  path.write_text(
+    f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.exit({version} < (3, 12))'\n"
+  )
   path.chmod(0o755)
   return str(path)
 
@@ -26,8 +29,13 @@ def _which(bin_dir: pathlib.Path, **env):
       (bin_dir / tool).symlink_to(shutil.which(tool))
   path = str(bin_dir)
   clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYENV", "VIT_JAX_PYTHON"))}
-  return subprocess.run([shutil.which("bash"), str(CI), "--which-python"], capture_output=True, text=True,
-                        env=dict(clean, PATH=path, **env), timeout=60)
+  return subprocess.run(
+    [shutil.which("bash"), str(CI), "--which-python"],
+    capture_output=True,
+    text=True,
+    env=dict(clean, PATH=path, **env),
+    timeout=60,
+  )
 
 
 @pytest.fixture

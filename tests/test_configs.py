@@ -1,4 +1,7 @@
-"""The config schema: declared once, every recipe within it, every key overridable, no reader defaults."""
+"""The config schema: declared once, every recipe within it, every key overridable, no reader
+defaults.
+"""
+
 import ast
 import os
 
@@ -6,8 +9,8 @@ import pytest
 
 from vit_jax import cli
 from vit_jax.config import config_args
-from vit_jax.config import schema
 from vit_jax.config import recipes
+from vit_jax.config import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "vit_jax")
@@ -42,8 +45,10 @@ def test_every_recipe_sets_declared_keys_only_with_their_types(name):
 
 
 def test_a_config_file_cannot_add_a_key(tmp_path):
-  (tmp_path / "typo.py").write_text("from vit_jax.config import schema\n\ndef get_config():\n"
-                                    "  c = schema.base()\n  c.base_rate = 0.1\n  return c\n")
+  (tmp_path / "typo.py").write_text(
+    "from vit_jax.config import schema\n\ndef get_config():\n"
+    "  c = schema.base()\n  c.base_rate = 0.1\n  return c\n"
+  )
   with pytest.raises(AttributeError, match='"base_rate" does not exist'):
     recipes.read(str(tmp_path / "typo.py"))
 
@@ -73,7 +78,9 @@ def test_every_declared_key_is_overridable_and_keeps_its_type(key):
       config = config_args.load_config(["--config", "tiny", f"--config.{key}={text}", *args])
       assert _flat(config)[key] is None
   else:
-    with pytest.raises(ValueError, match=f"{key} is not optional; it takes a {field.type.__name__}"):
+    with pytest.raises(
+      ValueError, match=f"{key} is not optional; it takes a {field.type.__name__}"
+    ):
       config_args.load_config(["--config", "tiny", f"--config.{key}=None"])
 
 
@@ -85,8 +92,9 @@ def test_a_wrong_type_is_a_one_line_error():
 
 
 def test_unset_pretrained_trains_from_scratch_in_the_folder_recipe():
-  config = config_args.load_config(["--config", "vit_folder", "--config.pretrained=None",
-                            "--config.folder=/data/flowers"])
+  config = config_args.load_config(
+    ["--config", "vit_folder", "--config.pretrained=None", "--config.folder=/data/flowers"]
+  )
   assert config.pretrained is None and config.folder == "/data/flowers"
 
 
@@ -95,22 +103,34 @@ def test_help_config_lists_every_key_with_the_recipe_values(capsys):
   out = capsys.readouterr().out
   for key in schema.FIELDS:
     assert f"  {key} " in out, key
-  assert "0.5" in next(l for l in out.splitlines() if l.strip().startswith("base_lr "))
+  assert "0.5" in next(line for line in out.splitlines() if line.strip().startswith("base_lr "))
   assert cli.main(["eval", "--help-config"]) == 0  # no --config: the defaults
   assert "  model.head_bias_init " in capsys.readouterr().out
 
 
 # -- no module reads a key that is not declared, or supplies a default of its own ---------------
 
-_CONFIG_METHODS = {"to_dict", "to_json_best_effort", "lock", "unlock", "update", "items", "keys",
-                   "copy_and_resolve_references"}
+_CONFIG_METHODS = {
+  "to_dict",
+  "to_json_best_effort",
+  "lock",
+  "unlock",
+  "update",
+  "items",
+  "keys",
+  "copy_and_resolve_references",
+}
 
 
 def _config_reads(tree):
   """(dotted key, line) for attribute reads on `config`, `self.config`, and `c = ...config`."""
   aliases = {"config"}
   for node in ast.walk(tree):  # `c = self.config` and the like
-    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+    if (
+      isinstance(node, ast.Assign)
+      and len(node.targets) == 1
+      and isinstance(node.targets[0], ast.Name)
+    ):
       src = ast.unparse(node.value)
       if src in ("self.config", "config", "setup.config", "self.setup.config"):
         aliases.add(node.targets[0].id)
@@ -123,7 +143,12 @@ def _config_reads(tree):
       base = base.value
     if not isinstance(base, ast.Name):
       continue
-    if base.id == "self" and chain[:1] == ["config"] or base.id in ("setup",) and chain[:1] == ["config"]:
+    if (
+      base.id == "self"
+      and chain[:1] == ["config"]
+      or base.id in ("setup",)
+      and chain[:1] == ["config"]
+    ):
       chain = chain[1:]
     elif base.id not in aliases:
       continue
@@ -160,4 +185,11 @@ def test_modules_read_declared_keys_only_and_never_with_a_default():
   assert not undeclared, undeclared
   assert not defaults, f"config.get(...) with a default of its own: {defaults}"
   # The scan sees the readers: a scan that found nothing would pass vacuously.
-  assert {"base_lr", "batch_size", "pretrained", "loss", "async_checkpointing", "checkpoint_every"} <= seen
+  assert {
+    "base_lr",
+    "batch_size",
+    "pretrained",
+    "loss",
+    "async_checkpointing",
+    "checkpoint_every",
+  } <= seen

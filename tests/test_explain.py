@@ -1,26 +1,34 @@
-"""Attention maps: the weights the model sows, rollout against plain numpy, and `vit-jax explain`."""
+"""Attention maps: the weights the model sows, rollout against numpy, and `vit-jax explain`."""
+
 import json
 import os
 
+import ckpt_fixtures as cf
+import data_fixtures as df
 import numpy as np
 import pytest
 from PIL import Image
 
-import ckpt_fixtures as cf
-import data_fixtures as df
-from vit_jax.apps import classifier
 from vit_jax import cli
+from vit_jax import models
+from vit_jax.apps import classifier
 from vit_jax.apps import explain
 from vit_jax.models import layout
-from vit_jax import models
 
 # 32 px images in 8 px patches: a 4x4 grid plus the class token, 17 tokens.
 SPEC = cf.Spec(hidden=48, mlp=96, heads=3, layers=3, patch=8, image_size=32, classes=10)
 
 
 def _model(**kw) -> models.VisionTransformer:
-  fields = dict(num_classes=10, image_size=32, patch_size=8, hidden_size=48, mlp_dim=96,
-                num_heads=3, num_layers=3)
+  fields = dict(
+    num_classes=10,
+    image_size=32,
+    patch_size=8,
+    hidden_size=48,
+    mlp_dim=96,
+    num_heads=3,
+    num_layers=3,
+  )
   return models.create_model(None, **{**fields, **kw})
 
 
@@ -60,8 +68,9 @@ def test_weights_are_sown_without_changing_the_outputs(params, images):
   assert [w.shape for w in weights] == [(2, 3, 17, 17)] * 2 + [(2, 3, 1, 17)]
   for w in weights:  # softmax rows; fp32 sums of 17 terms are within 1e-6
     np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, atol=1e-6)
-  assert set(model.apply({"params": params}, images, train=False, mutable=["intermediates"])[1]) \
-      == {"intermediates"}
+  assert set(
+    model.apply({"params": params}, images, train=False, mutable=["intermediates"])[1]
+  ) == {"intermediates"}
 
 
 def test_rollout_equals_plain_numpy(params, images):
@@ -83,9 +92,12 @@ def test_rollout_of_a_gap_model_reads_the_mean_row(images):
   p = models.init_params(model, 1)
   _, weights = models.attention_weights(model, p, images)
   assert weights[-1].shape == (2, 3, 16, 16)  # no class token, every token to the end
-  np.testing.assert_allclose(explain.rollout(model, weights),
-                             _numpy_rollout([np.asarray(w) for w in weights], "gap"),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    explain.rollout(model, weights),
+    _numpy_rollout([np.asarray(w) for w in weights], "gap"),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_known_answers():
@@ -102,7 +114,9 @@ def test_known_answers():
 
 
 def _permute_heads(params, order):
-  """The same function with its heads renumbered: q, k, v and out kernels re-indexed on the head axis."""
+  """The same function with its heads renumbered: q, k, v and out kernels re-indexed on the head
+  axis.
+  """
   flat = dict(layout.flatten(params))
   for key in list(flat):
     if "MultiHeadDotProductAttention" in key and "/out/bias" not in key:
@@ -119,7 +133,9 @@ def test_maps_do_not_depend_on_the_order_of_heads(params, images):
   # The same sums in another order: float32 rounding only.
   np.testing.assert_allclose(logits_p, logits, atol=1e-5)
   np.testing.assert_allclose(weights_p[0], np.asarray(weights[0])[:, order], atol=1e-6)
-  np.testing.assert_allclose(explain.rollout(model, weights_p), explain.rollout(model, weights), atol=1e-6)
+  np.testing.assert_allclose(
+    explain.rollout(model, weights_p), explain.rollout(model, weights), atol=1e-6
+  )
   mean, heads = explain.last_layer(model, weights)
   mean_p, heads_p = explain.last_layer(model, weights_p)
   np.testing.assert_allclose(mean_p, mean, atol=1e-6)
@@ -138,18 +154,21 @@ def test_scanned_and_unrolled_give_the_same_maps(ckpt, images, method):
   plain = explain.Explainer(classifier.load_classifier(ckpt), method)
   scanned = explain.Explainer(classifier.load_classifier(ckpt, scan=True), method)
   pixels = images.copy()
-  for a, b in zip(plain.batch(pixels), scanned.batch(pixels)):
+  for a, b in zip(plain.batch(pixels), scanned.batch(pixels), strict=True):
     if a is not None:
       np.testing.assert_allclose(a, b, atol=2e-6)  # one scanned block vs three: fp32 rounding
 
 
 def test_explain_writes_pngs_and_the_json_map(ckpt, tmp_path, capsys):
   photo = df.write_file(str(tmp_path / "in" / "photo.png"), df.encode(df.class_image(1, 0, 48, 64)))
-  other = df.write_file(str(tmp_path / "in2" / "photo.jpg"), df.encode(df.class_image(2, 1, 40, 40), "JPEG"))
+  other = df.write_file(
+    str(tmp_path / "in2" / "photo.jpg"), df.encode(df.class_image(2, 1, 40, 40), "JPEG")
+  )
   broken = df.write_file(str(tmp_path / "in" / "broken.png"), b"not an image")
   out = tmp_path / "out"
-  code = cli.main(["explain", "--checkpoint", ckpt, "--output", str(out), "--json",
-                   photo, broken, other])
+  code = cli.main(
+    ["explain", "--checkpoint", ckpt, "--output", str(out), "--json", photo, broken, other]
+  )
   captured = capsys.readouterr()
   assert code == 1  # one bad image: reported, the rest explained
   assert "broken.png" in captured.err and len(captured.err.strip().splitlines()) == 1
@@ -159,7 +178,8 @@ def test_explain_writes_pngs_and_the_json_map(ckpt, tmp_path, capsys):
   assert rows[0]["grid"] == [4, 4] and len(rows[0]["map"]) == 4 and len(rows[0]["predictions"]) == 3
   # The printed map is the library's rollout of the same image.
   clf = classifier.load_classifier(ckpt)
-  from vit_jax.data import preprocess  # pylint: disable=import-outside-toplevel
+  from vit_jax.data import preprocess
+
   image = preprocess.eval_resize(preprocess.read_rgb(photo), 32)[None]
   _, weights = models.attention_weights(clf.model, clf.params, image)
   np.testing.assert_allclose(rows[0]["map"], explain.rollout(clf.model, weights)[0], atol=1e-5)

@@ -1,17 +1,18 @@
-"""Few-shot linear evaluation: the closed-form solve, support sets, and `vit-jax fewshot` on digits."""
+"""Few-shot linear evaluation: the closed-form solve, support sets, `vit-jax fewshot` on digits."""
+
 import json
 
+import data_fixtures as df
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-import data_fixtures as df
 from vit_jax import cli
-from vit_jax.apps import demo
 from vit_jax import errors
-from vit_jax.training import evaluation
+from vit_jax.apps import demo
 from vit_jax.apps import fewshot
 from vit_jax.data import sources
+from vit_jax.training import evaluation
 
 
 @pytest.mark.parametrize("n,d", [(30, 96), (200, 24)])  # fewer shots than features, and more
@@ -19,7 +20,7 @@ def test_solve_equals_scikit_learn_ridge(n, d):
   rng = np.random.default_rng(n)
   labels = np.arange(n) % 5
   feats = rng.normal(size=(n, d)) + labels[:, None] * rng.normal(size=d)
-  x, = fewshot.whiten(feats)
+  (x,) = fewshot.whiten(feats)
   assert x.shape == (n, d + 1) and np.all(x[:, -1] == fewshot.BIAS_FEATURE)
   targets = 2.0 * np.eye(5)[labels] - 1.0
   for l2 in (1.0, 1024.0):
@@ -34,14 +35,17 @@ def test_support_sets_take_k_per_class_by_seed():
   assert np.bincount(labels[a]).tolist() == [5, 5, 5, 5] and len(set(a)) == 20
   assert np.array_equal(a, fewshot.support_indices(labels, 4, 5, seed=0))
   assert not np.array_equal(a, fewshot.support_indices(labels, 4, 5, seed=1))
-  with pytest.raises(errors.ConfigError, match=r"^7 shots: class 0 has only 6 example\(s\) in the train split$"):
+  with pytest.raises(
+    errors.ConfigError, match=r"^7 shots: class 0 has only 6 example\(s\) in the train split$"
+  ):
     fewshot.support_indices(labels, 4, 7, seed=0)
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
   """The demo's setting: a ViT pre-trained on digits 0-4, and digits 5-9 as the new task."""
-  from vit_jax.training import train  # pylint: disable=import-outside-toplevel
+  from vit_jax.training import train
+
   root = tmp_path_factory.mktemp("digits")
   df.write_digits(str(root / "a"), range(5), size=16)
   df.write_digits(str(root / "b"), range(5, 10), size=16)
@@ -67,8 +71,13 @@ def test_support_sets_are_disjoint_from_the_test_examples(digits):
   params = evaluation.load_params(setup, str(digits / "pre" / "final.npz"))
   train = fewshot.extract(setup, data, params, "train")
   test = fewshot.extract(setup, data, params, "test")
-  paths = {s: data.source.records(sources.split_spec(data.source, config, s)).paths for s in ("train", "test")}
-  assert len(test.labels) == len(paths["test"]) and sorted(test.index) == list(range(len(paths["test"])))
+  paths = {
+    s: data.source.records(sources.split_spec(data.source, config, s)).paths
+    for s in ("train", "test")
+  }
+  assert len(test.labels) == len(paths["test"]) and sorted(test.index) == list(
+    range(len(paths["test"]))
+  )
   for seed in range(3):
     rows = fewshot.support_indices(train.labels, 5, 25, seed)
     support = {paths["train"][i] for i in train.index[rows]}

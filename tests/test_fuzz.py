@@ -12,6 +12,7 @@ limit is far above a test's run time (under two minutes on 2 loaded cores), so a
 machine does not trip it (a per-call alarm could neither interrupt C code nor stay
 clear of a loaded machine).
 """
+
 import functools
 import io
 import json
@@ -20,32 +21,38 @@ import re
 import string
 import zipfile
 
+import ckpt_fixtures as cf
 import ml_collections
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import ckpt_fixtures as cf
-from vit_jax.weights import checkpoint
-from vit_jax.config import config_args
-from vit_jax.data import preprocess
-from vit_jax.config import recipes
 from vit_jax import models
-from vit_jax.models import spec
-from vit_jax.models import layout
 from vit_jax.apps.serving import app as serve
 from vit_jax.apps.serving import protocol
+from vit_jax.config import config_args
+from vit_jax.config import recipes
+from vit_jax.data import preprocess
+from vit_jax.models import layout
+from vit_jax.models import spec
+from vit_jax.weights import checkpoint
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:PIL"),  # "Corrupt EXIF data"
-              pytest.mark.timeout(900, method="thread")]
+pytestmark = [
+  pytest.mark.filterwarnings("ignore::UserWarning:PIL"),  # "Corrupt EXIF data"
+  pytest.mark.timeout(900, method="thread"),
+]
 
 
 def examples(n: int) -> settings:
   """n examples, no deadline (first calls trace JAX), no saved database: each run is fresh."""
-  return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                  database=None)
+  return settings(
+    max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+  )
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -55,8 +62,18 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 SPEC = cf.Spec(hidden=16, mlp=32, heads=2, layers=2, patch=8, image_size=16, classes=3)
 VALID = cf.original_arrays(SPEC)
-DTYPES = [np.float32, np.float16, np.float64, np.int32, np.int8, np.uint8, np.bool_, np.complex64,
-          np.dtype("<U3"), np.dtype([("a", np.float32), ("b", np.int8)])]
+DTYPES = [
+  np.float32,
+  np.float16,
+  np.float64,
+  np.int32,
+  np.int8,
+  np.uint8,
+  np.bool_,
+  np.complex64,
+  np.dtype("<U3"),
+  np.dtype([("a", np.float32), ("b", np.int8)]),
+]
 
 
 def load_all(path: str) -> None:
@@ -83,8 +100,10 @@ def savez(arrays: dict, compressed: bool = False) -> bytes:
 
 
 shapes = st.lists(st.integers(0, 20), min_size=0, max_size=4).map(tuple)
-keys = st.one_of(st.sampled_from(sorted(VALID)), st.text(string.ascii_letters + "/_0123456789",
-                                                         min_size=1, max_size=40))
+keys = st.one_of(
+  st.sampled_from(sorted(VALID)),
+  st.text(string.ascii_letters + "/_0123456789", min_size=1, max_size=40),
+)
 
 
 @st.composite
@@ -113,9 +132,18 @@ def mutate(ops: list[tuple]) -> dict:
   return out
 
 
-# Each mutation: (what, which existing key by index, a new key, a new array); printed when one fails.
-mutations = st.lists(st.tuples(st.sampled_from(["drop", "add", "rename", "reshape", "retype", "prefix"]),
-                               st.integers(0, 10_000), keys, arrays()), min_size=1, max_size=4)
+# Each mutation: (what, which existing key by index, a new key, a new array); printed when one
+# fails.
+mutations = st.lists(
+  st.tuples(
+    st.sampled_from(["drop", "add", "rename", "reshape", "retype", "prefix"]),
+    st.integers(0, 10_000),
+    keys,
+    arrays(),
+  ),
+  min_size=1,
+  max_size=4,
+)
 
 
 @examples(100)
@@ -132,16 +160,22 @@ def test_mutated_checkpoints(tmp_path_factory, ops):
   check_loads_or_refuses(savez(mutate(ops)), tmp_path_factory.mktemp("ck"))
 
 
-valid_variants = st.fixed_dictionaries(dict(
-    prefix=st.booleans(), linen=st.booleans(), compressed=st.booleans(),
-    dtype=st.sampled_from([np.float32, np.float16, np.float64]), order=st.permutations(sorted(VALID))))
+valid_variants = st.fixed_dictionaries(
+  dict(
+    prefix=st.booleans(),
+    linen=st.booleans(),
+    compressed=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float16, np.float64]),
+    order=st.permutations(sorted(VALID)),
+  )
+)
 
 
 @pytest.mark.slow
 @examples(60)
 @given(valid_variants)
 def test_valid_variants_load(tmp_path_factory, variant):
-  """Every way a valid file is written (prefix, naming, compression, float dtype, key order) loads."""
+  """Every way a valid file is written (prefix, names, compression, dtype, key order) loads."""
   arrays = {k: VALID[k].astype(variant["dtype"]) for k in variant["order"]}
   if variant["linen"]:
     arrays = {cf.linen_key(k): v for k, v in arrays.items()}
@@ -154,8 +188,9 @@ def test_valid_variants_load(tmp_path_factory, variant):
   params = checkpoint.load_pretrained(tree, model)
   assert layout.flatten(params).keys() == {cf.linen_key(k) for k in VALID}
   for key, value in VALID.items():
-    np.testing.assert_array_equal(cf.get(params, cf.linen_key(key)),
-                                  value.astype(variant["dtype"]).astype(np.float32))
+    np.testing.assert_array_equal(
+      cf.get(params, cf.linen_key(key)), value.astype(variant["dtype"]).astype(np.float32)
+    )
 
 
 def test_an_object_array_is_refused_not_unpickled(tmp_path):
@@ -188,26 +223,37 @@ def _with(**changes) -> bytes:
 def _corrupt_compressed_member() -> bytes:
   data = bytearray(VALID_BYTES[True])
   start = data.index(b"embedding/kernel.npy") + len("embedding/kernel.npy") + 40
-  data[start:start + 64] = bytes(64)  # inside the deflate stream of that member
+  data[start : start + 64] = bytes(64)  # inside the deflate stream of that member
   return bytes(data)
 
 
 # Inputs that once escaped as IndexError, AssertionError, zlib.error, TokenError or a NaN
 # ValueError: each is a CheckpointError now.
 FIXED = {
-    "1-D head kernel": (_with(**{"head/kernel": np.zeros(16, np.float32)}), "head/kernel has shape"),
-    "1-D MLP kernel": (_with(**{"Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel":
-                                np.zeros(16, np.float32)}), "cannot tell the model"),
-    "width not divisible by heads": (
-        _with(**{"embedding/kernel": np.zeros((8, 8, 3, 5), np.float32)}), "inconsistent shapes"),
-    "no position tokens": (_with(**{"Transformer/posembed_input/pos_embedding":
-                                    np.zeros((1, 0, 16), np.float32)}), "not a square grid"),
-    "an array that is also a group": (_with(embedding=np.zeros(3, np.float32)),
-                                      "'embedding' is an array and also holds"),
-    "corrupt deflate stream": (_corrupt_compressed_member(), "corrupt .npz archive"),
-    "unbalanced .npy header": (_npz_with_raw_member(
-        "extra", _npy_header("{'descr': '<f4', 'fortran_order': False, 'shape': (3, }")),
-        "corrupt .npz archive"),
+  "1-D head kernel": (_with(**{"head/kernel": np.zeros(16, np.float32)}), "head/kernel has shape"),
+  "1-D MLP kernel": (
+    _with(**{"Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel": np.zeros(16, np.float32)}),
+    "cannot tell the model",
+  ),
+  "width not divisible by heads": (
+    _with(**{"embedding/kernel": np.zeros((8, 8, 3, 5), np.float32)}),
+    "inconsistent shapes",
+  ),
+  "no position tokens": (
+    _with(**{"Transformer/posembed_input/pos_embedding": np.zeros((1, 0, 16), np.float32)}),
+    "not a square grid",
+  ),
+  "an array that is also a group": (
+    _with(embedding=np.zeros(3, np.float32)),
+    "'embedding' is an array and also holds",
+  ),
+  "corrupt deflate stream": (_corrupt_compressed_member(), "corrupt .npz archive"),
+  "unbalanced .npy header": (
+    _npz_with_raw_member(
+      "extra", _npy_header("{'descr': '<f4', 'fortran_order': False, 'shape': (3, }")
+    ),
+    "corrupt .npz archive",
+  ),
 }
 
 
@@ -223,13 +269,15 @@ def test_inputs_that_used_to_crash_the_loader(tmp_path, case):
 @given(st.booleans(), st.floats(0, 1, exclude_max=True))
 def test_truncated_archives(tmp_path_factory, compressed, fraction):
   data = VALID_BYTES[compressed]
-  check_loads_or_refuses(data[:int(len(data) * fraction)], tmp_path_factory.mktemp("ck"))
+  check_loads_or_refuses(data[: int(len(data) * fraction)], tmp_path_factory.mktemp("ck"))
 
 
 @pytest.mark.slow
 @examples(150)
-@given(st.booleans(), st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
-                               min_size=1, max_size=8))
+@given(
+  st.booleans(),
+  st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)), min_size=1, max_size=8),
+)
 def test_bit_flipped_archives(tmp_path_factory, compressed, flips):
   data = bytearray(VALID_BYTES[compressed])
   for where, bit in flips:
@@ -250,16 +298,21 @@ def test_bit_flips_in_the_zip_headers(tmp_path_factory, spot):
 
 # --- images -----------------------------------------------------------------------------------
 
+
 def _encoded() -> dict[str, bytes]:
   rng = np.random.default_rng(0)
   rgb = rng.integers(0, 255, (24, 30, 3), dtype=np.uint8)
   out = {}
-  for fmt, im, kw in [("PNG", Image.fromarray(rgb), {}), ("JPEG", Image.fromarray(rgb), {}),
-                      ("JPEG", Image.fromarray(rgb), {"progressive": True}),
-                      ("GIF", Image.fromarray(rgb).convert("P"), {}), ("BMP", Image.fromarray(rgb), {}),
-                      ("TIFF", Image.fromarray(rgb), {"compression": "tiff_deflate"}),
-                      ("WEBP", Image.fromarray(rgb), {}),
-                      ("PNG", Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"), {})]:
+  for fmt, im, kw in [
+    ("PNG", Image.fromarray(rgb), {}),
+    ("JPEG", Image.fromarray(rgb), {}),
+    ("JPEG", Image.fromarray(rgb), {"progressive": True}),
+    ("GIF", Image.fromarray(rgb).convert("P"), {}),
+    ("BMP", Image.fromarray(rgb), {}),
+    ("TIFF", Image.fromarray(rgb), {"compression": "tiff_deflate"}),
+    ("WEBP", Image.fromarray(rgb), {}),
+    ("PNG", Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"), {}),
+  ]:
     buf = io.BytesIO()
     im.save(buf, fmt, **kw)
     out[f"{fmt}{len(out)}"] = buf.getvalue()
@@ -296,12 +349,14 @@ def test_a_real_header_with_random_bytes_after_it(fmt, tail):
 @given(st.sampled_from(sorted(ENCODED)), st.floats(0, 1, exclude_max=True))
 def test_truncated_images(fmt, fraction):
   data = ENCODED[fmt]
-  check_decodes_or_refuses(data[:int(len(data) * fraction)])
+  check_decodes_or_refuses(data[: int(len(data) * fraction)])
 
 
 @examples(400)
-@given(st.sampled_from(sorted(ENCODED)),
-       st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)), min_size=1, max_size=6))
+@given(
+  st.sampled_from(sorted(ENCODED)),
+  st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)), min_size=1, max_size=6),
+)
 def test_bit_flipped_images(fmt, flips):
   data = bytearray(ENCODED[fmt])
   for where, bit in flips:
@@ -330,16 +385,59 @@ def test_a_huge_declared_size_is_refused_before_decoding():
 
 CONFIG = os.path.join(CONFIGS, "tiny.py")
 BASE = config_args.load_config(["--config", CONFIG])
-FIELDS = ["batch_size", "base_lr", "model.name", "model.dropout_rate", "augment.hflip", "augment.rrc_scale",
-          "mesh.data", "pretrained", "num_classes", "data_threads", "folder", "model.representation_size",
-          "total_steps", "model", "augment", "model.hidden_size"]
-values = st.one_of(st.integers(-10**30, 10**30).map(str), st.floats(allow_nan=True).map(str),
-                   st.sampled_from(["True", "false", "None", "none", "(1, 2)", "[1,2]", "()", "(0.1,)",
-                                    "{}", "''", '"', "1e999", "-", "0x10", "nan", "--", "="]),
-                   st.text(max_size=20))
-overrides = st.lists(st.tuples(st.one_of(st.sampled_from(FIELDS),
-                                         st.text(string.ascii_letters + "._", min_size=1, max_size=20)),
-                               values), max_size=4)
+FIELDS = [
+  "batch_size",
+  "base_lr",
+  "model.name",
+  "model.dropout_rate",
+  "augment.hflip",
+  "augment.rrc_scale",
+  "mesh.data",
+  "pretrained",
+  "num_classes",
+  "data_threads",
+  "folder",
+  "model.representation_size",
+  "total_steps",
+  "model",
+  "augment",
+  "model.hidden_size",
+]
+values = st.one_of(
+  st.integers(-(10**30), 10**30).map(str),
+  st.floats(allow_nan=True).map(str),
+  st.sampled_from(
+    [
+      "True",
+      "false",
+      "None",
+      "none",
+      "(1, 2)",
+      "[1,2]",
+      "()",
+      "(0.1,)",
+      "{}",
+      "''",
+      '"',
+      "1e999",
+      "-",
+      "0x10",
+      "nan",
+      "--",
+      "=",
+    ]
+  ),
+  st.text(max_size=20),
+)
+overrides = st.lists(
+  st.tuples(
+    st.one_of(
+      st.sampled_from(FIELDS), st.text(string.ascii_letters + "._", min_size=1, max_size=20)
+    ),
+    values,
+  ),
+  max_size=4,
+)
 
 
 @pytest.mark.slow
@@ -362,14 +460,18 @@ def test_random_config_overrides(pairs):
     declared = functools.reduce(getattr, parents, BASE).get_type(name)
     value = functools.reduce(getattr, parents, config)[name]
     if value is None:
-      assert functools.reduce(getattr, parents, BASE).get_ref(name).empty or \
-          functools.reduce(getattr, parents, BASE)[name] is None, key
+      assert (
+        functools.reduce(getattr, parents, BASE).get_ref(name).empty
+        or functools.reduce(getattr, parents, BASE)[name] is None
+      ), key
     else:
       assert isinstance(value, declared) or (declared is float and type(value) is int), (key, value)
 
 
 @examples(50)
-@given(st.text(st.characters(exclude_characters="\n\r"), max_size=30))  # the message repeats the path
+@given(
+  st.text(st.characters(exclude_characters="\n\r"), max_size=30)
+)  # the message repeats the path
 def test_random_config_paths(path):
   assume(not os.path.exists(path.split(":", 1)[0]))
   assume(path.split(":", 1)[0] not in recipes.names())  # a recipe's name is a valid --config
@@ -381,14 +483,19 @@ def test_random_config_paths(path):
 # --- /score request bodies --------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=12)
+  st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+  lambda inner: (
+    st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+  ),
+  max_leaves=12,
+)
 bodies = st.one_of(
-    st.binary(max_size=200),
-    json_values.map(lambda v: json.dumps(v).encode()),
-    st.fixed_dictionaries({"input_data": json_values}, optional={"top_k": json_values}).map(
-        lambda v: json.dumps(v).encode()))
+  st.binary(max_size=200),
+  json_values.map(lambda v: json.dumps(v).encode()),
+  st.fixed_dictionaries({"input_data": json_values}, optional={"top_k": json_values}).map(
+    lambda v: json.dumps(v).encode()
+  ),
+)
 
 
 @pytest.mark.slow
@@ -397,7 +504,7 @@ bodies = st.one_of(
 def test_random_request_bodies(body):
   options = protocol.Options(max_images=3)
   try:
-    inputs, k = serve._parse(body, options)  # pylint: disable=protected-access
+    inputs, k = serve._parse(body, options)
   except protocol.RequestError as e:
     assert e.status in (400, 422) and e.message and "\n" not in e.message
     return
@@ -409,7 +516,7 @@ def test_random_request_bodies(body):
 @given(st.one_of(st.text(max_size=8), json_values))
 def test_random_top_k(value):
   try:
-    k = serve._top_k(value, "query parameter")  # pylint: disable=protected-access
+    k = serve._top_k(value, "query parameter")
   except protocol.RequestError as e:
     assert e.status == 400 and "top_k must be a positive integer" in e.message
     return
@@ -420,7 +527,7 @@ def test_random_top_k(value):
 @given(st.text(max_size=40))
 def test_random_base64_text(text):
   try:
-    data = serve._decode_base64(text, 0)  # pylint: disable=protected-access
+    data = serve._decode_base64(text, 0)
   except protocol.RequestError as e:
     assert e.status == 400 and e.message.startswith("input_data[0]: not valid base64")
     return
@@ -428,12 +535,17 @@ def test_random_base64_text(text):
 
 
 @examples(200)
-@given(st.one_of(st.binary(max_size=300),
-                 st.sampled_from(sorted(ENCODED)).flatmap(
-                     lambda f: st.integers(0, len(ENCODED[f])).map(lambda n: ENCODED[f][:n]))))
+@given(
+  st.one_of(
+    st.binary(max_size=300),
+    st.sampled_from(sorted(ENCODED)).flatmap(
+      lambda f: st.integers(0, len(ENCODED[f])).map(lambda n: ENCODED[f][:n])
+    ),
+  )
+)
 def test_random_image_bytes_in_a_request(data):
   try:
-    x = serve._prepare(data, 0, 8, max_pixels=500)  # pylint: disable=protected-access
+    x = serve._prepare(data, 0, 8, max_pixels=500)
   except protocol.RequestError as e:
     assert e.status in (400, 413) and e.message.startswith("input_data[0]: ")
     return

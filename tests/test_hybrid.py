@@ -8,21 +8,24 @@ on an AMD EPYC (AVX-512), logits up to 3.6: R50+ViT-B_16 1.5e-5, R26+S/32 1.1e-5
 1.9e-6. The bound 1e-4 leaves 7x; PyTorch's symmetric padding in place of the original's
 SAME max pool (one row and column moved) is off on every logit.
 """
+
 import json
 import os
 import subprocess
 import sys
 
+import ckpt_fixtures as cf
 import numpy as np
 import pytest
 
-import ckpt_fixtures as cf
-from vit_jax.weights import checkpoint
-from vit_jax.apps import classifier
 from vit_jax import models
+from vit_jax.apps import classifier
 from vit_jax.models import spec as spec_lib
+from vit_jax.weights import checkpoint
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "timm_hybrid_logits.py")
+SCRIPT = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), "scripts", "timm_hybrid_logits.py"
+)
 
 
 def _images(n, size, seed=0):
@@ -32,9 +35,22 @@ def _images(n, size, seed=0):
 def _timm_logits(tmp_path, name, weights, x, num_classes):
   np.save(tmp_path / "x.npy", x)
   env = dict(os.environ, OMP_NUM_THREADS="2")
-  proc = subprocess.run([sys.executable, SCRIPT, name, str(weights), str(tmp_path / "x.npy"),
-                         str(tmp_path / "timm.npy"), str(num_classes), str(x.shape[1])],
-                        capture_output=True, text=True, timeout=900, env=env)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      SCRIPT,
+      name,
+      str(weights),
+      str(tmp_path / "x.npy"),
+      str(tmp_path / "timm.npy"),
+      str(num_classes),
+      str(x.shape[1]),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=env,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return np.load(tmp_path / "timm.npy")
 
@@ -45,8 +61,9 @@ def _ours(weights, x):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("image_size,timm_name", [(224, "vit_base_r50_s16_224"),
-                                                  (384, "vit_base_r50_s16_384")])
+@pytest.mark.parametrize(
+  "image_size,timm_name", [(224, "vit_base_r50_s16_224"), (384, "vit_base_r50_s16_384")]
+)
 def test_full_size_r50_vit_b16_matches_timm(tmp_path, image_size, timm_name):
   spec = cf.Spec(**cf.R50_B16, image_size=image_size, classes=1000)
   cf.write_original(tmp_path / "r50.npz", spec)
@@ -59,26 +76,44 @@ def test_full_size_r50_vit_b16_matches_timm(tmp_path, image_size, timm_name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,timm_name,image_size", [
-    ("R26+ViT-S_32", "vit_small_r26_s32_224", 224),
-    ("R+ViT-Ti_16", "vit_tiny_r_s16_p8_384", 384)])
+@pytest.mark.parametrize(
+  "name,timm_name,image_size",
+  [("R26+ViT-S_32", "vit_small_r26_s32_224", 224), ("R+ViT-Ti_16", "vit_tiny_r_s16_p8_384", 384)],
+)
 def test_augreg_hybrids_match_timm(tmp_path, name, timm_name, image_size):
   v = spec_lib.VARIANTS[name]
   # GroupNorm params as [1, 1, 1, C], as in files written with old Flax: squeezed on load.
-  spec = cf.Spec(hidden=v.hidden_size, mlp=v.mlp_dim, heads=v.num_heads, layers=v.num_layers,
-                 patch=v.patch_size, image_size=image_size, classes=37, resnet=v.resnet_layers,
-                 gn_4d=True)
+  spec = cf.Spec(
+    hidden=v.hidden_size,
+    mlp=v.mlp_dim,
+    heads=v.num_heads,
+    layers=v.num_layers,
+    patch=v.patch_size,
+    image_size=image_size,
+    classes=37,
+    resnet=v.resnet_layers,
+    gn_4d=True,
+  )
   cf.write_original(tmp_path / "h.npz", spec)
   x = _images(2, image_size, seed=1)
   clf, ours = _ours(tmp_path / "h.npz", x)
   assert clf.model_name == name
-  np.testing.assert_allclose(ours, _timm_logits(tmp_path, timm_name, tmp_path / "h.npz", x, 37),
-                             atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    ours, _timm_logits(tmp_path, timm_name, tmp_path / "h.npz", x, 37), atol=1e-4, rtol=1e-4
+  )
 
 
-@pytest.mark.parametrize("name,params", [
-    ("R+ViT-Ti_16", 6_337_704), ("R26+ViT-S_32", 36_431_912), ("R26+ViT-B_32", 101_383_976),
-    ("R50+ViT-B_16", 98_659_112), ("R50+ViT-L_32", 328_994_856), ("ViT-B_8", 86_576_872)])
+@pytest.mark.parametrize(
+  "name,params",
+  [
+    ("R+ViT-Ti_16", 6_337_704),
+    ("R26+ViT-S_32", 36_431_912),
+    ("R26+ViT-B_32", 101_383_976),
+    ("R50+ViT-B_16", 98_659_112),
+    ("R50+ViT-L_32", 328_994_856),
+    ("ViT-B_8", 86_576_872),
+  ],
+)
 def test_parameter_counts_are_the_original_repositorys(name, params):
   # vision_transformer's models_test.py MODEL_SIZES, at 224 px with 1000 classes.
   model = models.create_model(name, num_classes=1000, image_size=224)
@@ -86,8 +121,9 @@ def test_parameter_counts_are_the_original_repositorys(name, params):
 
 
 def test_the_model_is_read_off_a_hybrid_file(tmp_path):
-  spec = cf.Spec(hidden=64, mlp=128, heads=2, layers=2, patch=1, image_size=64, classes=5,
-                 resnet=(1, 1))
+  spec = cf.Spec(
+    hidden=64, mlp=128, heads=2, layers=2, patch=1, image_size=64, classes=5, resnet=(1, 1)
+  )
   cf.write_original(tmp_path / "h.npz", spec)
   found = spec_lib.ModelSpec.from_params(checkpoint.load(str(tmp_path / "h.npz")))
   assert found.resnet_layers == (1, 1) and found.stride == 8 and found.image_size == 64
@@ -96,10 +132,14 @@ def test_the_model_is_read_off_a_hybrid_file(tmp_path):
   model = models.build(found.replace(image_size=96))
   params = checkpoint.load_pretrained(str(tmp_path / "h.npz"), model)
   assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 145, 64)
-  assert models.build(found.replace(image_size=96)).apply({"params": params}, _images(1, 96)).shape == (1, 5)
+  assert models.build(found.replace(image_size=96)).apply(
+    {"params": params}, _images(1, 96)
+  ).shape == (1, 5)
   # Saved back in the original layout: the same keys, GroupNorm params as [C].
-  checkpoint.save(checkpoint.load_pretrained(str(tmp_path / "h.npz"), models.build(found)),
-                  str(tmp_path / "back.npz"))
+  checkpoint.save(
+    checkpoint.load_pretrained(str(tmp_path / "h.npz"), models.build(found)),
+    str(tmp_path / "back.npz"),
+  )
   with np.load(tmp_path / "h.npz") as a, np.load(tmp_path / "back.npz") as b:
     assert set(a.files) == set(b.files)
     for k in a.files:
@@ -107,22 +147,31 @@ def test_the_model_is_read_off_a_hybrid_file(tmp_path):
 
 
 def test_a_hybrid_file_with_a_missing_unit_is_refused(tmp_path):
-  spec = cf.Spec(hidden=64, mlp=128, heads=2, layers=1, patch=1, image_size=32, classes=5,
-                 resnet=(2,))
+  spec = cf.Spec(
+    hidden=64, mlp=128, heads=2, layers=1, patch=1, image_size=32, classes=5, resnet=(2,)
+  )
   arrays = cf.original_arrays(spec)
   np.savez(tmp_path / "cut.npz", **{k: v for k, v in arrays.items() if "unit2/conv3" not in k})
-  with pytest.raises(checkpoint.CheckpointError, match=r"cut.npz: missing key 'block1/unit2/conv3/kernel'"):
+  with pytest.raises(
+    checkpoint.CheckpointError, match=r"cut.npz: missing key 'block1/unit2/conv3/kernel'"
+  ):
     classifier.load_classifier(str(tmp_path / "cut.npz"))
 
 
 @pytest.mark.parametrize("name,layers", [("R+ViT-Ti_16", 2), ("R26+ViT-S_32", 1)])
 def test_analytic_flops_match_xla_for_hybrids(name, layers):
-  import jax  # pylint: disable=import-outside-toplevel
-  from vit_jax.planning import aot  # pylint: disable=import-outside-toplevel
+  import jax
+
+  from vit_jax.planning import aot
+
   model = models.create_model(name, num_classes=1000, image_size=224, num_layers=layers)
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
-  cost = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(
-      models.param_shapes(model), x).compile().cost_analysis()
+  cost = (
+    jax.jit(lambda p, x: model.apply({"params": p}, x))
+    .lower(models.param_shapes(model), x)
+    .compile()
+    .cost_analysis()
+  )
   cost = cost[0] if isinstance(cost, list) else cost
   ours = aot.model_flops_per_image(model, train=False, as_computed=True)
   # XLA also counts the elementwise work (norms, softmax, GELU, ReLU) that the analytic
@@ -132,14 +181,22 @@ def test_analytic_flops_match_xla_for_hybrids(name, layers):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A small R+ViT-Ti_16-shaped hybrid trained briefly on digits at 32 px (root /4, 2 px patches)."""
-  from tests import data_fixtures  # pylint: disable=import-outside-toplevel
-  from tests import test_train  # pylint: disable=import-outside-toplevel
-  from vit_jax.training import train  # pylint: disable=import-outside-toplevel
+  """A small R+ViT-Ti_16-shaped hybrid trained briefly on digits at 32 px (root /4, patch 2)."""
+  from tests import data_fixtures
+  from tests import test_train
+  from vit_jax.training import train
+
   root = tmp_path_factory.mktemp("hybrid")
   data_fixtures.write_digits(str(root / "digits"), range(0, 5))
-  c = test_train.tiny_config(str(root / "digits"), image_size=32, base_lr=0.05, total_steps=60,
-                             log_every=10, eval_every=30, checkpoint_every=30)
+  c = test_train.tiny_config(
+    str(root / "digits"),
+    image_size=32,
+    base_lr=0.05,
+    total_steps=60,
+    log_every=10,
+    eval_every=30,
+    checkpoint_every=30,
+  )
   c.model.update(dict(name="R+ViT-Ti_16", patch_size=2))  # tiny's widths, the hybrid's ResNet root
   result = train.train_and_evaluate(c, str(root / "run"))
   return c, root, result
@@ -147,12 +204,15 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_hybrid_trains_evaluates_predicts_and_explains(trained, capsys):
-  from vit_jax import cli  # pylint: disable=import-outside-toplevel
-  from vit_jax.training import evaluation  # pylint: disable=import-outside-toplevel
+  from vit_jax import cli
+  from vit_jax.training import evaluation
+
   config, root, result = trained
   assert result["test"]["accuracy"] > 0.5  # 5 classes: chance is 0.2
   final = str(root / "run" / "final.npz")
-  assert evaluation.evaluate(config, final, "test")["accuracy"] == pytest.approx(result["test"]["accuracy"])
+  assert evaluation.evaluate(config, final, "test")["accuracy"] == pytest.approx(
+    result["test"]["accuracy"]
+  )
   image = sorted((root / "digits" / "test" / "digit_3").iterdir())[0]
   assert cli.main(["predict", "--checkpoint", final, "--json", str(image)]) == 0
   assert json.loads(capsys.readouterr().out)["predictions"][0]["label"] == "digit_3"
@@ -162,41 +222,75 @@ def test_a_hybrid_trains_evaluates_predicts_and_explains(trained, capsys):
 
 @pytest.mark.slow
 def test_a_hybrid_serves(trained):
-  import httpx  # pylint: disable=import-outside-toplevel
-  from tests import test_serve  # pylint: disable=import-outside-toplevel
-  from vit_jax.apps.serving import app as serve  # pylint: disable=import-outside-toplevel
+  import httpx
+
+  from tests import test_serve
+  from vit_jax.apps.serving import app as serve
+
   _, root, _ = trained
   clf = classifier.load_classifier(str(root / "run" / "final.npz"))
   assert clf.model.resnet_layers == () and clf.model.grid_size == 4
   image = sorted((root / "digits" / "test" / "digit_3").iterdir())[0]
   with test_serve.running(serve.create_app(clf, test_serve.OPTIONS)) as url:
-    got = httpx.post(f"{url}/score", json={"input_data": [test_serve.b64(str(image))]}, timeout=60).json()
+    got = httpx.post(
+      f"{url}/score", json={"input_data": [test_serve.b64(str(image))]}, timeout=60
+    ).json()
     meta = httpx.get(f"{url}/metadata", timeout=60).json()
   assert got[0][0]["label"] == "digit_3"
-  assert meta["model"] == "custom ViT (hidden 48, MLP 96, 3 heads, 2 layers, patch 2, ResNet stages ())"
+  assert (
+    meta["model"] == "custom ViT (hidden 48, MLP 96, 3 heads, 2 layers, patch 2, ResNet stages ())"
+  )
 
 
 def test_convert_refuses_a_hybrid_in_one_line(tmp_path, capsys):
-  from vit_jax import cli  # pylint: disable=import-outside-toplevel
-  spec = cf.Spec(hidden=64, mlp=128, heads=2, layers=1, patch=8, image_size=64, classes=5, resnet=())
+  from vit_jax import cli
+
+  spec = cf.Spec(
+    hidden=64, mlp=128, heads=2, layers=1, patch=8, image_size=64, classes=5, resnet=()
+  )
   cf.write_original(tmp_path / "h.npz", spec)
   assert cli.main(["convert", str(tmp_path / "h.npz"), str(tmp_path / "hf")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "is a hybrid" in err[0] and "has no class for ResNet+ViT hybrids" in err[0]
+  assert (
+    len(err) == 1 and "is a hybrid" in err[0] and "has no class for ResNet+ViT hybrids" in err[0]
+  )
   assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.slow
 def test_a_hybrid_config_compiles_for_a_tpu(tmp_path):
-  from vit_jax.planning import aot  # pylint: disable=import-outside-toplevel
-  from vit_jax.config import config_args  # pylint: disable=import-outside-toplevel
-  from vit_jax.training import steps  # pylint: disable=import-outside-toplevel
+  from vit_jax.config import config_args
+  from vit_jax.planning import aot
+  from vit_jax.training import steps
+
   # The tiny recipe's fields over R26+ViT-S_32's ResNet: 64 px, /32, 1x1 patches: a 2x2 grid.
-  args = ["--config", "tiny", "--config.batch_size=64", "--config.image_size=64",
-          "--config.model.name=R26+ViT-S_32", "--config.model.patch_size=1"]
+  args = [
+    "--config",
+    "tiny",
+    "--config.batch_size=64",
+    "--config.image_size=64",
+    "--config.model.name=R26+ViT-S_32",
+    "--config.model.patch_size=1",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "vit_jax.cli", "aot", "--topology", "v3-8", "--json-only",
-                         "--num-classes", "10", *args], env=env, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vit_jax.cli",
+      "aot",
+      "--topology",
+      "v3-8",
+      "--json-only",
+      "--num-classes",
+      "10",
+      *args,
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   model = steps.model_from_config(config_args.load_config(args), 10)

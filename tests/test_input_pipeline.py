@@ -1,9 +1,11 @@
-"""The tf.data input pipeline on small real data: image folders of encoded files and local TFDS datasets.
+"""The tf.data input pipeline on small real data: image folders of encoded files and local TFDS
+datasets.
 
 Images are colour-coded by class (data_fixtures), so a batch shows whether
 images and labels stayed together. Several devices need their own process
 (XLA fixes the count at start): those checks run in a subprocess.
 """
+
 import json
 import logging
 import os
@@ -11,19 +13,19 @@ import subprocess
 import sys
 import textwrap
 
+import data_fixtures as df
 import ml_collections
 import numpy as np
 import pytest
 
-import data_fixtures as df
-from vit_jax.config import schema
-from vit_jax.platform import files
 from vit_jax import data as ip
-from vit_jax.weights import labels as labels_lib
+from vit_jax.config import schema
 from vit_jax.data import preprocess
-from vit_jax.training import sharding
-from vit_jax.platform import tf_setup
 from vit_jax.data import transforms
+from vit_jax.platform import files
+from vit_jax.platform import tf_setup
+from vit_jax.training import sharding
+from vit_jax.weights import labels as labels_lib
 
 SIZE = 16
 
@@ -58,8 +60,11 @@ def cat(batches, key):
 def split_files(root: str, split: str) -> list[str]:
   """A split's files in the pipeline's documented order: class folders sorted, files sorted."""
   d = os.path.join(root, split)
-  return [os.path.join(d, c, f) for c in sorted(os.listdir(d))
-          for f in sorted(os.listdir(os.path.join(d, c)))]
+  return [
+    os.path.join(d, c, f)
+    for c in sorted(os.listdir(d))
+    for f in sorted(os.listdir(os.path.join(d, c)))
+  ]
 
 
 def reference_eval(path: str, size: int = SIZE) -> np.ndarray:
@@ -71,8 +76,14 @@ def reference_eval(path: str, size: int = SIZE) -> np.ndarray:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("folder"))
-  df.write_folder(root, {"train": {"a": 7, "b": 5, "c": 4}, "val": {"a": 3, "b": 2, "c": 2},
-                         "test": {"a": 2, "b": 2, "c": 1}})
+  df.write_folder(
+    root,
+    {
+      "train": {"a": 7, "b": 5, "c": 4},
+      "val": {"a": 3, "b": 2, "c": 2},
+      "test": {"a": 2, "b": 2, "c": 1},
+    },
+  )
   return root
 
 
@@ -92,6 +103,7 @@ def cifar_dir(tmp_path_factory):
 
 # -- sources, shapes, ranges -------------------------------------------------------------
 
+
 def test_a_pipeline_lists_its_folder_once_and_reads_only_its_section(folder, monkeypatch):
   listed = []
   real = files.list_dir
@@ -100,22 +112,27 @@ def test_a_pipeline_lists_its_folder_once_and_reads_only_its_section(folder, mon
   s = sharding.batch_sharding(sharding.make_mesh())
   counts = [sum(int(b["mask"].sum()) for b in data.eval_iterator("eval", s)) for _ in range(3)]
   assert counts == [7, 7, 7] and data.info.num_examples["eval"] == 7
-  # train/ (the classes) once, then val/ and each of its 3 classes once, for three passes and the info.
+  # train/ (the classes) once, then val/ and each of its 3 classes once, for three passes and the
+  # info.
   val = [p for p in listed if "/val" in p]
   assert len(val) == 4 and len(set(val)) == 4, listed
   # The pipeline sees the data section and the batch sizes and seed, nothing else.
   assert data.config.image_size == SIZE and data.config.seed == 0
   with pytest.raises(AttributeError):
-    data.config.total_steps  # pylint: disable=pointless-statement
+    _ = data.config.total_steps
   with pytest.raises(AttributeError):
-    data.config.model  # pylint: disable=pointless-statement
+    _ = data.config.model
 
 
 def test_folder_info_and_train_batches(folder):
   c = cfg(dataset="folder", folder=folder)
   info = ip.get_info(c)
-  assert info == ip.DatasetInfo(num_classes=3, class_names=["a", "b", "c"], multilabel=False,
-                                num_examples={"train": 16, "eval": 7, "test": 5})
+  assert info == ip.DatasetInfo(
+    num_classes=3,
+    class_names=["a", "b", "c"],
+    multilabel=False,
+    num_examples={"train": 16, "eval": 7, "test": 5},
+  )
   batches = take(ip.host_batches(c, process_index=0, process_count=1), 8)  # two epochs
   for b in batches:
     assert b["image"].shape == (4, SIZE, SIZE, 3) and b["image"].dtype == np.float32
@@ -128,7 +145,9 @@ def test_folder_info_and_train_batches(folder):
   assert sorted(idx[:16]) == list(range(16)) and sorted(idx[16:]) == list(range(16))
   assert list(idx[:16]) != list(idx[16:])
   files = split_files(folder, "train")
-  expected = np.array([["a", "b", "c"].index(os.path.basename(os.path.dirname(files[i]))) for i in idx])
+  expected = np.array(
+    [["a", "b", "c"].index(os.path.basename(os.path.dirname(files[i]))) for i in idx]
+  )
   np.testing.assert_array_equal(cat(batches, "label"), expected)
 
 
@@ -136,10 +155,17 @@ def test_tfds_dataset_by_name_and_data_dir(tfds_dir):
   c = cfg(dataset=df.TFDS_NAME, tfds_data_dir=tfds_dir, batch_size=10)
   info = ip.get_info(c)
   assert (info.num_classes, info.class_names, info.multilabel) == (3, list(df.CLASS_COLOURS), False)
-  assert info.num_examples == {"train": 50, "eval": 13, "test": 13}  # no validation split: eval is test
+  assert info.num_examples == {
+    "train": 50,
+    "eval": 13,
+    "test": 13,
+  }  # no validation split: eval is test
   batches = take(ip.host_batches(c, process_index=0, process_count=1), 10)  # two epochs of 50
   for b in batches:
-    assert b["image"].shape == (10, SIZE, SIZE, 3) and -1.0 <= b["image"].min() <= b["image"].max() <= 1.0
+    assert (
+      b["image"].shape == (10, SIZE, SIZE, 3)
+      and -1.0 <= b["image"].min() <= b["image"].max() <= 1.0
+    )
     np.testing.assert_array_equal(colour(b["image"]), b["label"])
   idx = cat(batches, "index")
   assert sorted(idx[:50]) == list(range(50)) and sorted(idx[50:]) == list(range(50))
@@ -159,7 +185,9 @@ def test_cifar10_presets_hold_out_the_end_of_train(cifar_dir):
   ev = list(ip.host_batches(c, "eval", process_index=0, process_count=1))
   assert cat(ev, "index")[cat(ev, "mask")].tolist() == [98, 99]
   shares = _host_eval(cfg(dataset="cifar10", tfds_data_dir=cifar_dir, eval_batch_size=4), "eval", 4)
-  assert [len(h) for h in shares] == [1] * 4  # two hosts have nothing: all padding, same batch count
+  assert [len(h) for h in shares] == [
+    1
+  ] * 4  # two hosts have nothing: all padding, same batch count
   assert sorted(i for h in shares for i in cat(h, "index")[cat(h, "mask")]) == [98, 99]
   train = cat(take(ip.host_batches(c, process_index=0, process_count=1), 7), "index")
   assert sorted(train) == list(range(98))
@@ -168,6 +196,7 @@ def test_cifar10_presets_hold_out_the_end_of_train(cifar_dir):
 
 
 # -- evaluation ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(24, 32), (5, 9), (40, 17), (16, 16)])
 def test_eval_transform_equals_predict_preprocessing(shape):
@@ -183,15 +212,20 @@ def test_eval_pipeline_equals_predict_on_files(tmp_path):
   df.write_folder(root, {"train": {"a": 1, "b": 1}, "val": {"b": 3}}, ext="png")
   df.write_folder(os.path.join(root, "jpg"), {"val": {"b": 2}}, ext="jpg")
   for name in os.listdir(os.path.join(root, "jpg", "val", "b")):
-    os.rename(os.path.join(root, "jpg", "val", "b", name), os.path.join(root, "val", "b", "j" + name))
-  for name, data in df.odd_images().items():  # gray, palette, RGBA, LA, CMYK, gray JPEG, palette BMP, WebP
+    os.rename(
+      os.path.join(root, "jpg", "val", "b", name), os.path.join(root, "val", "b", "j" + name)
+    )
+  for (
+    name,
+    data,
+  ) in df.odd_images().items():  # gray, palette, RGBA, LA, CMYK, gray JPEG, palette BMP, WebP
     df.write_file(os.path.join(root, "val", "a", name), data)
   c = cfg(dataset="folder", folder=root, eval_batch_size=4)
   ev = list(ip.host_batches(c, "eval", process_index=0, process_count=1))
   files = split_files(root, "val")
   mask = cat(ev, "mask")
   assert mask.sum() == len(files) == 13
-  for image, i in zip(cat(ev, "image")[mask], cat(ev, "index")[mask]):
+  for image, i in zip(cat(ev, "image")[mask], cat(ev, "index")[mask], strict=True):
     np.testing.assert_array_equal(image, reference_eval(files[i]), err_msg=files[i])
 
 
@@ -204,22 +238,35 @@ def test_eval_crop_resizes_the_short_side_then_cuts_the_centre(folder):
   # float32 operations (numpy's here): equal bit for bit.
   np.testing.assert_array_equal(got, (full[:, 5:15] - 127.5) / 127.5)
   assert transforms.eval_image(tf.constant(image), 10, crop_ratio=0.5).shape == (10, 10, 3)
-  ev = list(ip.host_batches(cfg(dataset="folder", folder=folder, eval_crop=True), "eval",
-                            process_index=0, process_count=1))
+  ev = list(
+    ip.host_batches(
+      cfg(dataset="folder", folder=folder, eval_crop=True), "eval", process_index=0, process_count=1
+    )
+  )
   files = split_files(folder, "val")
-  for got, i in zip(cat(ev, "image")[cat(ev, "mask")], cat(ev, "index")[cat(ev, "mask")]):
+  for got, i in zip(
+    cat(ev, "image")[cat(ev, "mask")], cat(ev, "index")[cat(ev, "mask")], strict=True
+  ):
     with open(files[i], "rb") as f:
-      decoded = preprocess.decode_rgb(f.read())  # 24 x 32: short side to 16, then the centre 16 x 16
-    want = tf.image.resize(decoded, [SIZE, round(32 * SIZE / 24)], method="bilinear").numpy()[:, 2:18]
+      decoded = preprocess.decode_rgb(
+        f.read()
+      )  # 24 x 32: short side to 16, then the centre 16 x 16
+    want = tf.image.resize(decoded, [SIZE, round(32 * SIZE / 24)], method="bilinear").numpy()[
+      :, 2:18
+    ]
     np.testing.assert_array_equal(got, (want - 127.5) / 127.5)  # as above: the same operations
 
 
 def _host_eval(c, split, count):
-  return [list(ip.host_batches(c, split, process_index=i, process_count=count)) for i in range(count)]
+  return [
+    list(ip.host_batches(c, split, process_index=i, process_count=count)) for i in range(count)
+  ]
 
 
 @pytest.mark.parametrize("count", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("split,n", [("train", 16), ("train[:13]", 13), ("val", 7), ("train[5:]", 11)])
+@pytest.mark.parametrize(
+  "split,n", [("train", 16), ("train[:13]", 13), ("val", 7), ("train[5:]", 11)]
+)
 def test_eval_every_example_once_padded_and_masked(folder, count, split, n):
   c = cfg(dataset="folder", folder=folder, eval_batch_size=3 * count)
   hosts = _host_eval(c, split, count)
@@ -249,6 +296,7 @@ def test_tfds_eval_shares_cover_the_split_once(tfds_dir, count):
 
 # -- per-host training shares, determinism, resuming -------------------------------------------
 
+
 @pytest.mark.parametrize("count", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_train_host_shares_disjoint_and_complete(folder, count):
   c = cfg(dataset="folder", folder=folder, batch_size=2 * count)
@@ -257,8 +305,8 @@ def test_train_host_shares_disjoint_and_complete(folder, count):
   for i in range(count):
     batches = take(ip.host_batches(c, process_index=i, process_count=count), 2 * steps)
     idx = cat(batches, "index")
-    epochs[0].append(idx[:16 // count].tolist())
-    epochs[1].append(idx[16 // count:].tolist())
+    epochs[0].append(idx[: 16 // count].tolist())
+    epochs[1].append(idx[16 // count :].tolist())
   for shares in epochs:
     flat = [i for share in shares for i in share]
     assert sorted(flat) == list(range(16))
@@ -273,27 +321,38 @@ def test_tfds_train_host_shares_disjoint_and_complete(tfds_dir, count):
   shares = []
   for i in range(count):
     n = -(-50 // count) if i < 50 % count or 50 % count == 0 else 50 // count
-    shares.append(cat(take(ip.host_batches(c, process_index=i, process_count=count), n), "index").tolist())
+    shares.append(
+      cat(take(ip.host_batches(c, process_index=i, process_count=count), n), "index").tolist()
+    )
   flat = [i for share in shares for i in share]
   assert sorted(flat) == list(range(50))
 
 
 def _same(a, b):
-  return all(np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"]) and
-             np.array_equal(x["index"], y["index"]) for x, y in zip(a, b))
+  return all(
+    np.array_equal(x["image"], y["image"])
+    and np.array_equal(x["label"], y["label"])
+    and np.array_equal(x["index"], y["index"])
+    for x, y in zip(a, b, strict=True)
+  )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["folder", "tfds"])
 def test_seeded_streams_repeat_and_resume_exactly(folder, tfds_dir, kind):
-  source = dict(dataset="folder", folder=folder) if kind == "folder" else \
-      dict(dataset=df.TFDS_NAME, tfds_data_dir=tfds_dir)
+  source = (
+    dict(dataset="folder", folder=folder)
+    if kind == "folder"
+    else dict(dataset=df.TFDS_NAME, tfds_data_dir=tfds_dir)
+  )
   c = cfg(seed=3, batch_size=6, augment=dict(vflip=0.5, rot90=0.5, rrc_prob=0.5), **source)
   first = take(ip.host_batches(c, process_index=0, process_count=1), 12)  # crosses epochs
   again = take(ip.host_batches(c, process_index=0, process_count=1), 12)
   assert _same(first, again)
   for start in (5, 9):  # mid-epoch, and in a later epoch
-    resumed = take(ip.host_batches(c, start_step=start, process_index=0, process_count=1), 12 - start)
+    resumed = take(
+      ip.host_batches(c, start_step=start, process_index=0, process_count=1), 12 - start
+    )
     assert _same(resumed, first[start:])
   c.seed = 4
   other = take(ip.host_batches(c, process_index=0, process_count=1), 3)
@@ -302,24 +361,41 @@ def test_seeded_streams_repeat_and_resume_exactly(folder, tfds_dir, kind):
 
 # -- augmentations -----------------------------------------------------------------------------
 
+
 def test_flips_and_quarter_turns_are_exact(folder):
   plain = dict(inception_crop=False, hflip=False)
-  base = take(ip.host_batches(cfg(dataset="folder", folder=folder, augment=plain),
-                              process_index=0, process_count=1), 2)
+  base = take(
+    ip.host_batches(
+      cfg(dataset="folder", folder=folder, augment=plain), process_index=0, process_count=1
+    ),
+    2,
+  )
   files = split_files(folder, "train")
-  for image, i in zip(cat(base, "image"), cat(base, "index")):
+  for image, i in zip(cat(base, "image"), cat(base, "index"), strict=True):
     np.testing.assert_array_equal(image, reference_eval(files[i]))  # resize only: the eval numbers
   ops = {"hflip": lambda a: a[:, ::-1], "vflip": lambda a: a[::-1]}
   for name, op in ops.items():
-    got = take(ip.host_batches(cfg(dataset="folder", folder=folder, augment={**plain, name: 1.0}),
-                               process_index=0, process_count=1), 2)
+    got = take(
+      ip.host_batches(
+        cfg(dataset="folder", folder=folder, augment={**plain, name: 1.0}),
+        process_index=0,
+        process_count=1,
+      ),
+      2,
+    )
     np.testing.assert_array_equal(cat(got, "index"), cat(base, "index"))
-    for g, b in zip(cat(got, "image"), cat(base, "image")):
+    for g, b in zip(cat(got, "image"), cat(base, "image"), strict=True):
       np.testing.assert_array_equal(g, op(b))
-  got = take(ip.host_batches(cfg(dataset="folder", folder=folder, augment={**plain, "rot90": 1.0}),
-                             process_index=0, process_count=1), 2)
+  got = take(
+    ip.host_batches(
+      cfg(dataset="folder", folder=folder, augment={**plain, "rot90": 1.0}),
+      process_index=0,
+      process_count=1,
+    ),
+    2,
+  )
   turns = []
-  for g, b in zip(cat(got, "image"), cat(base, "image")):
+  for g, b in zip(cat(got, "image"), cat(base, "image"), strict=True):
     k = [k for k in (1, 2, 3) if np.array_equal(g, np.rot90(b, k))]
     assert len(k) == 1
     turns += k
@@ -327,18 +403,31 @@ def test_flips_and_quarter_turns_are_exact(folder):
 
 
 def test_random_crops_vary_and_keep_labels(folder):
-  c = cfg(dataset="folder", folder=folder,
-          augment=dict(inception_crop=True, rrc_prob=1.0, rrc_scale=(0.5, 1.0)))
+  c = cfg(
+    dataset="folder",
+    folder=folder,
+    augment=dict(inception_crop=True, rrc_prob=1.0, rrc_scale=(0.5, 1.0)),
+  )
   a = take(ip.host_batches(c, process_index=0, process_count=1), 4)
-  b = take(ip.host_batches(c, start_step=4, process_index=0, process_count=1), 4)  # epoch 2: same images
+  b = take(
+    ip.host_batches(c, start_step=4, process_index=0, process_count=1), 4
+  )  # epoch 2: same images
   files = split_files(folder, "train")
   differ = 0
-  for image, label, i in zip(cat(a, "image"), cat(a, "label"), cat(a, "index")):
+  for image, label, i in zip(cat(a, "image"), cat(a, "label"), cat(a, "index"), strict=True):
     assert colour(image[None])[0] == label and -1.0 <= image.min() <= image.max() <= 1.0
-    differ += not np.allclose(image, reference_eval(files[i]), atol=0.05)  # > 6 levels of 2/255: a crop
+    differ += not np.allclose(
+      image, reference_eval(files[i]), atol=0.05
+    )  # > 6 levels of 2/255: a crop
   assert differ >= 12
-  first = {i: im for im, i in zip(cat(a, "image"), cat(a, "index"))}
-  assert sum(not np.array_equal(first[i], im) for im, i in zip(cat(b, "image"), cat(b, "index"))) >= 12
+  first = {i: im for im, i in zip(cat(a, "image"), cat(a, "index"), strict=True)}
+  assert (
+    sum(
+      not np.array_equal(first[i], im)
+      for im, i in zip(cat(b, "image"), cat(b, "index"), strict=True)
+    )
+    >= 12
+  )
 
 
 def test_inception_crop_area_and_aspect_within_limits(tmp_path):
@@ -364,7 +453,9 @@ def test_inception_crop_area_and_aspect_within_limits(tmp_path):
   np.testing.assert_allclose(n, np.round(n), atol=1e-3)
   np.testing.assert_allclose(start, np.round(start), atol=1e-3)
   (x0, y0), (w, h) = np.round(start).astype(int).T, np.round(n).astype(int).T
-  assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= width).all() and (y0 + h <= height).all()
+  assert (
+    (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= width).all() and (y0 + h <= height).all()
+  )
   area = w * h / (width * height)
   # The documented limits (input_pipeline: area 5-100%, aspect 3/4-4/3), not the module's
   # constants, so that changing those fails here. Area: TF rejects a box outside the range
@@ -373,21 +464,28 @@ def test_inception_crop_area_and_aspect_within_limits(tmp_path):
   # Aspect: TF draws a ratio r in range and a height h, then rounds the width h * r to whole
   # pixels, so w / h may overshoot r by up to 0.5 / h.
   aspect = w / h
-  assert (aspect >= 3 / 4 - 0.5 / h).all() and (aspect <= 4 / 3 + 0.5 / h).all(), \
-      np.sort(aspect)[[0, -1]]
+  assert (aspect >= 3 / 4 - 0.5 / h).all() and (aspect <= 4 / 3 + 0.5 / h).all(), np.sort(aspect)[
+    [0, -1]
+  ]
   # And they spread over the ranges (each bound below fails by chance < 1e-5 in 64 crops).
   assert area.min() < 0.15 and area.max() > 0.6, np.sort(area)[[0, -1]]
   assert aspect.min() < 0.85 and aspect.max() > 1.2, np.sort(aspect)[[0, -1]]
-  assert len(set(zip(x0, y0, w, h))) > 60  # and the boxes differ, image to image and epoch to epoch
+  assert (
+    len(set(zip(x0, y0, w, h, strict=True))) > 60
+  )  # and the boxes differ, image to image and epoch to epoch
 
 
 @pytest.mark.slow
 def test_mixup_soft_targets(folder):
   c = cfg(dataset="folder", folder=folder, batch_size=8, augment=dict(mixup_alpha=0.4))
   batches = take(ip.host_batches(c, process_index=0, process_count=1), 4)
-  plain = take(ip.host_batches(cfg(dataset="folder", folder=folder, batch_size=8),
-                               process_index=0, process_count=1), 4)
-  for b, p in zip(batches, plain):
+  plain = take(
+    ip.host_batches(
+      cfg(dataset="folder", folder=folder, batch_size=8), process_index=0, process_count=1
+    ),
+    4,
+  )
+  for b, p in zip(batches, plain, strict=True):
     assert b["label"].shape == (8, 3) and b["label"].dtype == np.float32
     np.testing.assert_allclose(b["label"].sum(-1), 1.0, rtol=1e-6)  # lam + (1 - lam): 2 roundings
     onehot = np.eye(3, dtype=np.float32)[p["label"]]
@@ -401,6 +499,7 @@ def test_mixup_soft_targets(folder):
 
 
 # -- awkward inputs ----------------------------------------------------------------------------
+
 
 def test_corrupt_files_skipped_counted_and_logged(tmp_path, caplog):
   root = str(tmp_path)
@@ -422,11 +521,15 @@ def test_corrupt_files_skipped_counted_and_logged(tmp_path, caplog):
   bad = {i for i, f in enumerate(files) if os.path.basename(f) in corrupt}
   before = ip.decode_errors()
   with caplog.at_level(logging.WARNING, logger="vit_jax.data"):
-    batches = take(ip.host_batches(c, process_index=0, process_count=1), 12)  # 48 of 16 good per epoch
+    batches = take(
+      ip.host_batches(c, process_index=0, process_count=1), 12
+    )  # 48 of 16 good per epoch
   idx = cat(batches, "index")
   assert not bad & set(idx.tolist()) and set(idx.tolist()) == set(range(len(files))) - bad
   coloured = np.array(["gray" not in files[i] and "la.png" not in files[i] for i in idx])
-  np.testing.assert_array_equal(colour(cat(batches, "image"))[coloured], cat(batches, "label")[coloured])
+  np.testing.assert_array_equal(
+    colour(cat(batches, "image"))[coloured], cat(batches, "label")[coloured]
+  )
   assert 2 * len(bad) <= ip.decode_errors() - before <= 3 * len(bad)
   assert f"train epoch 0: {len(bad)} undecodable images skipped" in caplog.text
 
@@ -437,27 +540,37 @@ def test_multilabel_lists_csv_and_json(tmp_path):
   splits = ["train", "train", "val", "train", "val", "train", "train"]
   for i in range(len(tags)):
     df.write_file(os.path.join(root, "img", f"{i}.png"), df.encode(df.class_image(i, i)))
-  rows = ["path,labels,split"] + [f"img/{i}.png,{';'.join(t)},{s}"
-                                  for i, (t, s) in enumerate(zip(tags, splits))]
+  rows = ["path,labels,split"] + [
+    f"img/{i}.png,{';'.join(t)},{s}" for i, (t, s) in enumerate(zip(tags, splits, strict=True))
+  ]
   with open(os.path.join(root, "list.csv"), "w") as f:
     f.write("\n".join(rows) + "\n")
   with open(os.path.join(root, "list.json"), "w") as f:
-    json.dump({"classes": ["bird", "cat", "dog"],
-               "items": [{"path": f"img/{i}.png", "labels": t, "split": s}
-                         for i, (t, s) in enumerate(zip(tags, splits))]}, f)
+    json.dump(
+      {
+        "classes": ["bird", "cat", "dog"],
+        "items": [
+          {"path": f"img/{i}.png", "labels": t, "split": s}
+          for i, (t, s) in enumerate(zip(tags, splits, strict=True))
+        ],
+      },
+      f,
+    )
   names = ["bird", "cat", "dog"]
   for list_file in ("list.csv", "list.json"):
     c = cfg(dataset="multilabel", multilabel_file=os.path.join(root, list_file))
     info = ip.get_info(c)
     assert (info.num_classes, info.class_names, info.multilabel) == (3, names, True)
     assert info.num_examples == {"train": 5, "eval": 2, "test": 0}
-    for split, batches in (("train", take(ip.host_batches(c, process_index=0, process_count=1), 3)),
-                           ("val", list(ip.host_batches(c, "eval", process_index=0, process_count=1)))):
+    for split, batches in (
+      ("train", take(ip.host_batches(c, process_index=0, process_count=1), 3)),
+      ("val", list(ip.host_batches(c, "eval", process_index=0, process_count=1))),
+    ):
       members = [i for i, s in enumerate(splits) if s == split]
       for b in batches:
         assert b["label"].dtype == np.float32 and b["label"].shape == (4, 3)
         keep = b.get("mask", np.ones(4, bool))
-        for target, i in zip(b["label"][keep], b["index"][keep]):
+        for target, i in zip(b["label"][keep], b["index"][keep], strict=True):
           want = np.array([n in tags[members[i]] for n in names], np.float32)
           np.testing.assert_array_equal(target, want)
 
@@ -492,6 +605,7 @@ def test_balanced_classes_are_even(tmp_path, tfds_dir):
 
 # -- user errors, labels file -------------------------------------------------------------------
 
+
 def test_clear_errors_for_user_mistakes(tmp_path, folder):
   with pytest.raises(FileNotFoundError, match="no such folder"):
     ip.get_info(cfg(dataset="folder", folder=str(tmp_path / "missing")))
@@ -505,16 +619,30 @@ def test_clear_errors_for_user_mistakes(tmp_path, folder):
   with pytest.raises(FileNotFoundError, match="'cifar10' is not prepared"):
     ip.get_info(cfg(dataset="cifar10", tfds_data_dir=str(tmp_path / "nothing")))
   with pytest.raises(ValueError, match="batch_size 6 does not divide over 4 processes"):
-    ip.host_batches(cfg(dataset="folder", folder=folder, batch_size=6), process_index=0, process_count=4)
+    ip.host_batches(
+      cfg(dataset="folder", folder=folder, batch_size=6), process_index=0, process_count=4
+    )
   with pytest.raises(ValueError, match="eval_batch_size 5 does not divide over 2 processes"):
-    ip.host_batches(cfg(dataset="folder", folder=folder, eval_batch_size=5), "eval", process_index=1,
-                    process_count=2)
+    ip.host_batches(
+      cfg(dataset="folder", folder=folder, eval_batch_size=5),
+      "eval",
+      process_index=1,
+      process_count=2,
+    )
   with pytest.raises(FileNotFoundError, match="nosuch"):
-    ip.host_batches(cfg(dataset="folder", folder=folder), "nosuch", process_index=0, process_count=1)
-  pointers = tmp_path / "pointers"  # Git LFS pointers where images should be: fail, do not wait forever
+    ip.host_batches(
+      cfg(dataset="folder", folder=folder), "nosuch", process_index=0, process_count=1
+    )
+  pointers = (
+    tmp_path / "pointers"
+  )  # Git LFS pointers where images should be: fail, do not wait forever
   for i in range(3):
-    df.write_file(str(pointers / "train" / "a" / f"{i}.jpg"), b"version https://git-lfs.github.com/spec/v1\n")
-  with pytest.raises(ValueError, match=r"none of the first 32 training images .*pointers/train/a/\d\.jpg"):
+    df.write_file(
+      str(pointers / "train" / "a" / f"{i}.jpg"), b"version https://git-lfs.github.com/spec/v1\n"
+    )
+  with pytest.raises(
+    ValueError, match=r"none of the first 32 training images .*pointers/train/a/\d\.jpg"
+  ):
     ip.host_batches(cfg(dataset="folder", folder=str(pointers)), process_index=0, process_count=1)
 
 
@@ -526,6 +654,7 @@ def test_class_names_file_reads_back_with_predict_labels(folder, tmp_path):
 
 # -- devices --------------------------------------------------------------------------------
 
+
 def test_global_arrays_on_one_device(folder):
   c = cfg(dataset="folder", folder=folder)
   s = sharding.batch_sharding(sharding.make_mesh())
@@ -535,14 +664,18 @@ def test_global_arrays_on_one_device(folder):
   np.testing.assert_array_equal(np.asarray(batch["image"]), host["image"])
   np.testing.assert_array_equal(np.asarray(batch["label"]), host["label"])
   ev = list(ip.eval_iterator(c, "eval", s))
-  assert set(ev[0]) == {"image", "label", "mask"} and sum(int(np.asarray(b["mask"]).sum()) for b in ev) == 7
+  assert (
+    set(ev[0]) == {"image", "label", "mask"}
+    and sum(int(np.asarray(b["mask"]).sum()) for b in ev) == 7
+  )
   indexed = list(ip.eval_iterator(c, "eval", s, with_index=True))
   idx = np.concatenate([np.asarray(b["index"]) for b in indexed])
   assert idx.dtype == np.int32 and idx.tolist() == list(range(7)) + [-1]
 
 
 def test_device_prefetch_keeps_batches_in_flight():
-  from vit_jax.data import devices  # pylint: disable=import-outside-toplevel
+  from vit_jax.data import devices
+
   pulled = []
 
   def host():
@@ -564,7 +697,8 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     from vit_jax.training import sharding
     from vit_jax import data as ip
     c = schema.base()
-    c.dataset, c.folder, c.image_size, c.batch_size, c.eval_batch_size = "folder", sys.argv[1], 16, 16, 8
+    c.dataset, c.folder, c.image_size = "folder", sys.argv[1], 16
+    c.batch_size, c.eval_batch_size = 16, 8
     c.data_threads = 2
     s = sharding.batch_sharding(sharding.make_mesh())
     out = {"devices": jax.device_count()}
@@ -578,7 +712,8 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     for p in range(2):  # two processes simulated: this host's rows form the array
       g = next(ip.train_iterator(c, s, process_index=p, process_count=2))
       h = next(ip.host_batches(c, process_index=p, process_count=2))
-      out["simulated"].append([g["image"].shape[0], bool(np.array_equal(np.asarray(g["label"]), h["label"]))])
+      same = bool(np.array_equal(np.asarray(g["label"]), h["label"]))
+      out["simulated"].append([g["image"].shape[0], same])
     s4 = sharding.batch_sharding(sharding.make_mesh({"data": 4, "model": 2}))
     c.batch_size = 12
     shards = next(ip.train_iterator(c, s4))["image"].addressable_shards
@@ -596,8 +731,14 @@ _DEVICES_SCRIPT = textwrap.dedent("""
 def test_global_arrays_sharded_over_eight_devices(folder):
   # The script also exits with training iterators still open, which must not hang.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, folder], env=env, capture_output=True,
-                        text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-c", _DEVICES_SCRIPT, folder],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["devices"] == 8 and out["shape"] == [16, SIZE, SIZE, 3] and out["rows"] == [2] * 8
@@ -605,8 +746,10 @@ def test_global_arrays_sharded_over_eight_devices(folder):
   assert out["eval"] == [1, 7]
   assert out["simulated"] == [[8, True], [8, True]]
   assert out["model2"] == [3] * 8  # 4-way data split, each row block on the 2 model devices
-  assert out["error"] == ("config.batch_size 12 does not divide over the 8 devices of the batch axes "
-                          "(mesh {'data': 8, 'fsdp': 1, 'model': 1})")
+  assert out["error"] == (
+    "config.batch_size 12 does not divide over the 8 devices of the batch axes "
+    "(mesh {'data': 8, 'fsdp': 1, 'model': 1})"
+  )
 
 
 _TWO_PROCESSES_SCRIPT = textwrap.dedent("""
@@ -617,18 +760,21 @@ _TWO_PROCESSES_SCRIPT = textwrap.dedent("""
     from vit_jax.config import schema
     from vit_jax import data as ip
     c = schema.base()
-    c.dataset, c.folder, c.image_size, c.batch_size, c.eval_batch_size = "folder", sys.argv[1], 16, 16, 8
+    c.dataset, c.folder, c.image_size = "folder", sys.argv[1], 16
+    c.batch_size, c.eval_batch_size = 16, 8
     c.data_threads = 1
     s = sharding.batch_sharding(sharding.make_mesh())
 
     def local_rows(x):
-      return np.concatenate([np.asarray(d.data) for d in sorted(x.addressable_shards, key=lambda d: d.index[0].start)])
+      shards = sorted(x.addressable_shards, key=lambda d: d.index[0].start)
+      return np.concatenate([np.asarray(d.data) for d in shards])
 
     b = next(ip.train_iterator(c, s))
     host = next(ip.host_batches(c))
     ev = list(ip.eval_iterator(c, "eval", s))
+    mine = bool(np.array_equal(local_rows(b["image"]), host["image"]))
     print(json.dumps({"process": jax.process_index(), "shape": list(b["image"].shape),
-                      "rows_are_this_hosts": bool(np.array_equal(local_rows(b["image"]), host["image"])),
+                      "rows_are_this_hosts": mine,
                       "indices": host["index"].tolist(), "eval_batches": len(ev),
                       "eval_local": int(sum(local_rows(e["mask"]).sum() for e in ev))}))
 """)
@@ -637,9 +783,14 @@ _TWO_PROCESSES_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_real_processes_assemble_one_global_batch(folder, run_on_free_port):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  runs = run_on_free_port(lambda port: [[sys.executable, "-c", _TWO_PROCESSES_SCRIPT, folder,
-                                         f"127.0.0.1:{port}", str(i)] for i in range(2)],
-                          env=env, timeout=300)
+  runs = run_on_free_port(
+    lambda port: [
+      [sys.executable, "-c", _TWO_PROCESSES_SCRIPT, folder, f"127.0.0.1:{port}", str(i)]
+      for i in range(2)
+    ],
+    env=env,
+    timeout=300,
+  )
   outs = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in runs]
   assert sorted(o["process"] for o in outs) == [0, 1]
   for o in outs:

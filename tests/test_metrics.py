@@ -1,4 +1,5 @@
 """Evaluation metrics over masked batches, checked against scikit-learn."""
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -12,18 +13,23 @@ def _batches(logits, labels, batch):
   """Split into fixed-size batches; the last one padded with garbage and masked out."""
   n = len(logits)
   for start in range(0, n, batch):
-    lg, lb = logits[start:start + batch], labels[start:start + batch]
+    lg, lb = logits[start : start + batch], labels[start : start + batch]
     pad = batch - len(lg)
     mask = np.r_[np.ones(len(lg), bool), np.zeros(pad, bool)]
-    yield (np.concatenate([lg, np.full((pad, *lg.shape[1:]), 9.0, np.float32)]),
-           np.concatenate([lb, np.ones((pad, *lb.shape[1:]), lb.dtype)]), mask)
+    yield (
+      np.concatenate([lg, np.full((pad, *lg.shape[1:]), 9.0, np.float32)]),
+      np.concatenate([lb, np.ones((pad, *lb.shape[1:]), lb.dtype)]),
+      mask,
+    )
 
 
 def test_single_label_metrics_match_sklearn():
   rng = np.random.default_rng(0)
   n, c = 103, 7
   labels = rng.integers(0, c - 1, n)  # the last class never occurs
-  logits = rng.normal(size=(n, c)).astype(np.float32) + 2.0 * np.eye(c)[labels] * (rng.uniform(size=(n, 1)) > 0.4)
+  logits = rng.normal(size=(n, c)).astype(np.float32) + 2.0 * np.eye(c)[labels] * (
+    rng.uniform(size=(n, 1)) > 0.4
+  )
   acc = metrics.Accumulator(multilabel=False)
   for lg, lb, m in _batches(logits, labels, 16):
     acc.add(metrics.batch_sums(jnp.asarray(lg), jnp.asarray(lb), jnp.asarray(m), multilabel=False))
@@ -33,11 +39,17 @@ def test_single_label_metrics_match_sklearn():
   assert r["count"] == n
   # Ratios of integer counts, in float64 on both sides: equal up to float64 rounding.
   assert r["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
-  assert r["macro_precision"] == pytest.approx(skm.precision_score(labels, pred, labels=present, average="macro", zero_division=0))
-  assert r["macro_recall"] == pytest.approx(skm.recall_score(labels, pred, labels=present, average="macro"))
+  assert r["macro_precision"] == pytest.approx(
+    skm.precision_score(labels, pred, labels=present, average="macro", zero_division=0)
+  )
+  assert r["macro_recall"] == pytest.approx(
+    skm.recall_score(labels, pred, labels=present, average="macro")
+  )
   assert r["macro_f1"] == pytest.approx(skm.f1_score(labels, pred, labels=present, average="macro"))
-  np.testing.assert_allclose(r["per_class_accuracy"][:c - 1],
-                             skm.recall_score(labels, pred, labels=list(range(c - 1)), average=None))
+  np.testing.assert_allclose(
+    r["per_class_accuracy"][: c - 1],
+    skm.recall_score(labels, pred, labels=list(range(c - 1)), average=None),
+  )
   ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(labels))
   # 103 positive float32 terms summed in another order (per batch, then in float64) than
   # optax's mean: the sums differ by at most 103 * u = 6e-6 relative, the terms by a few ulps

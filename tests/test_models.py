@@ -1,4 +1,5 @@
 """The model: variants, parameter counts and names, dtypes, dropout, scan and remat."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -62,18 +63,37 @@ def test_unknown_override_and_bad_image_size():
 
 
 def test_param_names_are_the_linen_checkpoint_names():
-  model = models.create_model("Ti/16", num_classes=10, image_size=32, num_layers=2,
-                              representation_size=8)
+  model = models.create_model(
+    "Ti/16", num_classes=10, image_size=32, num_layers=2, representation_size=8
+  )
   leaves = jax.tree_util.tree_flatten_with_path(models.param_shapes(model))[0]
   names = {"/".join(k.key for k in path) for path, _ in leaves}
-  block = ["LayerNorm_0/scale", "LayerNorm_0/bias", "LayerNorm_1/scale", "LayerNorm_1/bias",
-           "MlpBlock_0/Dense_0/kernel", "MlpBlock_0/Dense_0/bias", "MlpBlock_0/Dense_1/kernel",
-           "MlpBlock_0/Dense_1/bias"] + [
-               f"MultiHeadDotProductAttention_0/{p}/{k}" for p in ("query", "key", "value", "out")
-               for k in ("kernel", "bias")]
-  want = {"cls", "embedding/kernel", "embedding/bias", "Transformer/posembed_input/pos_embedding",
-          "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias", "pre_logits/kernel",
-          "pre_logits/bias", "head/kernel", "head/bias"}
+  block = [
+    "LayerNorm_0/scale",
+    "LayerNorm_0/bias",
+    "LayerNorm_1/scale",
+    "LayerNorm_1/bias",
+    "MlpBlock_0/Dense_0/kernel",
+    "MlpBlock_0/Dense_0/bias",
+    "MlpBlock_0/Dense_1/kernel",
+    "MlpBlock_0/Dense_1/bias",
+  ] + [
+    f"MultiHeadDotProductAttention_0/{p}/{k}"
+    for p in ("query", "key", "value", "out")
+    for k in ("kernel", "bias")
+  ]
+  want = {
+    "cls",
+    "embedding/kernel",
+    "embedding/bias",
+    "Transformer/posembed_input/pos_embedding",
+    "Transformer/encoder_norm/scale",
+    "Transformer/encoder_norm/bias",
+    "pre_logits/kernel",
+    "pre_logits/bias",
+    "head/kernel",
+    "head/bias",
+  }
   want |= {f"Transformer/encoderblock_{i}/{b}" for i in range(2) for b in block}
   assert names == want
 
@@ -86,7 +106,9 @@ def _tiny(**kw):
 def _randomize(params, seed=0):
   leaves, tree = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  return tree.unflatten(
+    [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+  )
 
 
 @pytest.mark.slow
@@ -145,8 +167,9 @@ def test_embedding_is_what_the_head_sees():
   assert float(jnp.abs(emb).max()) <= 1.0  # pre_logits ends in tanh
   logits = model.apply({"params": params}, x)
   # One 16-long dot, in another program: u * sqrt(16) = 2.4e-7 of |logits| <= 0.3.
-  np.testing.assert_allclose(emb @ params["head"]["kernel"] + params["head"]["bias"], logits,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    emb @ params["head"]["kernel"] + params["head"]["bias"], logits, rtol=1e-5, atol=1e-6
+  )
   headless = model.clone(num_classes=None)
   no_head = {k: v for k, v in params.items() if k != "head"}
   # Another program for the same ops (|emb| <= 1): the whole-model bound of
@@ -182,13 +205,17 @@ def test_scan_and_remat_give_the_same_outputs_and_gradients():
   for variant in (model.clone(scan=True), model.clone(scan=True, remat=True)):
     val, grad = jax.value_and_grad(lambda p, m=variant: loss(m, p))(stacked)
     np.testing.assert_allclose(val, ref, rtol=1e-5)
-    np.testing.assert_allclose(grad["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"][1],
-                               ref_grad["Transformer"]["encoderblock_1"]["MlpBlock_0"]["Dense_0"]["kernel"],
-                               rtol=0, atol=grad_atol)
+    np.testing.assert_allclose(
+      grad["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"][1],
+      ref_grad["Transformer"]["encoderblock_1"]["MlpBlock_0"]["Dense_0"]["kernel"],
+      rtol=0,
+      atol=grad_atol,
+    )
   val, grad = jax.value_and_grad(lambda p: loss(model.clone(remat=True), p))(params)
   np.testing.assert_allclose(val, ref, rtol=1e-5)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=grad_atol),
-                         grad, ref_grad)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=grad_atol), grad, ref_grad
+  )
 
 
 @pytest.mark.slow
@@ -197,8 +224,9 @@ def test_last_block_on_the_class_token_alone_equals_the_full_block():
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 16))
   params = _randomize(block.init(jax.random.PRNGKey(1), x, True)["params"])
   pruned = block.clone(query_tokens=1)
-  assert jax.tree_util.tree_structure(pruned.init(jax.random.PRNGKey(1), x, True)["params"]) == \
-      jax.tree_util.tree_structure(params)
+  assert jax.tree_util.tree_structure(
+    pruned.init(jax.random.PRNGKey(1), x, True)["params"]
+  ) == jax.tree_util.tree_structure(params)
 
   def first_token(m, p, x):
     return m.apply({"params": p}, x, True)[:, :1]
@@ -211,14 +239,17 @@ def test_last_block_on_the_class_token_alone_equals_the_full_block():
   full = first_token(block, params, x)
   np.testing.assert_allclose(out, full, rtol=0, atol=3e-6 * float(np.abs(full).max()))
   # Every token still reaches the output through the keys and values.
-  grads = [jax.grad(lambda p, x, m=m: jnp.sum(jnp.sin(first_token(m, p, x))), argnums=(0, 1))(params, x)
-           for m in (block, pruned)]
+  grads = [
+    jax.grad(lambda p, x, m=m: jnp.sum(jnp.sin(first_token(m, p, x))), argnums=(0, 1))(params, x)
+    for m in (block, pruned)
+  ]
   assert float(jnp.abs(grads[1][1][:, 1:]).min()) > 0
   # Relative to the largest gradient anywhere: the key bias's is 0 in exact arithmetic (softmax
   # ignores a shift), so both sides hold only rounding noise of that size.
   grad_atol = 6e-6 * max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads[0]))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=grad_atol),
-                         grads[1], grads[0])
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=grad_atol), grads[1], grads[0]
+  )
 
 
 @pytest.mark.slow
@@ -237,12 +268,16 @@ def test_a_token_classifier_runs_the_last_block_on_the_class_token_alone():
 
 def test_params_carry_logical_axis_names():
   model = _tiny(scan=True)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"])
+  boxed = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  )
   specs = nn.get_partition_spec(boxed)
-  assert specs["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"] == \
-      jax.sharding.PartitionSpec("layers", "embed", "mlp")
-  assert specs["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]["query"]["kernel"] == \
-      jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
+  assert specs["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"][
+    "kernel"
+  ] == jax.sharding.PartitionSpec("layers", "embed", "mlp")
+  assert specs["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]["query"][
+    "kernel"
+  ] == jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
   assert specs["head"]["kernel"] == jax.sharding.PartitionSpec(None, "classes")
 
 
@@ -269,15 +304,20 @@ def test_attention_matches_flax_attention():
   # measured under 6 XLA:CPU settings (AMD AVX2) <= 4.8e-7 for values and 1.9e-6 for
   # gradients, at most 1.2e-6 beyond the rtol part: 1e-5 leaves 8x.
   q, k, v = _qkv(0)
-  np.testing.assert_allclose(models.dot_product_attention(q, k, v),
-                             nn.dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    models.dot_product_attention(q, k, v), nn.dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5
+  )
   mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.7, (2, 3, 7, 7)).at[..., 0].set(True)
-  np.testing.assert_allclose(models.dot_product_attention(q, k, v, mask),
-                             nn.dot_product_attention(q, k, v, mask=mask), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    models.dot_product_attention(q, k, v, mask),
+    nn.dot_product_attention(q, k, v, mask=mask),
+    atol=1e-5,
+    rtol=1e-5,
+  )
   loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
   ours = jax.grad(loss(models.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
   theirs = jax.grad(loss(nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
-  for a, b in zip(ours, theirs):
+  for a, b in zip(ours, theirs, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -288,8 +328,13 @@ def test_attention_dropout_drops_normalized_weights():
   q, k, _ = _qkv(1, (1, 6, 2, 4))
   v = jnp.broadcast_to(jnp.eye(6)[None, :, None, :], (1, 6, 2, 6))
   weights = jnp.swapaxes(models.dot_product_attention(q, k, v), 1, 2)  # [1, heads, q, k]
-  dropped = jnp.swapaxes(models.dot_product_attention(
-      q, k, v, dropout_rng=jax.random.PRNGKey(0), dropout_rate=0.5, deterministic=False), 1, 2)
+  dropped = jnp.swapaxes(
+    models.dot_product_attention(
+      q, k, v, dropout_rng=jax.random.PRNGKey(0), dropout_rate=0.5, deterministic=False
+    ),
+    1,
+    2,
+  )
   kept = np.asarray(dropped) != 0
   assert 0 < kept.mean() < 1
   # The same softmax in another program, times 1/keep = 2 (exact): a few ulps if fused
@@ -297,4 +342,5 @@ def test_attention_dropout_drops_normalized_weights():
   np.testing.assert_allclose(np.asarray(dropped)[kept], np.asarray(weights)[kept] / 0.5, rtol=1e-5)
   # Deterministic (the default) ignores the rate: the same computation, so exactly equal.
   np.testing.assert_array_equal(
-      jnp.swapaxes(models.dot_product_attention(q, k, v, dropout_rate=0.5), 1, 2), weights)
+    jnp.swapaxes(models.dot_product_attention(q, k, v, dropout_rate=0.5), 1, 2), weights
+  )

@@ -9,18 +9,19 @@ SSE4.2 to AVX2): logits (|x| <= 3.4) within 5.3e-6, hidden states within 2.1e-5
 (of values up to 16; beyond the rtol part, 1.1e-6 of the largest). The bounds
 below leave 19x and 9x, while any wrong transpose or name is O(1).
 """
-import jax
+
+import ckpt_fixtures as cf
 import numpy as np
 import pytest
 import torch
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTConfig
+from transformers import ViTForImageClassification
 
-import ckpt_fixtures as cf
+from vit_jax import models
+from vit_jax.models import layout
+from vit_jax.models import spec as spec_lib
 from vit_jax.weights import checkpoint
 from vit_jax.weights import convert
-from vit_jax import models
-from vit_jax.models import spec as spec_lib
-from vit_jax.models import layout
 
 torch.set_num_threads(2)
 
@@ -31,14 +32,17 @@ def _images(n, size, seed=0):
 
 def _torch(pt, x, hidden=False):
   with torch.no_grad():
-    out = pt(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-             output_hidden_states=hidden)
+    out = pt(
+      pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), output_hidden_states=hidden
+    )
   return out
 
 
 def _our_hidden_states(model, params, x):
   """Embeddings (after position embedding) and the output of every block."""
-  _, state = model.apply({"params": params}, x, capture_intermediates=True, mutable=["intermediates"])
+  _, state = model.apply(
+    {"params": params}, x, capture_intermediates=True, mutable=["intermediates"]
+  )
   inter = state["intermediates"]["Transformer"]
   blocks = [inter[f"encoderblock_{i}"]["__call__"][0] for i in range(model.num_layers)]
   emb = inter["posembed_input"]["__call__"][0]
@@ -48,10 +52,17 @@ def _our_hidden_states(model, params, x):
 def _check_parity(tmp_path, spec, gelu_approximate, n=2, seed=0):
   path = tmp_path / "orig.npz"
   cf.write_original(path, spec, seed=seed)
-  model = models.create_model(None, num_classes=spec.classes, image_size=spec.image_size,
-                              hidden_size=spec.hidden, mlp_dim=spec.mlp, num_heads=spec.heads,
-                              num_layers=spec.layers, patch_size=spec.patch,
-                              gelu_approximate=gelu_approximate)
+  model = models.create_model(
+    None,
+    num_classes=spec.classes,
+    image_size=spec.image_size,
+    hidden_size=spec.hidden,
+    mlp_dim=spec.mlp,
+    num_heads=spec.heads,
+    num_layers=spec.layers,
+    patch_size=spec.patch,
+    gelu_approximate=gelu_approximate,
+  )
   params = checkpoint.load_pretrained(str(path), model)
   convert.to_transformers(params, model, str(tmp_path / "hf"))
   pt = ViTForImageClassification.from_pretrained(str(tmp_path / "hf")).eval()
@@ -62,15 +73,18 @@ def _check_parity(tmp_path, spec, gelu_approximate, n=2, seed=0):
   theirs = _torch(pt, x, hidden=True)
   assert np.abs(ours).max() > 0.3  # logits of order 1, so 1e-4 is a real bound
   np.testing.assert_allclose(ours, theirs.logits.numpy(), atol=1e-4, rtol=1e-4)  # measured 5.3e-6
-  for i, (a, b) in enumerate(zip(_our_hidden_states(model, params, x), theirs.hidden_states)):
+  for i, (a, b) in enumerate(
+    zip(_our_hidden_states(model, params, x), theirs.hidden_states, strict=True)
+  ):
     if i == spec.layers:
       # Our last block computes the class token alone: the only row the head reads.
       assert a.shape == (x.shape[0], 1, spec.hidden), a.shape
       b = b[:, :1]
     # The residual stream grows with depth (up to 16 here): an absolute part scaled with it.
     scale = max(1.0, float(np.abs(b.numpy()).max()))
-    np.testing.assert_allclose(a, b.numpy(), atol=1e-5 * scale, rtol=1e-4,
-                               err_msg=f"hidden state {i}")
+    np.testing.assert_allclose(
+      a, b.numpy(), atol=1e-5 * scale, rtol=1e-4, err_msg=f"hidden state {i}"
+    )
   assert len(theirs.hidden_states) == spec.layers + 1
   return model, params, pt, x
 
@@ -86,8 +100,15 @@ def test_full_size_vit_b16_matches_pytorch(tmp_path, gelu_approximate):
 @pytest.mark.parametrize("name", ["ViT-Ti_16", "ViT-S_32"])
 def test_small_variants_match_pytorch(tmp_path, name):
   v = spec_lib.VARIANTS[name]
-  spec = cf.Spec(hidden=v.hidden_size, mlp=v.mlp_dim, heads=v.num_heads, layers=v.num_layers,
-                 patch=v.patch_size, image_size=224 if v.patch_size == 32 else 96, classes=100)
+  spec = cf.Spec(
+    hidden=v.hidden_size,
+    mlp=v.mlp_dim,
+    heads=v.num_heads,
+    layers=v.num_layers,
+    patch=v.patch_size,
+    image_size=224 if v.patch_size == 32 else 96,
+    classes=100,
+  )
   _check_parity(tmp_path, spec, gelu_approximate=True, n=3)
 
 
@@ -113,13 +134,16 @@ def test_384_and_resized_checkpoint_match_pytorch(tmp_path):
   # the file's position embeddings resized independently: this checks our resize too.
   spec = cf.Spec(hidden=192, mlp=768, heads=3, layers=2, patch=32, image_size=224, classes=10)
   arrays = cf.write_original(tmp_path / "224.npz", spec)
-  model = models.create_model("ViT-Ti_16", num_classes=10, image_size=384, num_layers=2, patch_size=32)
+  model = models.create_model(
+    "ViT-Ti_16", num_classes=10, image_size=384, num_layers=2, patch_size=32
+  )
   params = checkpoint.load_pretrained(str(tmp_path / "224.npz"), model)
   state = convert.to_torch_state_dict(params, model.num_heads)
   state["vit.embeddings.position_embeddings"] = _resize_posemb(arrays[layout.POSEMB], 12)
   pt = ViTForImageClassification(convert.hf_config(model)).eval()
-  pt.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
-                     strict=True)
+  pt.load_state_dict(
+    {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True
+  )
   x = _images(2, 384)
   ours = np.asarray(model.apply({"params": params}, x))
   # Two libraries' kernels summing in other orders. fp32 bound: u * sqrt(K) summed over the 21
@@ -127,8 +151,9 @@ def test_384_and_resized_checkpoint_match_pytorch(tmp_path):
   # (2.9): 5.9e-5. Measured 3.2e-6, 3.6e-6 at most under 5 XLA:CPU settings (YNNPACK, Eigen or
   # oneDNN dots; max ISA SSE4.2 to AVX2). A nearest, cubic or half-pixel-aligned resize moves
   # the logits by 5.3e-2, 2.3e-2 or 1.5e-2, over 200x the bound.
-  np.testing.assert_allclose(ours, _torch(pt, x).logits.numpy(), rtol=0,
-                             atol=2e-5 * float(np.abs(ours).max()))
+  np.testing.assert_allclose(
+    ours, _torch(pt, x).logits.numpy(), rtol=0, atol=2e-5 * float(np.abs(ours).max())
+  )
 
 
 @pytest.mark.slow
@@ -139,9 +164,16 @@ def test_stock_pytorch_vit_matches_our_exact_gelu_model_and_not_the_default(tmp_
   # A wide init (5x the default) puts activations far enough from 0 to tell the GELUs apart; at
   # 0.2 the attention logits grow and the rounding with Eigen's dots reached 1.1e-5 of the
   # largest logit, a third of the bound below.
-  config = ViTConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
-                     intermediate_size=768, image_size=64, patch_size=16, num_labels=10,
-                     initializer_range=0.1)
+  config = ViTConfig(
+    hidden_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=3,
+    intermediate_size=768,
+    image_size=64,
+    patch_size=16,
+    num_labels=10,
+    initializer_range=0.1,
+  )
   assert config.hidden_act == "gelu" and config.layer_norm_eps == 1e-12
   pt = ViTForImageClassification(config).eval()
   with torch.no_grad():
@@ -167,8 +199,10 @@ def test_stock_pytorch_vit_matches_our_exact_gelu_model_and_not_the_default(tmp_
   # (3.3): 9.9e-5. Measured 4.9e-6 both ways, 6.9e-6 at most under 5 XLA:CPU settings (YNNPACK,
   # Eigen or oneDNN dots; max ISA SSE4.2 to AVX2): 14x inside. The tanh GELU: 1.0e-3, 10x outside.
   atol = 3e-5 * float(np.abs(ours_exact).max())
-  for direction, theirs in (("stock -> ours", _torch(pt, x).logits.numpy()),
-                            ("ours -> transformers", _torch(back, x).logits.numpy())):
+  for direction, theirs in (
+    ("stock -> ours", _torch(pt, x).logits.numpy()),
+    ("ours -> transformers", _torch(back, x).logits.numpy()),
+  ):
     np.testing.assert_allclose(ours_exact, theirs, rtol=0, atol=atol, err_msg=direction)
     tanh_err = float(np.abs(ours_tanh - theirs).max())
     # Over 5x the bound (measured 10x), or the check above could not tell the GELUs apart.
@@ -193,8 +227,9 @@ def test_round_trip_through_transformers_is_exact(tmp_path):
 
 @pytest.mark.slow
 def test_pre_logits_have_no_transformers_counterpart(tmp_path):
-  model = models.create_model("Ti/16", num_classes=5, image_size=32, num_layers=1,
-                              representation_size=16)
+  model = models.create_model(
+    "Ti/16", num_classes=5, image_size=32, num_layers=1, representation_size=16
+  )
   params = models.init_params(model)
   with pytest.raises(convert.ConversionError, match="pre_logits"):
     convert.to_torch_state_dict(params, model.num_heads)

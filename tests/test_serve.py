@@ -1,11 +1,12 @@
 """`vit-jax serve`: the real server on a localhost port, spoken to over HTTP."""
+
 import asyncio
 import base64
 import collections
 import concurrent.futures
 import contextlib
-import functools
 import dataclasses
+import functools
 import http.server
 import math
 import os
@@ -16,15 +17,16 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from typing import Any
 
+import data_fixtures as df
 import httpx
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-import data_fixtures as df
 from vit_jax import cli
 from vit_jax.apps import classifier
 from vit_jax.apps.serving import app as serve
@@ -33,8 +35,9 @@ from vit_jax.apps.serving import protocol
 from vit_jax.apps.serving import urls
 
 # Small limits, so that every one of them is cheap to cross.
-OPTIONS = protocol.Options(max_batch=8, max_wait_ms=10, max_body_bytes=256 << 10, max_pixels=100_000,
-                        max_images=8)
+OPTIONS = protocol.Options(
+  max_batch=8, max_wait_ms=10, max_body_bytes=256 << 10, max_pixels=100_000, max_images=8
+)
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -106,17 +109,20 @@ def test_scores_equal_predict_on_the_same_files(url, imagenet_ckpt, images):
   got = r.json()
   assert isinstance(got, list), "the managed endpoint's format: a bare list, one list per image"
   # What `vit-jax predict` computes, with its own classifier, batch size and padding.
-  want = list(classifier.classify_files(classifier.load_classifier(imagenet_ckpt, batch_size=4), paths, k=4))
+  want = list(
+    classifier.classify_files(classifier.load_classifier(imagenet_ckpt, batch_size=4), paths, k=4)
+  )
   assert len(got) == len(want) == len(paths)
-  for g, w in zip(got, want):
+  for g, w in zip(got, want, strict=True):
     assert [p["label"] for p in g] == [p["label"] for p in w.predictions]
     assert all(set(p) == {"label", "score"} for p in g)
     # Other programs (the server's batch, softmax compiled in): a probability's relative error
     # is at most twice the logits' absolute error, 2 * 1.5e-5 * 3.8 (largest logit; see
     # test_cli's predict test) = 1.1e-4, so 5.7e-6 on these scores of at most 0.05.
     # Measured: 6.7e-8.
-    np.testing.assert_allclose([p["score"] for p in g], [p["score"] for p in w.predictions],
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+      [p["score"] for p in g], [p["score"] for p in w.predictions], rtol=0, atol=1e-5
+    )
     assert [p["score"] for p in g] == sorted((p["score"] for p in g), reverse=True)
   # top_k from the query string; the JSON field wins over it.
   r = httpx.post(f"{url}/score?top_k=2", json={"input_data": inputs[:1]}, timeout=30)
@@ -130,12 +136,20 @@ def test_healthz_and_metadata(url):
   assert httpx.get(f"{url}/healthz").json() == {"status": "ready"}
   meta = httpx.get(f"{url}/metadata").json()
   assert meta["image_size"] == 32 and meta["num_classes"] == 1000 and len(meta["labels"]) == 1000
-  assert meta["labels"][0] == "tench, Tinca tinca" and meta["model"].startswith("custom ViT (hidden 192, MLP 384, 3 heads, 2 layers, patch 16")
+  assert meta["labels"][0] == "tench, Tinca tinca" and meta["model"].startswith(
+    "custom ViT (hidden 192, MLP 384, 3 heads, 2 layers, patch 16"
+  )
   assert meta["batch_sizes"] == [1, 2, 4, 8] and meta["allow_urls"] is False
-  assert meta["allow_private_urls"] is False and meta["head"] == "softmax" and meta["threshold"] is None
+  assert (
+    meta["allow_private_urls"] is False and meta["head"] == "softmax" and meta["threshold"] is None
+  )
   assert meta["dtype"] == "float32"  # VIT_JAX_DTYPE=float32 in the tests (conftest)
-  assert meta["limits"] == {"max_body_bytes": 256 << 10, "max_pixels": 100_000, "max_images": 8,
-                            "max_queue": 256}
+  assert meta["limits"] == {
+    "max_body_bytes": 256 << 10,
+    "max_pixels": 100_000,
+    "max_images": 8,
+    "max_queue": 256,
+  }
 
 
 async def _load(url: str, bodies: list[dict], clients: int) -> tuple[list[float], list[str]]:
@@ -188,8 +202,10 @@ def test_the_batcher_joins_requests_queued_during_a_call():
       image = lambda v: np.full((2, 2, 3), v, np.float32)
       first = asyncio.create_task(batcher.classify([image(0)]))
       await asyncio.to_thread(started.wait, 60)
-      rest = [asyncio.create_task(batcher.classify([image(v) for v in vs]))
-              for vs in ([1], [2, 3], [4], [5])]
+      rest = [
+        asyncio.create_task(batcher.classify([image(v) for v in vs]))
+        for vs in ([1], [2, 3], [4], [5])
+      ]
       await asyncio.sleep(0)  # let every request queue its images
       release.set()
       out = await asyncio.gather(first, *rest)
@@ -222,8 +238,11 @@ def test_the_batcher_refuses_images_past_its_queue_bound_and_frees_places_as_cal
       queued = asyncio.create_task(batcher.classify([image] * 3))
       await asyncio.sleep(0)
       assert batcher.waiting == 3 and not batcher.full
-      with pytest.raises(batching.QueueFull, match=r"^the queue is full: 3 images wait for the model, "
-                                                r"and 2 more would pass the limit of 4; retry after 1 s$"):
+      with pytest.raises(
+        batching.QueueFull,
+        match=r"^the queue is full: 3 images wait for the model, "
+        r"and 2 more would pass the limit of 4; retry after 1 s$",
+      ):
         await batcher.classify([image] * 2)
       with batcher.admit(1):  # the last place: held while its image would be decoded
         assert batcher.waiting == 4 and batcher.full
@@ -256,6 +275,7 @@ def test_a_full_queue_refuses_at_once_with_retry_after_and_healthz_answers_meanw
 
     async def scenario():
       async with httpx.AsyncClient(timeout=60) as http:
+
         async def score(n):
           return await http.post(f"{url}/score", json={"input_data": [one] * n})
 
@@ -278,11 +298,19 @@ def test_a_full_queue_refuses_at_once_with_retry_after_and_healthz_answers_meanw
 
     over, full, health, stats, held = asyncio.run(scenario())
   # No model call has ended yet, so Retry-After is the least, 1 s.
-  assert (over.status_code, over.headers["retry-after"], over.json()) == (503, "1", {
+  assert (over.status_code, over.headers["retry-after"], over.json()) == (
+    503,
+    "1",
+    {
       "error": "the queue is full: 3 images wait for the model, and 2 more would pass the limit "
-               "of 4; retry after 1 s"})
-  assert (full.status_code, full.headers["retry-after"], full.json()) == (503, "1", {
-      "error": "the queue is full: 4 images wait for the model; retry after 1 s"})
+      "of 4; retry after 1 s"
+    },
+  )
+  assert (full.status_code, full.headers["retry-after"], full.json()) == (
+    503,
+    "1",
+    {"error": "the queue is full: 4 images wait for the model; retry after 1 s"},
+  )
   assert (health.status_code, health.json()) == (200, {"status": "ready"})
   assert stats["errors"] == {"503": 2} and stats["in_flight"] == 4
   assert [(r.status_code, len(r.json())) for r in held] == [(200, 2), (200, 2), (200, 1), (200, 1)]
@@ -292,7 +320,7 @@ def test_a_full_queue_refuses_at_once_with_retry_after_and_healthz_answers_meanw
 def test_concurrent_requests_share_model_calls_and_never_compile(url, clf, images):
   compiles = []
   listener = lambda event, secs, **kw: compiles.append(kw) if event == COMPILE_EVENT else None
-  cached = clf._probs._cache_size()  # pylint: disable=protected-access
+  cached = clf._probs._cache_size()
   one = b64(images["rgb.jpg"])
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
@@ -316,7 +344,7 @@ def test_concurrent_requests_share_model_calls_and_never_compile(url, clf, image
     jax.monitoring.unregister_event_duration_listener(listener)
   # Nothing compiled while serving: no backend compile at all, and no new jit cache entry.
   assert compiles == []
-  assert clf._probs._cache_size() == cached == len(OPTIONS.sizes)  # pylint: disable=protected-access
+  assert clf._probs._cache_size() == cached == len(OPTIONS.sizes)
 
 
 @pytest.mark.slow
@@ -334,7 +362,9 @@ def test_healthz_says_ready_only_after_warm_up(clf, images):
 
   fields = {f.name: getattr(clf, f.name) for f in dataclasses.fields(clf)}
   body = {"input_data": [b64(images["rgb.jpg"])]}
-  with running(serve.create_app(Slow(**fields), protocol.Options(batch_sizes=(1,))), wait=False) as url:
+  with running(
+    serve.create_app(Slow(**fields), protocol.Options(batch_sizes=(1,))), wait=False
+  ) as url:
     wait_until = time.monotonic() + 30
     while True:  # until the server accepts connections
       with contextlib.suppress(httpx.TransportError):
@@ -348,7 +378,9 @@ def test_healthz_says_ready_only_after_warm_up(clf, images):
     gate.set()
     wait_ready(url)
     assert _post(url, json=body).status_code == 200
-  with running(serve.create_app(Broken(**fields), protocol.Options(batch_sizes=(1,))), wait=False) as url:
+  with running(
+    serve.create_app(Broken(**fields), protocol.Options(batch_sizes=(1,))), wait=False
+  ) as url:
     time.sleep(0.5)
     for _ in range(100):
       with contextlib.suppress(httpx.TransportError):
@@ -356,7 +388,10 @@ def test_healthz_says_ready_only_after_warm_up(clf, images):
         if r.status_code != 503:
           break
       time.sleep(0.1)
-    assert (r.status_code, r.json()) == (500, {"status": "failed", "error": "MemoryError: out of memory"})
+    assert (r.status_code, r.json()) == (
+      500,
+      {"status": "failed", "error": "MemoryError: out of memory"},
+    )
     assert _post(url, json=body).json() == {"error": "not ready: MemoryError: out of memory"}
 
 
@@ -371,33 +406,57 @@ def test_every_bad_input_gets_a_4xx_naming_it_and_the_server_goes_on(url, images
     truncated = base64.b64encode(f.read()[:200]).decode()
   # (what is sent, expected status, a part of the message)
   cases = [
-      (dict(content=b'{"input_data": ['), 400, "malformed JSON body"),
-      (dict(content=b"\xff\xfe\x00garbage"), 400, "malformed JSON body"),
-      (dict(content=b"[" * 100_000), 400, "malformed JSON body"),
-      (dict(json=[good]), 400, "must be a JSON object"),
-      (dict(json={"images": [good]}), 400, "unknown field 'images'"),
-      (dict(json={}), 400, "missing field 'input_data'"),
-      (dict(json={"input_data": []}), 400, "non-empty list"),
-      (dict(json={"input_data": good}), 400, "non-empty list"),
-      (dict(json={"input_data": [good, 7]}), 400, "input_data[1]: expected a base64 string or URL, not int"),
-      (dict(json={"input_data": [good, "not base64!"]}), 400, "input_data[1]: not valid base64"),
-      (dict(json={"input_data": [good, "abc"]}), 400, "input_data[1]: not valid base64 (Incorrect padding)"),
-      (dict(json={"input_data": [base64.b64encode(b"hello").decode()]}), 400,
-       "input_data[0]: not a readable image"),
-      (dict(json={"input_data": [good, good, truncated]}), 400, "input_data[2]: not a readable image"),
-      (dict(json={"input_data": [""]}), 400, "input_data[0]: not a readable image"),
-      (dict(json={"input_data": [good, b64(images["big.png"])]}), 413,
-       "input_data[1]: 400x400 pixels is over the limit of 100000"),
-      (dict(json={"input_data": [good] * 9}), 422, "9 images in one request is over the limit of 8"),
-      (dict(json={"input_data": ["x" * (300 << 10)]}), 413, "over the limit of 262144 bytes"),
-      (dict(content=iter([b'{"input_data": ["', b"A" * (300 << 10), b'"]}'])), 413,  # chunked
-       "request body is over the limit of 262144 bytes"),
-      (dict(json={"input_data": [good, "http://127.0.0.1:9/x.png"]}), 400,
-       "input_data[1]: URL inputs are disabled on this server"),
-      (dict(json={"input_data": ["file:///etc/passwd"]}), 400, "input_data[0]: only http(s) URLs"),
-      (dict(json={"input_data": [good], "top_k": 0}), 400, "top_k must be a positive integer"),
-      (dict(json={"input_data": [good], "top_k": True}), 400, "top_k must be a positive integer"),
-      (dict(json={"input_data": [good]}, params={"top_k": "five"}), 400, "top_k must be a positive"),
+    (dict(content=b'{"input_data": ['), 400, "malformed JSON body"),
+    (dict(content=b"\xff\xfe\x00garbage"), 400, "malformed JSON body"),
+    (dict(content=b"[" * 100_000), 400, "malformed JSON body"),
+    (dict(json=[good]), 400, "must be a JSON object"),
+    (dict(json={"images": [good]}), 400, "unknown field 'images'"),
+    (dict(json={}), 400, "missing field 'input_data'"),
+    (dict(json={"input_data": []}), 400, "non-empty list"),
+    (dict(json={"input_data": good}), 400, "non-empty list"),
+    (
+      dict(json={"input_data": [good, 7]}),
+      400,
+      "input_data[1]: expected a base64 string or URL, not int",
+    ),
+    (dict(json={"input_data": [good, "not base64!"]}), 400, "input_data[1]: not valid base64"),
+    (
+      dict(json={"input_data": [good, "abc"]}),
+      400,
+      "input_data[1]: not valid base64 (Incorrect padding)",
+    ),
+    (
+      dict(json={"input_data": [base64.b64encode(b"hello").decode()]}),
+      400,
+      "input_data[0]: not a readable image",
+    ),
+    (
+      dict(json={"input_data": [good, good, truncated]}),
+      400,
+      "input_data[2]: not a readable image",
+    ),
+    (dict(json={"input_data": [""]}), 400, "input_data[0]: not a readable image"),
+    (
+      dict(json={"input_data": [good, b64(images["big.png"])]}),
+      413,
+      "input_data[1]: 400x400 pixels is over the limit of 100000",
+    ),
+    (dict(json={"input_data": [good] * 9}), 422, "9 images in one request is over the limit of 8"),
+    (dict(json={"input_data": ["x" * (300 << 10)]}), 413, "over the limit of 262144 bytes"),
+    (
+      dict(content=iter([b'{"input_data": ["', b"A" * (300 << 10), b'"]}'])),
+      413,  # chunked
+      "request body is over the limit of 262144 bytes",
+    ),
+    (
+      dict(json={"input_data": [good, "http://127.0.0.1:9/x.png"]}),
+      400,
+      "input_data[1]: URL inputs are disabled on this server",
+    ),
+    (dict(json={"input_data": ["file:///etc/passwd"]}), 400, "input_data[0]: only http(s) URLs"),
+    (dict(json={"input_data": [good], "top_k": 0}), 400, "top_k must be a positive integer"),
+    (dict(json={"input_data": [good], "top_k": True}), 400, "top_k must be a positive integer"),
+    (dict(json={"input_data": [good]}, params={"top_k": "five"}), 400, "top_k must be a positive"),
   ]
   for kwargs, status, message in cases:
     r = _post(url, **kwargs)
@@ -419,7 +478,7 @@ class _Files(http.server.SimpleHTTPRequestHandler):
 
   paths: list[str] = []  # every path asked for, by any instance
 
-  def do_GET(self):  # pylint: disable=invalid-name
+  def do_GET(self):
     self.paths.append(self.path)
     if self.path == "/slow":
       time.sleep(3)
@@ -438,9 +497,13 @@ class _Files(http.server.SimpleHTTPRequestHandler):
 
 @contextlib.contextmanager
 def _files(directory, tls: ssl.SSLContext | None = None):
-  """An HTTP(S) server on 127.0.0.1 for the files of `directory`; yields its base URL and the paths asked for."""
+  """An HTTP(S) server on 127.0.0.1 for the files of `directory`; yields its base URL and the paths
+  asked for.
+  """
   handler = type("Files", (_Files,), {"paths": []})
-  files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=directory))
+  files = http.server.ThreadingHTTPServer(
+    ("127.0.0.1", 0), functools.partial(handler, directory=directory)
+  )
   if tls is not None:  # the handshake happens as each connection is accepted
     files.socket = tls.wrap_socket(files.socket, server_side=True)
   threading.Thread(target=files.serve_forever, daemon=True).start()
@@ -458,8 +521,13 @@ def test_urls_are_fetched_only_when_allowed_with_a_timeout_and_a_size_cap(clf, i
   (tmp_path / "large.jpg").write_bytes(os.urandom(100_000))
   (tmp_path / "notes.txt").write_text("not an image")
   # The files are on 127.0.0.1: only a server told to fetch from private addresses reaches them.
-  options = protocol.Options(batch_sizes=(1, 2), allow_urls=True, allow_private_urls=True, url_timeout_s=1,
-                          max_body_bytes=64 << 10)
+  options = protocol.Options(
+    batch_sizes=(1, 2),
+    allow_urls=True,
+    allow_private_urls=True,
+    url_timeout_s=1,
+    max_body_bytes=64 << 10,
+  )
   with _files(tmp_path) as (base, _), running(serve.create_app(clf, options)) as url:
     from_url = _post(url, json={"input_data": [f"{base}/rgb.jpg", b64(images["gray.png"])]})
     from_b64 = _post(url, json={"input_data": [b64(images["rgb.jpg"]), b64(images["gray.png"])]})
@@ -469,14 +537,14 @@ def test_urls_are_fetched_only_when_allowed_with_a_timeout_and_a_size_cap(clf, i
     from_hops = _post(url, json={"input_data": [f"{base}/hop/3", b64(images["gray.png"])]})
     assert from_hops.status_code == 200 and from_hops.json() == from_b64.json(), from_hops.text
     for item, status, message in [
-        (f"{base}/missing.png", 400, "answered HTTP 404"),
-        (f"{base}/large.jpg", 413, "over the limit of 65536"),
-        (f"{base}/slow", 400, "cannot fetch"),
-        (f"{base}/hop/4", 400, f"input_data[1]: '{base}/hop/4' redirects more than 3 times"),
-        ("http://127.0.0.1:1/x.png", 400, "cannot fetch"),
-        ("http://127.0.0.1:99999/x.png", 400, "input_data[1]: not a valid URL (Port out of range"),
-        ("http:///x.png", 400, "input_data[1]: not a valid URL (no host)"),
-        (f"{base}/notes.txt", 400, "input_data[1]: not a readable image"),
+      (f"{base}/missing.png", 400, "answered HTTP 404"),
+      (f"{base}/large.jpg", 413, "over the limit of 65536"),
+      (f"{base}/slow", 400, "cannot fetch"),
+      (f"{base}/hop/4", 400, f"input_data[1]: '{base}/hop/4' redirects more than 3 times"),
+      ("http://127.0.0.1:1/x.png", 400, "cannot fetch"),
+      ("http://127.0.0.1:99999/x.png", 400, "input_data[1]: not a valid URL (Port out of range"),
+      ("http:///x.png", 400, "input_data[1]: not a valid URL (no host)"),
+      (f"{base}/notes.txt", 400, "input_data[1]: not a readable image"),
     ]:
       r = _post(url, json={"input_data": [b64(images["rgb.jpg"]), item]})
       assert r.status_code == status and message in r.json()["error"], r.text
@@ -485,23 +553,39 @@ def test_urls_are_fetched_only_when_allowed_with_a_timeout_and_a_size_cap(clf, i
 
 def test_internal_addresses_are_told_from_public_ones():
   table = {
-      "127.0.0.1": "loopback", "127.8.9.10": "loopback", "10.1.2.3": "private",
-      "172.16.0.1": "private", "172.31.255.255": "private", "192.168.1.1": "private",
-      "169.254.169.254": "link-local",  # the cloud metadata service
-      "0.0.0.0": "unspecified", "224.0.0.1": "multicast", "240.0.0.1": "reserved",
-      "100.64.0.1": "non-global",  # shared address space (carrier-grade NAT)
-      "::1": "loopback", "::": "unspecified", "fe80::1": "link-local", "fc00::1": "private",
-      "ff02::1": "multicast",
-      # IPv6 that carries IPv4: mapped, and 6to4.
-      "::ffff:127.0.0.1": "loopback", "::ffff:169.254.169.254": "link-local",
-      "::ffff:10.0.0.1": "private", "2002:7f00:1::": "loopback",
-      "8.8.8.8": None, "93.184.216.34": None, "2001:4860:4860::8888": None, "::ffff:8.8.8.8": None,
+    "127.0.0.1": "loopback",
+    "127.8.9.10": "loopback",
+    "10.1.2.3": "private",
+    "172.16.0.1": "private",
+    "172.31.255.255": "private",
+    "192.168.1.1": "private",
+    "169.254.169.254": "link-local",  # the cloud metadata service
+    "0.0.0.0": "unspecified",
+    "224.0.0.1": "multicast",
+    "240.0.0.1": "reserved",
+    "100.64.0.1": "non-global",  # shared address space (carrier-grade NAT)
+    "::1": "loopback",
+    "::": "unspecified",
+    "fe80::1": "link-local",
+    "fc00::1": "private",
+    "ff02::1": "multicast",
+    # IPv6 that carries IPv4: mapped, and 6to4.
+    "::ffff:127.0.0.1": "loopback",
+    "::ffff:169.254.169.254": "link-local",
+    "::ffff:10.0.0.1": "private",
+    "2002:7f00:1::": "loopback",
+    "8.8.8.8": None,
+    "93.184.216.34": None,
+    "2001:4860:4860::8888": None,
+    "::ffff:8.8.8.8": None,
   }
   assert {a: urls.internal_kind(a) for a in table} == table
 
 
 def test_a_fetch_connects_to_the_address_it_checked_and_checks_every_hop():
-  """A stub resolver and a stub transport: which address each connection went to, and what was asked."""
+  """A stub resolver and a stub transport: which address each connection went to, and what was
+  asked.
+  """
   sent = []  # (the URL the transport was given, its Host header, the TLS server name)
 
   def answer(request):
@@ -512,9 +596,13 @@ def test_a_fetch_connects_to_the_address_it_checked_and_checks_every_hop():
 
   # Each name's answers in turn; the last one repeats. "rebind.example" answers public, then
   # loopback: a fetch that asked again when connecting would reach 127.0.0.1.
-  answers = {"rebind.example": [["93.184.216.34"], ["127.0.0.1"]], "public.example": [["93.184.216.34"]],
-             "looks-public.example": [["10.0.0.5"]], "metadata.example": [["169.254.169.254"]],
-             "dual.example": [["93.184.216.34", "::1"]]}
+  answers = {
+    "rebind.example": [["93.184.216.34"], ["127.0.0.1"]],
+    "public.example": [["93.184.216.34"]],
+    "looks-public.example": [["10.0.0.5"]],
+    "metadata.example": [["169.254.169.254"]],
+    "dual.example": [["93.184.216.34", "::1"]],
+  }
   asked = []
 
   async def resolve(host, port):
@@ -528,36 +616,60 @@ def test_a_fetch_connects_to_the_address_it_checked_and_checks_every_hop():
       return e.status, e.message
 
   async def scenario():
-    fetcher = urls.UrlFetcher(protocol.Options(allow_urls=True), resolve=resolve,
-                               transport=httpx.MockTransport(answer))
+    fetcher = urls.UrlFetcher(
+      protocol.Options(allow_urls=True), resolve=resolve, transport=httpx.MockTransport(answer)
+    )
     try:
       got = await fetch(fetcher, "https://rebind.example:8443/a.jpg")
       assert got == b"image bytes"
       # One resolution; the connection went to the address checked, with the name in Host and SNI.
       assert asked == [("rebind.example", 8443)]
       assert sent == [("https://93.184.216.34:8443/a.jpg", "rebind.example:8443", "rebind.example")]
-      refusals = [await fetch(fetcher, u) for u in (
-          "http://looks-public.example/a.jpg", "http://dual.example/a.jpg",
-          "http://public.example/hop", "http://169.254.169.254/latest/meta-data/")]
-      unless = "(this server fetches only from public addresses; --allow-private-urls allows the others)"
+      refusals = [
+        await fetch(fetcher, u)
+        for u in (
+          "http://looks-public.example/a.jpg",
+          "http://dual.example/a.jpg",
+          "http://public.example/hop",
+          "http://169.254.169.254/latest/meta-data/",
+        )
+      ]
+      unless = (
+        "(this server fetches only from public addresses; --allow-private-urls allows the others)"
+      )
       assert refusals == [
-          (400, f"input_data[1]: refused to fetch 'http://looks-public.example/a.jpg': its host "
-                f"resolves to a private address {unless}"),
-          # Any address of several that is internal refuses the name.
-          (400, f"input_data[1]: refused to fetch 'http://dual.example/a.jpg': its host resolves to "
-                f"a loopback address {unless}"),
-          # A public host redirecting inside: the hop is checked as the first was.
-          (400, f"input_data[1]: refused to fetch 'http://public.example/hop': it redirects to a host "
-                f"that resolves to a link-local address {unless}"),
-          (400, f"input_data[1]: refused to fetch 'http://169.254.169.254/latest/meta-data/': its host "
-                f"is a link-local address {unless}"),
+        (
+          400,
+          f"input_data[1]: refused to fetch 'http://looks-public.example/a.jpg': its host "
+          f"resolves to a private address {unless}",
+        ),
+        # Any address of several that is internal refuses the name.
+        (
+          400,
+          f"input_data[1]: refused to fetch 'http://dual.example/a.jpg': its host resolves to "
+          f"a loopback address {unless}",
+        ),
+        # A public host redirecting inside: the hop is checked as the first was.
+        (
+          400,
+          f"input_data[1]: refused to fetch 'http://public.example/hop': it redirects to a host "
+          f"that resolves to a link-local address {unless}",
+        ),
+        (
+          400,
+          f"input_data[1]: refused to fetch 'http://169.254.169.254/latest/meta-data/': its host "
+          f"is a link-local address {unless}",
+        ),
       ]
       # Nothing was sent to an internal address: only the public host's redirect was asked for.
       assert sent[1:] == [("http://93.184.216.34/hop", "public.example", None)]
     finally:
       await fetcher.aclose()
-    allowed = urls.UrlFetcher(protocol.Options(allow_urls=True, allow_private_urls=True), resolve=resolve,
-                               transport=httpx.MockTransport(answer))
+    allowed = urls.UrlFetcher(
+      protocol.Options(allow_urls=True, allow_private_urls=True),
+      resolve=resolve,
+      transport=httpx.MockTransport(answer),
+    )
     try:
       assert await fetch(allowed, "http://looks-public.example:81/a.jpg") == b"image bytes"
       assert sent[-1] == ("http://10.0.0.5:81/a.jpg", "looks-public.example:81", None)
@@ -567,12 +679,33 @@ def test_a_fetch_connects_to_the_address_it_checked_and_checks_every_hop():
   asyncio.run(scenario())
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command for a certificate")
+@pytest.mark.skipif(
+  shutil.which("openssl") is None, reason="needs the openssl command for a certificate"
+)
 def test_an_https_fetch_sends_the_name_in_sni_and_checks_the_certificate_against_it(tmp_path):
   """Connected to the address, the TLS handshake still names the host, and its certificate must."""
-  subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                  "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout",
-                  tmp_path / "key.pem", "-out", tmp_path / "cert.pem"], check=True, capture_output=True)
+  subprocess.run(
+    [
+      "openssl",
+      "req",
+      "-x509",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-days",
+      "1",
+      "-subj",
+      "/CN=localhost",
+      "-addext",
+      "subjectAltName=DNS:localhost",
+      "-keyout",
+      tmp_path / "key.pem",
+      "-out",
+      tmp_path / "cert.pem",
+    ],
+    check=True,
+    capture_output=True,
+  )
   names = []  # the server names the handshakes asked for
   server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
   server_tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
@@ -582,10 +715,13 @@ def test_an_https_fetch_sends_the_name_in_sni_and_checks_the_certificate_against
     return ["127.0.0.1"]
 
   async def scenario(port):
-    trust = ssl.create_default_context(cafile=tmp_path / "cert.pem")  # the certificate, and no other
+    trust = ssl.create_default_context(
+      cafile=tmp_path / "cert.pem"
+    )  # the certificate, and no other
     options = protocol.Options(allow_urls=True, allow_private_urls=True, url_timeout_s=10)
-    fetcher = urls.UrlFetcher(options, resolve=everything_is_127_0_0_1,
-                               transport=httpx.AsyncHTTPTransport(verify=trust))
+    fetcher = urls.UrlFetcher(
+      options, resolve=everything_is_127_0_0_1, transport=httpx.AsyncHTTPTransport(verify=trust)
+    )
     try:
       got = await fetcher.fetch(f"https://localhost:{port}/key.pem", 0, 1 << 20)
       with pytest.raises(protocol.RequestError, match="CERTIFICATE_VERIFY_FAILED"):
@@ -604,19 +740,28 @@ def test_an_https_fetch_sends_the_name_in_sni_and_checks_the_certificate_against
 def test_urls_that_reach_inside_are_refused_unless_allowed(clf, images, tmp_path):
   shutil.copy(images["rgb.jpg"], tmp_path / "rgb.jpg")
   good = b64(images["rgb.jpg"])
-  unless = "(this server fetches only from public addresses; --allow-private-urls allows the others)"
+  unless = (
+    "(this server fetches only from public addresses; --allow-private-urls allows the others)"
+  )
   with _files(tmp_path) as (base, paths):
     port = base.rsplit(":", 1)[1]
-    with running(serve.create_app(clf, protocol.Options(batch_sizes=(1, 2), allow_urls=True))) as url:
-      for item, why in [(f"{base}/rgb.jpg", "its host is a loopback address"),
-                        (f"{base}/missing.png", "its host is a loopback address"),
-                        (f"http://localhost:{port}/rgb.jpg", "its host resolves to a loopback address"),
-                        (f"http://[::ffff:127.0.0.1]:{port}/rgb.jpg", "its host is a loopback address"),
-                        ("http://169.254.169.254/latest/meta-data/", "its host is a link-local address")]:
+    with running(
+      serve.create_app(clf, protocol.Options(batch_sizes=(1, 2), allow_urls=True))
+    ) as url:
+      for item, why in [
+        (f"{base}/rgb.jpg", "its host is a loopback address"),
+        (f"{base}/missing.png", "its host is a loopback address"),
+        (f"http://localhost:{port}/rgb.jpg", "its host resolves to a loopback address"),
+        (f"http://[::ffff:127.0.0.1]:{port}/rgb.jpg", "its host is a loopback address"),
+        ("http://169.254.169.254/latest/meta-data/", "its host is a link-local address"),
+      ]:
         r = _post(url, json={"input_data": [good, item]})
-        # One line naming the URL and the reason, with nothing of what is there (no 404, no address).
-        assert (r.status_code, r.json()) == (400, {"error": f"input_data[1]: refused to fetch '{item}': "
-                                                            f"{why} {unless}"})
+        # One line naming the URL and the reason, with nothing of what is there (no 404, no
+        # address).
+        assert (r.status_code, r.json()) == (
+          400,
+          {"error": f"input_data[1]: refused to fetch '{item}': {why} {unless}"},
+        )
       assert paths == []  # the file server was never reached
     options = protocol.Options(batch_sizes=(1, 2), allow_urls=True, allow_private_urls=True)
     with running(serve.create_app(clf, options)) as url:
@@ -626,14 +771,18 @@ def test_urls_that_reach_inside_are_refused_unless_allowed(clf, images, tmp_path
 
 
 def test_serve_options_are_checked(capsys, imagenet_ckpt):
-  for flags, message in [(["--max-batch", "0"], "max_batch must be at least 1"),
-                         (["--batch-sizes", "1,x"], "--batch-sizes 1,x: expected integers"),
-                         (["--max-pixels", "0"], "max_pixels must be at least 1"),
-                         (["--max-queue", "0"], "max_queue must be at least 1"),
-                         (["--max-queue", "10"], "max_queue 10 is below max_images 64: a request of "
-                                                 "max_images images could never be queued"),
-                         (["--allow-private-urls"], "allow_private_urls needs allow_urls"),
-                         (["--drain-timeout", "-1"], "--drain-timeout -1.0: must be at least 0")]:
+  for flags, message in [
+    (["--max-batch", "0"], "max_batch must be at least 1"),
+    (["--batch-sizes", "1,x"], "--batch-sizes 1,x: expected integers"),
+    (["--max-pixels", "0"], "max_pixels must be at least 1"),
+    (["--max-queue", "0"], "max_queue must be at least 1"),
+    (
+      ["--max-queue", "10"],
+      "max_queue 10 is below max_images 64: a request of max_images images could never be queued",
+    ),
+    (["--allow-private-urls"], "allow_private_urls needs allow_urls"),
+    (["--drain-timeout", "-1"], "--drain-timeout -1.0: must be at least 0"),
+  ]:
     assert cli.main(["serve", "--checkpoint", imagenet_ckpt, *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
@@ -643,12 +792,19 @@ def test_serve_options_are_checked(capsys, imagenet_ckpt):
 def serving_command(checkpoint: str, *flags: str):
   """`vit-jax serve` in its own process on a free port; yields (process, URL) once ready."""
   exe = os.path.join(os.path.dirname(sys.executable), "vit-jax")
-  proc = subprocess.Popen([exe, "serve", "--checkpoint", checkpoint, "--port", "0", "--no-access-log",
-                           *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  proc = subprocess.Popen(
+    [exe, "serve", "--checkpoint", checkpoint, "--port", "0", "--no-access-log", *flags],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   try:
     line = proc.stdout.readline()
-    assert " listening on http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
+    assert " listening on http://127.0.0.1:" in line, (
+      line,
+      proc.stderr.read() if proc.poll() else "",
+    )
     url = line.split(" listening on ")[1].split()[0]
     wait_ready(url, proc)
     yield proc, url
@@ -659,7 +815,9 @@ def serving_command(checkpoint: str, *flags: str):
 
 
 @pytest.mark.slow
-def test_the_command_serves_1000_requests_from_16_clients_then_stops_on_ctrl_c(imagenet_ckpt, images, capsys):
+def test_the_command_serves_1000_requests_from_16_clients_then_stops_on_ctrl_c(
+  imagenet_ckpt, images, capsys
+):
   """The load test, against `vit-jax serve` in its own process (the clients' Python is not its)."""
   with serving_command(imagenet_ckpt, "--max-batch", "8", "--max-wait-ms", "10") as (proc, url):
     inputs = [b64(images[n]) for n in ("rgb.jpg", "gray.png", "pic.bmp", "palette.png")]
@@ -677,8 +835,10 @@ def test_the_command_serves_1000_requests_from_16_clients_then_stops_on_ctrl_c(i
     assert after["errors"] == {}
     p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
     with capsys.disabled():
-      print(f"\nserve load: 1000 requests from 16 clients in {elapsed:.1f} s ({1000 / elapsed:.0f}/s), "
-            f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; model calls by images held: {sizes}")
+      print(
+        f"\nserve load: 1000 requests from 16 clients in {elapsed:.1f} s ({1000 / elapsed:.0f}/s), "
+        f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; model calls by images held: {sizes}"
+      )
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
   assert proc.returncode == 0, err
@@ -703,7 +863,9 @@ async def _sampling_rss(pid: int, work: Awaitable) -> tuple[Any, list[int]]:
   return task.result(), samples
 
 
-async def _flood(url: str, body: dict, rate: float, seconds: float) -> tuple[list[tuple], list[tuple]]:
+async def _flood(
+  url: str, body: dict, rate: float, seconds: float
+) -> tuple[list[tuple], list[tuple]]:
   """Sends `body` `rate` times a second for `seconds`, never waiting for answers (an open loop).
 
   Returns the answers (status or error, latency s, Retry-After, JSON body, perf_counter at the
@@ -717,8 +879,15 @@ async def _flood(url: str, body: dict, rate: float, seconds: float) -> tuple[lis
     start = time.perf_counter()
     try:
       r = await http.post(f"{url}/score", json=body)
-      answers.append((r.status_code, time.perf_counter() - start, r.headers.get("retry-after"),
-                      r.json(), time.perf_counter()))
+      answers.append(
+        (
+          r.status_code,
+          time.perf_counter() - start,
+          r.headers.get("retry-after"),
+          r.json(),
+          time.perf_counter(),
+        )
+      )
     except httpx.HTTPError as e:
       answers.append((repr(e), time.perf_counter() - start, None, None, time.perf_counter()))
 
@@ -747,12 +916,23 @@ async def _flood(url: str, body: dict, rate: float, seconds: float) -> tuple[lis
 
 
 @pytest.mark.slow
-def test_the_command_under_4x_overload_refuses_the_excess_at_once_and_keeps_latency_and_memory_bounded(
-    imagenet_ckpt, images, capsys):
+def test_under_4x_overload_the_command_refuses_the_excess_and_keeps_latency_and_memory_bounded(
+  imagenet_ckpt, images, capsys
+):
   # 448 px: a model call on 8 images takes ~0.28 s here, so the model, not HTTP, is the bottleneck.
   batch, per_request, queue = 8, 4, 32
-  flags = ["--image-size", "448", "--max-batch", str(batch), "--max-wait-ms", "10",
-           "--max-images", str(per_request), "--max-queue", str(queue)]
+  flags = [
+    "--image-size",
+    "448",
+    "--max-batch",
+    str(batch),
+    "--max-wait-ms",
+    "10",
+    "--max-images",
+    str(per_request),
+    "--max-queue",
+    str(queue),
+  ]
   inputs = [b64(images[n]) for n in ("rgb.jpg", "gray.png", "pic.bmp", "palette.png")]
   body = {"input_data": inputs[:per_request]}
   with serving_command(imagenet_ckpt, *flags) as (proc, url):
@@ -762,14 +942,17 @@ def test_the_command_under_4x_overload_refuses_the_excess_at_once_and_keeps_late
     # threads and grows its heap.
     assert asyncio.run(_load(url, [body] * 16, clients=8))[1] == []
     start = time.perf_counter()
-    (_, failures), rss_warm = asyncio.run(_sampling_rss(proc.pid, _load(url, [body] * 24, clients=8)))
+    (_, failures), rss_warm = asyncio.run(
+      _sampling_rss(proc.pid, _load(url, [body] * 24, clients=8))
+    )
     warm_s = time.perf_counter() - start
     assert failures == []
     capacity = 24 * per_request / warm_s  # images a second
     seconds = 6.0
     start = time.perf_counter()
-    (answers, health), rss_flood = asyncio.run(_sampling_rss(
-        proc.pid, _flood(url, body, rate=4 * capacity / per_request, seconds=seconds)))
+    (answers, health), rss_flood = asyncio.run(
+      _sampling_rss(proc.pid, _flood(url, body, rate=4 * capacity / per_request, seconds=seconds))
+    )
   statuses = collections.Counter(a[0] for a in answers)
   accepted = np.array([a[1] for a in answers if a[0] == 200] or [np.inf])
   refused = np.array([a[1] for a in answers if a[0] == 503] or [0.0])
@@ -781,13 +964,17 @@ def test_the_command_under_4x_overload_refuses_the_excess_at_once_and_keeps_late
   p99, refused_p99 = np.percentile(accepted, 99), np.percentile(refused, 99)
   health_s = np.array([h[1] for h in health])
   with capsys.disabled():
-    print(f"\nserve overload: capacity {capacity:.1f} images/s; a call of {batch} as served "
-          f"{call_s * 1000:.0f} ms; {len(answers)} requests in {seconds:g} s: {dict(statuses)}; "
-          f"accepted p50 {np.percentile(accepted, 50):.2f} s, p99 {p99:.2f} s, max {accepted.max():.2f} s; "
-          f"refused p99 {refused_p99 * 1000:.0f} ms; /healthz {len(health)} polls, max "
-          f"{health_s.max() * 1000:.0f} ms; RSS max {max(rss_warm) / 1024:.0f} MiB warm, "
-          f"{max(rss_flood) / 1024:.0f} MiB in the flood (halves: "
-          f"{max(rss_flood[:len(rss_flood) // 2]) / 1024:.0f}, {max(rss_flood[len(rss_flood) // 2:]) / 1024:.0f})")
+    print(
+      f"\nserve overload: capacity {capacity:.1f} images/s; a call of {batch} as served "
+      f"{call_s * 1000:.0f} ms; {len(answers)} requests in {seconds:g} s: {dict(statuses)}; "
+      f"accepted p50 {np.percentile(accepted, 50):.2f} s, p99 {p99:.2f} s, max "
+      f"{accepted.max():.2f} s; "
+      f"refused p99 {refused_p99 * 1000:.0f} ms; /healthz {len(health)} polls, max "
+      f"{health_s.max() * 1000:.0f} ms; RSS max {max(rss_warm) / 1024:.0f} MiB warm, "
+      f"{max(rss_flood) / 1024:.0f} MiB in the flood (halves: "
+      f"{max(rss_flood[: len(rss_flood) // 2]) / 1024:.0f}, "
+      f"{max(rss_flood[len(rss_flood) // 2 :]) / 1024:.0f})"
+    )
   # An accepted request finds at most `queue` images waiting, its own included: they leave in
   # ceil(queue / batch) calls after the one running, so it waits ceil(32 / 8) + 1 = 5 calls.
   # Safety factor 3: the refusals, the clients and the decoding share the 2 cores with the model.
@@ -806,43 +993,62 @@ def test_the_command_under_4x_overload_refuses_the_excess_at_once_and_keeps_late
   bound = calls_bound + loop_wait
   refusals = [(a[2], a[3]) for a in answers if a[0] == 503]
   checks = {  # every check, so that a failing run tells all that went wrong
-      "only 200 and 503": set(statuses) <= {200, 503},
-      "some refused, some accepted": statuses[503] > 0 and statuses[200] > 0,
-      "each refusal has Retry-After and says the queue is full": all(
-          retry_after and retry_after.isdigit() and int(retry_after) >= 1 and list(answer) == ["error"]
-          and answer["error"].startswith("the queue is full: ") for retry_after, answer in refusals),
-      f"accepted p99 under {bound:.2f} s": p99 < bound,
-      # Flat: no growth through the flood, its second half within 10% of its first half's most;
-      # and near what the warm run, queue full, took. Measured over the warm run: +2% to +6.4%
-      # on one AMD EPYC, +11% on a faster one, where the 4x flood sends twice the requests and
-      # more bodies are read at once; each image queued at 448 px is 2.4 MB of float32.
-      # Unbounded, the queue grows all along: +182% over the warm run.
-      "RSS flat through the flood (2nd half within 10% of the 1st)":
-          max(rss_flood[len(rss_flood) // 2:]) < 1.10 * max(rss_flood[:len(rss_flood) // 2]),
-      "RSS within 25% of the warm run's": max(rss_flood) < 1.25 * max(rss_warm),
-      # /healthz waits for no model call (test_a_full_queue_refuses_at_once_... has it answer
-      # with the model held shut), only for the event loop: every poll answers 200 (measured:
-      # max 18-183 ms; once 1.23 s in a stall of the whole process). A loop blocked past the
-      # queue's worth of calls plus 1.5 s would be a model call or other work run on it.
-      "/healthz answered every poll": all(status == 200 for status, _ in health)
-                                      and health_s.max() < calls_bound + 1.5,
-      "/healthz polled throughout": len(health) >= seconds / (0.05 + bound),
+    "only 200 and 503": set(statuses) <= {200, 503},
+    "some refused, some accepted": statuses[503] > 0 and statuses[200] > 0,
+    "each refusal has Retry-After and says the queue is full": all(
+      retry_after
+      and retry_after.isdigit()
+      and int(retry_after) >= 1
+      and list(answer) == ["error"]
+      and answer["error"].startswith("the queue is full: ")
+      for retry_after, answer in refusals
+    ),
+    f"accepted p99 under {bound:.2f} s": p99 < bound,
+    # Flat: no growth through the flood, its second half within 10% of its first half's most;
+    # and near what the warm run, queue full, took. Measured over the warm run: +2% to +6.4%
+    # on one AMD EPYC, +11% on a faster one, where the 4x flood sends twice the requests and
+    # more bodies are read at once; each image queued at 448 px is 2.4 MB of float32.
+    # Unbounded, the queue grows all along: +182% over the warm run.
+    "RSS flat through the flood (2nd half within 10% of the 1st)": max(
+      rss_flood[len(rss_flood) // 2 :]
+    )
+    < 1.10 * max(rss_flood[: len(rss_flood) // 2]),
+    "RSS within 25% of the warm run's": max(rss_flood) < 1.25 * max(rss_warm),
+    # /healthz waits for no model call (test_a_full_queue_refuses_at_once_... has it answer
+    # with the model held shut), only for the event loop: every poll answers 200 (measured:
+    # max 18-183 ms; once 1.23 s in a stall of the whole process). A loop blocked past the
+    # queue's worth of calls plus 1.5 s would be a model call or other work run on it.
+    "/healthz answered every poll": all(status == 200 for status, _ in health)
+    and health_s.max() < calls_bound + 1.5,
+    "/healthz polled throughout": len(health) >= seconds / (0.05 + bound),
   }
   assert all(checks.values()), [name for name, ok in checks.items() if not ok]
 
 
 @pytest.mark.slow
 def test_the_command_on_sigterm_refuses_new_connections_answers_those_in_flight_and_exits_0(
-    imagenet_ckpt, images, capsys):
+  imagenet_ckpt, images, capsys
+):
   # 32 images a request at 320 px: each request holds the model for ~0.5 s (4 calls of 8 at
   # ~0.12 s), so 4 requests are still in flight well after the signal.
-  flags = ["--image-size", "320", "--max-batch", "8", "--max-images", "32", "--max-queue", "128",
-           "--drain-timeout", "60"]
+  flags = [
+    "--image-size",
+    "320",
+    "--max-batch",
+    "8",
+    "--max-images",
+    "32",
+    "--max-queue",
+    "128",
+    "--drain-timeout",
+    "60",
+  ]
   body = {"input_data": [b64(images["rgb.jpg"])] * 32}
   with serving_command(imagenet_ckpt, *flags) as (proc, url):
 
     async def scenario():
       async with httpx.AsyncClient(timeout=60) as http:
+
         async def send():
           r = await http.post(f"{url}/score", json=body)
           return r, time.perf_counter()
@@ -872,19 +1078,24 @@ def test_the_command_on_sigterm_refuses_new_connections_answers_those_in_flight_
   answers = [a if isinstance(a, BaseException) else a[0] for a in answered]
   after = [round(a[1] - signalled, 2) for a in answered if not isinstance(a, BaseException)]
   with capsys.disabled():
-    print(f"\nserve SIGTERM: new connections refused "
-          f"{'never' if refused is None else f'{(refused - signalled) * 1000:.0f} ms after the signal'}; "
-          f"the 4 requests in flight: {[getattr(a, 'status_code', repr(a)) for a in answers]}, "
-          f"{after} s after it; exit status {proc.returncode}")
+    print(
+      f"\nserve SIGTERM: new connections refused "
+      f"{'never' if refused is None else f'{(refused - signalled) * 1000:.0f} ms after the signal'}"
+      "; "
+      f"the 4 requests in flight: {[getattr(a, 'status_code', repr(a)) for a in answers]}, "
+      f"{after} s after it; exit status {proc.returncode}"
+    )
   checks = {  # every check, so that a failing run tells all that went wrong
-      "every request in flight answered 200 in full": all(
-          isinstance(a, httpx.Response) and a.status_code == 200 and len(a.json()) == 32 for a in answers),
-      "new connections refused": refused is not None,
-      # They were in flight: answered after new connections were refused (so after the signal).
-      "refused before the requests in flight were answered": refused is not None and all(
-          refused < a[1] for a in answered if not isinstance(a, BaseException)),
-      "exit status 0": proc.returncode == 0,
-      "stopped cleanly": out.strip().endswith("vit-jax serve: stopped") and "Shutting down" in err,
+    "every request in flight answered 200 in full": all(
+      isinstance(a, httpx.Response) and a.status_code == 200 and len(a.json()) == 32
+      for a in answers
+    ),
+    "new connections refused": refused is not None,
+    # They were in flight: answered after new connections were refused (so after the signal).
+    "refused before the requests in flight were answered": refused is not None
+    and all(refused < a[1] for a in answered if not isinstance(a, BaseException)),
+    "exit status 0": proc.returncode == 0,
+    "stopped cleanly": out.strip().endswith("vit-jax serve: stopped") and "Shutting down" in err,
   }
   assert all(checks.values()), ([name for name, ok in checks.items() if not ok], err[-2000:])
 
@@ -892,8 +1103,27 @@ def test_the_command_on_sigterm_refuses_new_connections_answers_those_in_flight_
 def test_every_server_option_is_one_flag_with_the_options_default():
   """The flags are made from protocol.Options, so a new option cannot miss its flag."""
   parser = cli.build_parser()
-  assert protocol.from_flags(parser.parse_args(["serve", "--checkpoint", "m.npz"])) == protocol.Options()
-  args = parser.parse_args(["serve", "--checkpoint", "m.npz", "--max-batch", "4", "--batch-sizes", "1,4",
-                            "--allow-urls", "--url-timeout", "3", "--max-wait-ms", "0", "--top-k", "2"])
+  assert (
+    protocol.from_flags(parser.parse_args(["serve", "--checkpoint", "m.npz"])) == protocol.Options()
+  )
+  args = parser.parse_args(
+    [
+      "serve",
+      "--checkpoint",
+      "m.npz",
+      "--max-batch",
+      "4",
+      "--batch-sizes",
+      "1,4",
+      "--allow-urls",
+      "--url-timeout",
+      "3",
+      "--max-wait-ms",
+      "0",
+      "--top-k",
+      "2",
+    ]
+  )
   assert protocol.from_flags(args) == protocol.Options(
-      max_batch=4, batch_sizes=(1, 4), allow_urls=True, url_timeout_s=3.0, max_wait_ms=0.0, top_k=2)
+    max_batch=4, batch_sizes=(1, 4), allow_urls=True, url_timeout_s=3.0, max_wait_ms=0.0, top_k=2
+  )

@@ -9,6 +9,7 @@ to AVX2): params (|x| <= 1.1) within 1.2e-7, losses within 1.4e-7 relative.
 rtol 1e-5 plus atol 1e-6 (for params near 0) leave 8x or more, while each
 step's update moves the loss by 0.06 to 0.12.
 """
+
 import os
 import socket
 import subprocess
@@ -25,23 +26,28 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "sharded_steps.py")
 
 def _env(devices):
   # The caller's XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX) apply to the subprocesses too.
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+  flags = (
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
+  env["PYTHONPATH"] = os.pathsep.join(
+    [os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")]
+  )
   return env
 
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
   out = tmp_path_factory.mktemp("steps") / "one.npz"
-  subprocess.run([sys.executable, SCRIPT, str(out)], env=_env(8), check=True, timeout=600,
-                 capture_output=True)
+  subprocess.run(
+    [sys.executable, SCRIPT, str(out)], env=_env(8), check=True, timeout=600, capture_output=True
+  )
   return dict(np.load(out))
 
 
 def _params(results, case):
   prefix = f"{case}/params/"
-  return {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: v for k, v in results.items() if k.startswith(prefix)}
 
 
 def _assert_same(a, b):
@@ -54,8 +60,9 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("case", ["data8", "data8_accum4", "model_sharded"])
 def test_same_result_as_one_device(single_process, case):
   ref = _params(single_process, "one_device")
-  np.testing.assert_allclose(single_process[f"{case}/losses"], single_process["one_device/losses"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    single_process[f"{case}/losses"], single_process["one_device/losses"], rtol=1e-5
+  )
   _assert_same(_params(single_process, case), ref)
   # The steps really moved the params (else equality would be vacuous).
   assert single_process["one_device/losses"][0] != single_process["one_device/losses"][2]
@@ -73,9 +80,26 @@ def test_parameters_are_sharded_as_the_rules_say(single_process):
 @pytest.mark.slow
 def test_two_processes_match_one(single_process, tmp_path, run_on_free_port):
   out = tmp_path / "two.npz"
-  run_on_free_port(lambda port: [[sys.executable, SCRIPT, str(out), "--processes", "2", "--process-id",
-                                  str(i), "--coordinator", f"127.0.0.1:{port}", "--only", "data8"]
-                                 for i in range(2)], env=_env(4), timeout=600)
+  run_on_free_port(
+    lambda port: [
+      [
+        sys.executable,
+        SCRIPT,
+        str(out),
+        "--processes",
+        "2",
+        "--process-id",
+        str(i),
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--only",
+        "data8",
+      ]
+      for i in range(2)
+    ],
+    env=_env(4),
+    timeout=600,
+  )
   two = dict(np.load(out))
   np.testing.assert_allclose(two["data8/losses"], single_process["one_device/losses"], rtol=1e-5)
   _assert_same(_params(two, "data8"), _params(single_process, "one_device"))
@@ -85,9 +109,11 @@ def test_two_processes_match_one(single_process, tmp_path, run_on_free_port):
 def test_launch_retries_on_a_taken_port_only(run_on_free_port):
   # The race is rare, so force it: the first port offered is held by a listening socket. This
   # also checks that the coordinator's bind error still reads as run_on_free_port expects.
-  code = ("import sys; from vit_jax.training import sharding; "
-          "sharding.maybe_initialize_distributed(sys.argv[1], 1, 0); "
-          "import jax; print(jax.process_count())")
+  code = (
+    "import sys; from vit_jax.training import sharding; "
+    "sharding.maybe_initialize_distributed(sys.argv[1], 1, 0); "
+    "import jax; print(jax.process_count())"
+  )
   tried = []
 
   def argvs(port):
@@ -100,7 +126,9 @@ def test_launch_retries_on_a_taken_port_only(run_on_free_port):
     out = run_on_free_port(argvs, env=_env(1), timeout=120, ports=[held.getsockname()[1]])
     assert len(tried) == 2 and tried[0] == held.getsockname()[1] and out[0][0].split() == ["1"]
   tried.clear()
-  with pytest.raises(pytest.fail.Exception, match="process 0 failed:\nboom"):  # other errors: at once
+  with pytest.raises(
+    pytest.fail.Exception, match="process 0 failed:\nboom"
+  ):  # other errors: at once
     fail = [sys.executable, "-c", "raise SystemExit('boom')"]
     run_on_free_port(lambda port: tried.append(port) or [fail], env=_env(1), timeout=120)
   assert len(tried) == 1

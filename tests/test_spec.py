@@ -1,4 +1,5 @@
-"""ModelSpec: one owner of which model a name, fields, a checkpoint or a transformers config means."""
+"""ModelSpec: the one owner of which model a name, fields, a file or an HF config means."""
+
 import ast
 import os
 import types
@@ -7,13 +8,13 @@ import jax.numpy as jnp
 import pytest
 
 from tests import ckpt_fixtures as cf
-from vit_jax.weights import checkpoint
-from vit_jax.config import config_args
 from vit_jax import errors
-from vit_jax.models import layout
 from vit_jax import models
+from vit_jax.config import config_args
+from vit_jax.models import layout
 from vit_jax.models import spec
 from vit_jax.training import steps
+from vit_jax.weights import checkpoint
 
 TI16 = dict(hidden_size=192, mlp_dim=768, num_heads=3, num_layers=12, patch_size=16)
 PACKAGE = os.path.join(os.path.dirname(__file__), "..", "vit_jax")
@@ -25,8 +26,18 @@ def _tree(s: cf.Spec) -> dict:
 
 
 def test_from_params_reads_every_field_and_names_the_variant():
-  tree = _tree(cf.Spec(hidden=192, mlp=768, heads=3, layers=12, patch=16, image_size=384,
-                       classes=1000, pre_logits=None))
+  tree = _tree(
+    cf.Spec(
+      hidden=192,
+      mlp=768,
+      heads=3,
+      layers=12,
+      patch=16,
+      image_size=384,
+      classes=1000,
+      pre_logits=None,
+    )
+  )
   got = spec.ModelSpec.from_params(tree)
   assert got == spec.ModelSpec(**TI16, image_size=384, num_classes=1000)
   assert got.name == "ViT-Ti_16" and str(got) == "ViT-Ti_16"
@@ -37,8 +48,15 @@ def test_a_custom_width_has_no_name_and_still_builds_the_model_its_file_fits(tmp
   cf.write_original(path, cf.Spec(hidden=48, heads=2, mlp=64, layers=3, pre_logits=8, cls=False))
   tree = checkpoint.load(str(path))
   got = spec.ModelSpec.from_params(tree, str(path))
-  assert got.name is None and str(got).startswith("custom ViT (hidden 48, MLP 64, 2 heads, 3 layers")
-  assert (got.representation_size, got.classifier, got.num_classes, got.image_size) == (8, "gap", 10, 32)
+  assert got.name is None and str(got).startswith(
+    "custom ViT (hidden 48, MLP 64, 2 heads, 3 layers"
+  )
+  assert (got.representation_size, got.classifier, got.num_classes, got.image_size) == (
+    8,
+    "gap",
+    10,
+    32,
+  )
   model = models.build(got)
   assert model.spec == got
   params = checkpoint.load_pretrained(tree, model)
@@ -68,12 +86,28 @@ def test_from_fields_by_name_by_fields_and_the_mistakes():
 
 
 def test_from_hf_config():
-  hf = types.SimpleNamespace(hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                             num_hidden_layers=3, patch_size=8, image_size=32, num_labels=7,
-                             hidden_act="gelu", num_channels=3, qkv_bias=True)
+  hf = types.SimpleNamespace(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=2,
+    num_hidden_layers=3,
+    patch_size=8,
+    image_size=32,
+    num_labels=7,
+    hidden_act="gelu",
+    num_channels=3,
+    qkv_bias=True,
+  )
   assert spec.ModelSpec.from_hf_config(hf) == spec.ModelSpec(
-      hidden_size=64, mlp_dim=128, num_heads=2, num_layers=3, patch_size=8, image_size=32,
-      num_classes=7, gelu_approximate=False)
+    hidden_size=64,
+    mlp_dim=128,
+    num_heads=2,
+    num_layers=3,
+    patch_size=8,
+    image_size=32,
+    num_classes=7,
+    gelu_approximate=False,
+  )
   with pytest.raises(errors.ConfigError, match="hidden_act 'relu'"):
     spec.ModelSpec.from_hf_config(types.SimpleNamespace(**{**vars(hf), "hidden_act": "relu"}))
 
@@ -103,6 +137,7 @@ def test_only_spec_py_knows_the_variant_table():
     if not name.endswith(".py") or name == "spec.py":
       continue
     tree = ast.parse(open(os.path.join(PACKAGE, name)).read())
-    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | \
-           {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {
+      n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+    }
     assert not used & {"VARIANTS", "canonical_name"}, f"vit_jax/{name} reads the variant table"

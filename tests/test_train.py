@@ -1,4 +1,5 @@
-"""End to end: fine-tuning through the real input pipeline, resuming after SIGKILL, NaN stops, eval."""
+"""End to end: fine-tuning through the input pipeline, resuming after SIGKILL, NaN stops, eval."""
+
 import glob
 import json
 import logging
@@ -13,12 +14,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import data_fixtures
-from vit_jax.weights import checkpoint
-from vit_jax.config import schema
-from vit_jax.training import evaluation
 from vit_jax import data as input_pipeline
+from vit_jax.config import schema
 from vit_jax.models import layout
+from vit_jax.training import evaluation
 from vit_jax.training import train
+from vit_jax.weights import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,13 +56,22 @@ def tiny_config(folder, **kw):
 def test_a_run_makes_its_dataset_source_once(tmp_path, monkeypatch):
   """Three evaluations, the test split and the training stream all read one source."""
   root = str(tmp_path / "data")
-  data_fixtures.write_folder(root, {"train": {"a": 8, "b": 8}, "val": {"a": 3, "b": 2},
-                                    "test": {"a": 2, "b": 3}})
+  data_fixtures.write_folder(
+    root, {"train": {"a": 8, "b": 8}, "val": {"a": 3, "b": 2}, "test": {"a": 2, "b": 3}}
+  )
   made = []
   real = input_pipeline.sources.make_source
   monkeypatch.setattr(input_pipeline.sources, "make_source", lambda c: made.append(c) or real(c))
-  cfg = tiny_config(root, total_steps=4, warmup_steps=1, eval_every=2, log_every=2, checkpoint_every=4,
-                    batch_size=8, eval_batch_size=8)
+  cfg = tiny_config(
+    root,
+    total_steps=4,
+    warmup_steps=1,
+    eval_every=2,
+    log_every=2,
+    checkpoint_every=4,
+    batch_size=8,
+    eval_batch_size=8,
+  )
   result = train.train_and_evaluate(cfg, str(tmp_path / "work"))
   assert (result["eval"]["count"], result["test"]["count"]) == (5, 5)
   assert len(made) == 1
@@ -78,8 +88,9 @@ def pretrained(digits, tmp_path_factory):
 @pytest.mark.slow
 def test_fine_tuning_from_a_checkpoint_learns(digits, pretrained, tmp_path):
   # Digits 5-9, at 24 px: position embeddings are resized 4x4 -> 6x6, the head is reset.
-  cfg = tiny_config(os.path.join(digits, "b"), image_size=24, total_steps=150, pretrained=pretrained,
-                    base_lr=0.05)
+  cfg = tiny_config(
+    os.path.join(digits, "b"), image_size=24, total_steps=150, pretrained=pretrained, base_lr=0.05
+  )
   result = train.train_and_evaluate(cfg, str(tmp_path))
   test = result["test"]
   assert test["count"] == len(glob.glob(os.path.join(digits, "b", "test", "*", "*.png")))
@@ -102,13 +113,28 @@ def test_fine_tuning_from_a_checkpoint_learns(digits, pretrained, tmp_path):
 
 
 def _train_cmd(config_args, workdir):
-  return [sys.executable, "-m", "vit_jax.cli", "train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
-          "--workdir", workdir, *config_args]
+  return [
+    sys.executable,
+    "-m",
+    "vit_jax.cli",
+    "train",
+    "--config",
+    os.path.join(ROOT, "configs", "tiny.py"),
+    "--workdir",
+    workdir,
+    *config_args,
+  ]
 
 
-_KILL_ARGS = ["--config.image_size=16", "--config.model.patch_size=4", "--config.total_steps=40",
-              "--config.checkpoint_every=10", "--config.eval_every=40", "--config.log_every=10",
-              "--config.async_checkpointing=True"]  # the default, which the tiny recipe turns off
+_KILL_ARGS = [
+  "--config.image_size=16",
+  "--config.model.patch_size=4",
+  "--config.total_steps=40",
+  "--config.checkpoint_every=10",
+  "--config.eval_every=40",
+  "--config.log_every=10",
+  "--config.async_checkpointing=True",
+]  # the default, which the tiny recipe turns off
 
 
 def _final_params(workdir):
@@ -120,15 +146,21 @@ def straight_run(digits, tmp_path_factory):
   """The 40-step run of `_KILL_ARGS`, uninterrupted."""
   work = str(tmp_path_factory.mktemp("straight"))
   args = [f"--config.folder={os.path.join(digits, 'a')}", *_KILL_ARGS]
-  subprocess.run(_train_cmd(args, work), env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(
+    _train_cmd(args, work),
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   return work
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("when,resume_step", [("after-save", 20), ("mid-save", 10)])
 def test_sigkill_during_an_async_save_then_rerun_resumes_to_the_same_params(
-    digits, straight_run, tmp_path, when, resume_step):
+  digits, straight_run, tmp_path, when, resume_step
+):
   """Killed just after step 20's checkpoint is committed, or while it is being written.
 
   A save cut short must not count: the rerun starts from step 10, the last committed one.
@@ -137,14 +169,21 @@ def test_sigkill_during_an_async_save_then_rerun_resumes_to_the_same_params(
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   killed = str(tmp_path / "killed")
   script = os.path.join(ROOT, "tests", "scripts", "train_killed_at_save.py")
-  run = subprocess.run([sys.executable, script, when, "20", "--config", "tiny", "--workdir", killed,
-                        *args], env=env, capture_output=True, text=True, timeout=600)
+  run = subprocess.run(
+    [sys.executable, script, when, "20", "--config", "tiny", "--workdir", killed, *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
   ckpts = os.listdir(os.path.join(killed, "checkpoints"))
   assert ("20" in ckpts) == (when == "after-save"), ckpts
   assert not os.path.exists(os.path.join(killed, "final.npz"))
 
-  rerun = subprocess.run(_train_cmd(args, killed), env=env, capture_output=True, text=True, timeout=600)
+  rerun = subprocess.run(
+    _train_cmd(args, killed), env=env, capture_output=True, text=True, timeout=600
+  )
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"resumed from {os.path.join(killed, 'checkpoints')} at step {resume_step}" in rerun.stderr
   a, b = _final_params(straight_run), _final_params(killed)
@@ -157,12 +196,15 @@ def test_sigkill_during_an_async_save_then_rerun_resumes_to_the_same_params(
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   # The first run logged 10, 20 and maybe more (training goes on while a save is written) before
   # it was killed; the rerun logs from resume_step on.
-  steps_logged = [json.loads(l)["step"] for l in open(os.path.join(killed, "metrics.jsonl"))
-                  if json.loads(l)["split"] == "train"]
+  steps_logged = [
+    json.loads(line)["step"]
+    for line in open(os.path.join(killed, "metrics.jsonl"))
+    if json.loads(line)["split"] == "train"
+  ]
   rerun_part = list(range(resume_step + 10, 41, 10))
-  first = steps_logged[:len(steps_logged) - len(rerun_part)]
+  first = steps_logged[: len(steps_logged) - len(rerun_part)]
   assert len(first) >= 2 and first == list(range(10, 10 * len(first) + 1, 10)), steps_logged
-  assert steps_logged[len(first):] == rerun_part, steps_logged
+  assert steps_logged[len(first) :] == rerun_part, steps_logged
 
 
 @pytest.mark.slow
@@ -170,17 +212,28 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path):
   # A healthy run to step 10 (checkpointed), then the same run resumed with a learning
   # rate that blows up: training stops with a clear error and step 10 stays intact.
   folder = os.path.join(digits, "a")
-  train.train_and_evaluate(tiny_config(folder, total_steps=10, checkpoint_every=10, eval_every=10),
-                           str(tmp_path))
+  train.train_and_evaluate(
+    tiny_config(folder, total_steps=10, checkpoint_every=10, eval_every=10), str(tmp_path)
+  )
   before = layout.flatten(checkpoint.load(str(tmp_path / "final.npz")))
   (tmp_path / "final.npz").unlink()
-  cfg = tiny_config(folder, total_steps=30, checkpoint_every=5, eval_every=30, base_lr=1e9,
-                    warmup_steps=1, decay_type="constant")
+  cfg = tiny_config(
+    folder,
+    total_steps=30,
+    checkpoint_every=5,
+    eval_every=30,
+    base_lr=1e9,
+    warmup_steps=1,
+    decay_type="constant",
+  )
   with pytest.raises(train.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+"):
     train.train_and_evaluate(cfg, str(tmp_path))
   assert not os.path.exists(tmp_path / "final.npz")
-  saved = sorted(int(os.path.basename(d)) for d in glob.glob(str(tmp_path / "checkpoints" / "*"))
-                 if os.path.basename(d).isdigit())
+  saved = sorted(
+    int(os.path.basename(d))
+    for d in glob.glob(str(tmp_path / "checkpoints" / "*"))
+    if os.path.basename(d).isdigit()
+  )
   assert saved[-1] == 10, saved  # nothing was saved after the loss went bad
   setup, _ = evaluation.prepare(cfg)
   params = layout.flatten(jax.device_get(evaluation.load_params(setup, str(tmp_path))))
@@ -191,10 +244,24 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path):
 @pytest.mark.slow
 def test_eval_command_prints_metrics(digits, pretrained, tmp_path, capsys):
   from vit_jax import cli
-  code = cli.main(["eval", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--checkpoint", pretrained,
-                   f"--config.folder={os.path.join(digits, 'a')}", "--config.image_size=16",
-                   "--config.model.hidden_size=48", "--config.model.mlp_dim=96",
-                   "--config.model.num_heads=3", "--config.model.patch_size=4", "--split", "test"])
+
+  code = cli.main(
+    [
+      "eval",
+      "--config",
+      os.path.join(ROOT, "configs", "tiny.py"),
+      "--checkpoint",
+      pretrained,
+      f"--config.folder={os.path.join(digits, 'a')}",
+      "--config.image_size=16",
+      "--config.model.hidden_size=48",
+      "--config.model.mlp_dim=96",
+      "--config.model.num_heads=3",
+      "--config.model.patch_size=4",
+      "--split",
+      "test",
+    ]
+  )
   out = capsys.readouterr().out
   assert code == 0
   row = json.loads(out.strip().splitlines()[-1])
@@ -203,8 +270,17 @@ def test_eval_command_prints_metrics(digits, pretrained, tmp_path, capsys):
 
 def test_train_command_errors_are_one_line(tmp_path, capsys):
   from vit_jax import cli
-  code = cli.main(["train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(tmp_path),
-                   "--config.folder=/nonexistent/folder"])
+
+  code = cli.main(
+    [
+      "train",
+      "--config",
+      os.path.join(ROOT, "configs", "tiny.py"),
+      "--workdir",
+      str(tmp_path),
+      "--config.folder=/nonexistent/folder",
+    ]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "/nonexistent/folder" in err[0]
 
@@ -212,8 +288,11 @@ def test_train_command_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp_path):
   from vit_jax.apps import split_predictions
+
   cfg = tiny_config(os.path.join(digits, "a"))
-  out = split_predictions.predict_dataset(cfg, pretrained, str(tmp_path / "one.npz"), split="test", top_k=3)
+  out = split_predictions.predict_dataset(
+    cfg, pretrained, str(tmp_path / "one.npz"), split="test", top_k=3
+  )
   n = len(glob.glob(os.path.join(digits, "a", "test", "*", "*.png")))
   assert out["logits"].shape == (n, 5) and out["top_k"].shape == (n, 3) and len(out["labels"]) == n
   accuracy = float((out["logits"].argmax(-1) == out["labels"]).mean())
@@ -221,43 +300,75 @@ def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp
   # 8e-6 of the largest logit (see below): 5e-5, against 0.016 for the closest top-2 gap.
   assert accuracy == pytest.approx(train.evaluate(cfg, pretrained, "test")["accuracy"])
   np.testing.assert_array_equal(out["top_k"][:, 0], out["logits"].argmax(-1))
-  emb = split_predictions.predict_dataset(cfg, pretrained, str(tmp_path / "emb.npz"), split="test", embeddings=True)
+  emb = split_predictions.predict_dataset(
+    cfg, pretrained, str(tmp_path / "emb.npz"), split="test", embeddings=True
+  )
   assert emb["embeddings"].shape == (n, 48)
   # The same split over 4 devices (batches sharded) gives the same rows, in the same order.
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)  # keeps the caller's XLA settings
   proc = subprocess.run(
-      [sys.executable, "-m", "vit_jax.cli", "predict", "--checkpoint", pretrained, "--output",
-       str(tmp_path / "four.npz"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
-       f"--config.folder={os.path.join(digits, 'a')}", "--config.image_size=16",
-       "--config.model.hidden_size=48", "--config.model.mlp_dim=96", "--config.model.num_heads=3",
-       "--config.model.patch_size=4", "--config.eval_batch_size=32"],
-      env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "vit_jax.cli",
+      "predict",
+      "--checkpoint",
+      pretrained,
+      "--output",
+      str(tmp_path / "four.npz"),
+      "--config",
+      os.path.join(ROOT, "configs", "tiny.py"),
+      f"--config.folder={os.path.join(digits, 'a')}",
+      "--config.image_size=16",
+      "--config.model.hidden_size=48",
+      "--config.model.mlp_dim=96",
+      "--config.model.num_heads=3",
+      "--config.model.patch_size=4",
+      "--config.eval_batch_size=32",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   four = np.load(tmp_path / "four.npz")
   np.testing.assert_array_equal(four["labels"], out["labels"])
   # Batches of 8 per device instead of 32: other programs. fp32 bound: u * sqrt(K) summed
   # over the 21 matmuls, softmaxes and norms on the path (K = 16 to 96) = 8e-6 of the largest
   # logit (5.75). Measured: bit-equal with YNNPACK dots (the default), 1.1e-6 with Eigen's.
-  np.testing.assert_allclose(four["logits"], out["logits"], rtol=0,
-                             atol=1e-5 * float(np.abs(out["logits"]).max()))
+  np.testing.assert_allclose(
+    four["logits"], out["logits"], rtol=0, atol=1e-5 * float(np.abs(out["logits"]).max())
+  )
   assert list(four["class_names"]) == [f"digit_{i}" for i in range(5)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [{}, dict(scan=True, remat=True, dtype="bfloat16")],
-                         ids=["plain", "scan_remat_bf16"])
+@pytest.mark.parametrize(
+  "model", [{}, dict(scan=True, remat=True, dtype="bfloat16")], ids=["plain", "scan_remat_bf16"]
+)
 def test_preemption_saves_and_exits_then_the_rerun_ends_like_a_straight_run(
-    digits, tmp_path, monkeypatch, caplog, model):
+  digits, tmp_path, monkeypatch, caplog, model
+):
   def cfg():
-    c = tiny_config(os.path.join(digits, "a"), total_steps=30, checkpoint_every=10, eval_every=30,
-                    log_every=5, async_checkpointing=True)
+    c = tiny_config(
+      os.path.join(digits, "a"),
+      total_steps=30,
+      checkpoint_every=10,
+      eval_every=30,
+      log_every=5,
+      async_checkpointing=True,
+    )
     c.model.update(model)
     return c
 
   straight = train.train_and_evaluate(cfg(), str(tmp_path / "straight"))
-  losses = [json.loads(l)["loss"] for l in open(tmp_path / "straight" / "metrics.jsonl")
-            if json.loads(l)["split"] == "train"]
+  losses = [
+    json.loads(line)["loss"]
+    for line in open(tmp_path / "straight" / "metrics.jsonl")
+    if json.loads(line)["split"] == "train"
+  ]
   # It learns: the loss falls well below its start (chance level is ln 5 = 1.61), and the
   # held-out accuracy is far above chance (0.2).
   assert losses[-1] < 0.7 * losses[0], losses
@@ -290,8 +401,11 @@ def test_resuming_with_another_config_is_a_clear_error(digits, tmp_path, change)
     other.model.mlp_dim = 64
   else:
     other.optimizer = "adam"
-  with pytest.raises(ValueError, match=r"checkpoints/10: this checkpoint was written with another "
-                     r"model or optimizer config .*use a new --workdir"):
+  with pytest.raises(
+    ValueError,
+    match=r"checkpoints/10: this checkpoint was written with another "
+    r"model or optimizer config .*use a new --workdir",
+  ):
     train.train_and_evaluate(other, str(tmp_path))
 
 
@@ -301,8 +415,13 @@ def test_resuming_on_another_mesh_restores_the_same_params_resharded(digits, tmp
   flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)  # keeps the caller's XLA settings
   script = os.path.join(ROOT, "tests", "scripts", "resume_on_another_mesh.py")
-  proc = subprocess.run([sys.executable, script, os.path.join(digits, "a"), str(tmp_path)],
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, script, os.path.join(digits, "a"), str(tmp_path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"resumed from {tmp_path / 'checkpoints'} at step 10" in proc.stderr
 
@@ -319,4 +438,6 @@ def test_profile_steps_writes_a_trace_of_those_steps(digits, tmp_path):
   # A run that ends inside the traced steps still writes its trace.
   cfg = tiny_config(folder, total_steps=6, eval_every=6, checkpoint_every=6, profile_steps=50)
   train.train_and_evaluate(cfg, str(tmp_path / "short"))
-  assert glob.glob(str(tmp_path / "short" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert glob.glob(
+    str(tmp_path / "short" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb")
+  )

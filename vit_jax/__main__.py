@@ -1,4 +1,5 @@
 """`python -m vit_jax`: the `vit-jax` command."""
+
 import sys
 
 from vit_jax import cli

@@ -26,7 +26,9 @@ class MissingExtraError(UserError, ImportError):
   """A command whose optional dependencies are not installed."""
 
   def __init__(self, extra: str, module: str):
-    super().__init__(f"{module} is not installed; this command needs pip install 'vit-jax[{extra}]'")
+    super().__init__(
+      f"{module} is not installed; this command needs pip install 'vit-jax[{extra}]'"
+    )
 
 
 class CheckpointError(UserError, ValueError):

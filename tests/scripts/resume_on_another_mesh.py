@@ -1,8 +1,10 @@
-"""Trains 10 steps on a 4-device data-parallel mesh, then restores and resumes on a 2x2 data x model mesh.
+"""Trains 10 steps on a 4-device data-parallel mesh, then restores and resumes on a 2x2 data x model
+mesh.
 
 Usage: python resume_on_another_mesh.py FOLDER WORKDIR
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=4. Exits non-zero if a check fails.
 """
+
 import logging
 import os
 import sys
@@ -12,12 +14,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vit_jax.weights import checkpoint  # noqa: E402
-from vit_jax.training import evaluation  # noqa: E402
+from vit_jax.config.recipes import tiny  # noqa: E402
 from vit_jax.models import layout  # noqa: E402
+from vit_jax.training import evaluation  # noqa: E402
 from vit_jax.training import sharding  # noqa: E402
 from vit_jax.training import train  # noqa: E402
-from vit_jax.config.recipes import tiny  # noqa: E402
+from vit_jax.weights import checkpoint  # noqa: E402
 
 folder, work = sys.argv[1], sys.argv[2]
 logging.getLogger("vit_jax").addHandler(logging.StreamHandler())

@@ -3,6 +3,7 @@
 Usage: python sharded_steps.py OUT.npz [--processes N --process-id I --coordinator HOST:PORT]
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (or 4 per process).
 """
+
 import argparse
 import os
 import sys
@@ -24,10 +25,9 @@ if args.coordinator:
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from vit_jax.config import schema  # noqa: E402
 from vit_jax import models  # noqa: E402
+from vit_jax.config import schema  # noqa: E402
 from vit_jax.training import steps  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -56,31 +56,38 @@ def run(cfg, mesh):
   setup = steps.Setup(cfg, CLASSES, False, mesh)
   init_params = models.init_params(setup.model, 0)
   init_params = jax.tree_util.tree_map(
-      lambda x: np.asarray(x) + 0.05 * np.random.default_rng(1).normal(size=x.shape).astype(np.float32),
-      init_params)
+    lambda x: (
+      np.asarray(x) + 0.05 * np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    ),
+    init_params,
+  )
   state = setup.init_state(jax.random.PRNGKey(0), init_params)
   step = setup.jit_train_step()
   losses = []
   per_host = BATCH // jax.process_count()
   lo = jax.process_index() * per_host
   for i in range(3):
-    batch = {k: jax.make_array_from_process_local_data(setup.batch_sharding, v[i, lo:lo + per_host])
-             for k, v in (("image", images), ("label", labels))}
+    batch = {
+      k: jax.make_array_from_process_local_data(setup.batch_sharding, v[i, lo : lo + per_host])
+      for k, v in (("image", images), ("label", labels))
+    }
     state, m = step(state, batch, jax.random.PRNGKey(1))
     losses.append(float(m["loss"]))
   kernel = state.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
   spec = tuple(kernel.sharding.spec)
   gathered = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state.params)
-  flat = {"/".join(str(k.key) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(gathered))[0]}
+  flat = {
+    "/".join(str(k.key) for k in path): np.asarray(v)
+    for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(gathered))[0]
+  }
   return losses, flat, str(spec), kernel.addressable_shards[0].data.shape
 
 
 cases = {
-    "one_device": (config(), {"data": 1}, jax.devices()[:1]),
-    "data8": (config(), {"data": -1}, None),
-    "data8_accum4": (config(accum_steps=4), {"data": -1}, None),
-    "model_sharded": (config(), {"data": 2, "fsdp": 2, "model": 2}, None),
+  "one_device": (config(), {"data": 1}, jax.devices()[:1]),
+  "data8": (config(), {"data": -1}, None),
+  "data8_accum4": (config(accum_steps=4), {"data": -1}, None),
+  "model_sharded": (config(), {"data": 2, "fsdp": 2, "model": 2}, None),
 }
 if jax.process_count() > 1:
   cases = {k: v for k, v in cases.items() if k != "one_device"}

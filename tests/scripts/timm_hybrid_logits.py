@@ -10,6 +10,7 @@ that what is compared is the architecture, the padding and the loading:
   * GELU: timm's exact form, the original's tanh approximation.
 Runs in its own process: torchvision, which timm imports, must not share one with TensorFlow.
 """
+
 import sys
 import types
 
@@ -32,8 +33,13 @@ def _original_std_conv(self, x):
 
 def main(name, weights, images, out, num_classes, image_size):
   torch.set_num_threads(2)
-  model = timm.create_model(name, pretrained=False, num_classes=int(num_classes),
-                            img_size=int(image_size), act_layer="gelu_tanh").eval()
+  model = timm.create_model(
+    name,
+    pretrained=False,
+    num_classes=int(num_classes),
+    img_size=int(image_size),
+    act_layer="gelu_tanh",
+  ).eval()
   model.load_pretrained(weights)
   patched = 0
   for m in model.modules():

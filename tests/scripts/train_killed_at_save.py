@@ -9,6 +9,7 @@ Usage: python train_killed_at_save.py {mid-save,after-save} STEP ARGS...
 The kill comes from inside Orbax's commit, in the background thread of an asynchronous save,
 so the point is exact whatever the machine's speed.
 """
+
 import os
 import signal
 import sys
@@ -23,12 +24,14 @@ assert when in ("mid-save", "after-save"), when
 
 def killing(finalize_save):
   """`finalize_save` with a SIGKILL before or after it, for step STEP."""
+
   async def finalize(self, *a, **kw):
-    if when == "mid-save" and self._final_path.name == step:  # pylint: disable=protected-access
+    if when == "mid-save" and self._final_path.name == step:
       os.kill(os.getpid(), signal.SIGKILL)
     await finalize_save(self, *a, **kw)
-    if when == "after-save" and self._final_path.name == step:  # pylint: disable=protected-access
+    if when == "after-save" and self._final_path.name == step:
       os.kill(os.getpid(), signal.SIGKILL)
+
   return finalize
 
 

@@ -1,23 +1,27 @@
 """Classifying image files with a checkpoint: what `vit-jax predict` runs."""
+
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.weights import checkpoint
 from vit_jax import errors
-from vit_jax.weights import head_record
-from vit_jax.platform import jax_setup
-from vit_jax.weights import labels as labels_lib
 from vit_jax import models
 from vit_jax.data import preprocess
-from vit_jax.weights import registry
 from vit_jax.models import spec as spec_lib
+from vit_jax.platform import jax_setup
+from vit_jax.weights import checkpoint
+from vit_jax.weights import head_record
+from vit_jax.weights import labels as labels_lib
+from vit_jax.weights import registry
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
 @dataclasses.dataclass
 class Classifier:
   """A model with its params and class names, and a jitted batch call."""
+
   model: models.VisionTransformer
   params: Any
   class_names: list[str]
@@ -50,10 +55,14 @@ class Classifier:
       raise errors.ConfigError(f"threshold {self.threshold} is not a probability in [0, 1]")
     # One compiled shape: the last partial batch is padded, never recompiled. Logits are
     # float32 whatever the compute dtype.
-    self._logits = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False).astype(jnp.float32))
+    self._logits = jax.jit(
+      lambda p, x: self.model.apply({"params": p}, x, train=False).astype(jnp.float32)
+    )
     # Serving: the activation inside the compiled call, so that nothing outside it
     # compiles per batch shape.
-    self._probs = jax.jit(lambda p, x: self.activation(self.model.apply({"params": p}, x, train=False)))
+    self._probs = jax.jit(
+      lambda p, x: self.activation(self.model.apply({"params": p}, x, train=False))
+    )
 
   def activation(self, logits: Any) -> jax.Array:
     """Logits to scores: sigmoid per class for a multi-label head, else softmax over classes."""
@@ -68,8 +77,10 @@ class Classifier:
     """Logits [N, C] for preprocessed images [N, S, S, 3], in fixed-size batches."""
     out = []
     for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      out.append(np.asarray(self._logits(self.params, pad_batch(chunk, self.batch_size)))[:len(chunk)])
+      chunk = images[start : start + self.batch_size]
+      out.append(
+        np.asarray(self._logits(self.params, pad_batch(chunk, self.batch_size)))[: len(chunk)]
+      )
     return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
   def top_k(self, images: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
@@ -81,10 +92,14 @@ class Classifier:
     k = min(k, probs.shape[-1])
     result = []
     for row in probs:
-      idx = [i for i in np.argsort(-row, kind="stable")[:k]
-             if self.threshold is None or row[i] >= self.threshold]
-      result.append([{"label": self.class_names[i], "score": float(row[i]), "index": int(i)}
-                     for i in idx])
+      idx = [
+        i
+        for i in np.argsort(-row, kind="stable")[:k]
+        if self.threshold is None or row[i] >= self.threshold
+      ]
+      result.append(
+        [{"label": self.class_names[i], "score": float(row[i]), "index": int(i)} for i in idx]
+      )
     return result
 
   def compile_batches(self, sizes: Sequence[int]) -> None:
@@ -103,11 +118,18 @@ class Classifier:
     return np.asarray(self._probs(self.params, images))[:n]
 
 
-def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
-                    image_size: int | None = None, labels_path: str | None = None,
-                    batch_size: int = 8, multilabel: bool | None = None,
-                    threshold: float | None = None, dtype: str | None = None,
-                    **model_overrides: Any) -> Classifier:
+def load_classifier(
+  checkpoint_path: str,
+  *,
+  model_name: str | None = None,
+  image_size: int | None = None,
+  labels_path: str | None = None,
+  batch_size: int = 8,
+  multilabel: bool | None = None,
+  threshold: float | None = None,
+  dtype: str | None = None,
+  **model_overrides: Any,
+) -> Classifier:
   """A Classifier for an original-layout checkpoint; the model is read off the file by default.
 
   The head's kind and the class names come from the file's head record (NAME.head.json,
@@ -124,32 +146,47 @@ def load_classifier(checkpoint_path: str, *, model_name: str | None = None,
   # A named variant must match the file: one of another shape fails in the loader, with
   # the key and both shapes.
   model_spec = spec_lib.ModelSpec.from_fields(
-      model_name, **({} if model_name else dataclasses.asdict(found.variant)),
-      num_classes=found.num_classes, image_size=image_size or found.image_size,
-      representation_size=found.representation_size, classifier=found.classifier)
+    model_name,
+    **({} if model_name else dataclasses.asdict(found.variant)),
+    num_classes=found.num_classes,
+    image_size=image_size or found.image_size,
+    representation_size=found.representation_size,
+    classifier=found.classifier,
+  )
   dtype, why = jax_setup.compute_dtype(dtype)
   if dtype != "float32":  # said once, since results differ from float32's in the last digits
     log.info("computing in %s (%s)", dtype, why)
   # bf16 compute with float32 params would cast every weight on every call: at batch 1 that
   # made a ViT-B/16 slower than float32 (124 against 92 ms on an AVX512-BF16 CPU). The file's
   # float32 weights are cast once instead (64 ms); the logits stay float32.
-  model = models.build(model_spec, **{"dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(dtype),
-                                      **model_overrides})
+  model = models.build(
+    model_spec, **{"dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(dtype), **model_overrides}
+  )
   name = str(model_spec)  # the variant, or "custom ViT (hidden ..., ...)"
   params = checkpoint.load_pretrained(tree, model, source=checkpoint_path)
   record = head_record.read(checkpoint_path)
-  names = None if labels_path else head_record.class_names(checkpoint_path, record, model.num_classes)
+  names = (
+    None if labels_path else head_record.class_names(checkpoint_path, record, model.num_classes)
+  )
   names = names or labels_lib.for_classes(model.num_classes, labels_path)
   if multilabel is None:
     multilabel = record is not None and record.multilabel
-  return Classifier(model=model, params=jax.device_put(params), class_names=names,
-                    model_name=name, batch_size=batch_size, multilabel=multilabel,
-                    threshold=threshold, dtype=str(jnp.dtype(model.dtype)))
+  return Classifier(
+    model=model,
+    params=jax.device_put(params),
+    class_names=names,
+    model_name=name,
+    batch_size=batch_size,
+    multilabel=multilabel,
+    threshold=threshold,
+    dtype=str(jnp.dtype(model.dtype)),
+  )
 
 
 @dataclasses.dataclass
 class Result:
   """The predictions for one input, or why there are none."""
+
   image: str
   predictions: list[dict[str, Any]] | None = None
   error: str | None = None
@@ -167,11 +204,11 @@ def classify_files(clf: Classifier, paths: Sequence[str], k: int = 5) -> Iterato
       except preprocess.ImageError as e:
         results.append(Result(path, error=str(e)))
     if images:
-      for i, preds in zip(ok, clf.top_k(np.stack(images), k)):
+      for i, preds in zip(ok, clf.top_k(np.stack(images), k), strict=True):
         results[i].predictions = preds
     yield from results
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
   for start in range(0, len(items), size):
-    yield items[start:start + size]
+    yield items[start : start + size]

@@ -1,4 +1,5 @@
-"""Where the model looks: attention rollout and the last layer's attention, what `vit-jax explain` runs.
+"""Where the model looks: attention rollout and the last layer's attention, what `vit-jax explain`
+runs.
 
 Rollout (Abnar & Zuidema, 2020): per layer, the weights averaged over heads,
 plus the identity for the residual path (0.5 A + 0.5 I), rows renormalised;
@@ -6,21 +7,26 @@ the layers multiplied from first to last. The class token's row of the
 product, over the patch tokens, is the map. A `gap` model reads the mean of
 every token, so its map is the mean of the product's rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-from vit_jax.apps import classifier as classifier_lib
 from vit_jax import errors
-from vit_jax.platform import files
 from vit_jax import models
+from vit_jax.apps import classifier as classifier_lib
 from vit_jax.data import preprocess
+from vit_jax.platform import files
 
 METHODS = ("rollout", "last")
 
@@ -31,7 +37,7 @@ def _readout(model: models.VisionTransformer, rows: jax.Array) -> jax.Array:
 
 
 def _to_grid(model: models.VisionTransformer, scores: jax.Array) -> jax.Array:
-  """[..., K] scores over all tokens -> [..., g, g] over the patches, each map divided by its max."""
+  """[..., K] scores over all tokens -> [..., g, g] over the patches, each divided by its max."""
   g = model.grid_size
   patches = scores[..., 1:] if model.classifier == "token" else scores
   grid = patches.reshape(*patches.shape[:-1], g, g)
@@ -54,8 +60,9 @@ def rollout(model: models.VisionTransformer, weights: Sequence[jax.Array]) -> ja
   return _to_grid(model, _readout(model, joint))
 
 
-def last_layer(model: models.VisionTransformer, weights: Sequence[jax.Array]
-               ) -> tuple[jax.Array, jax.Array]:
+def last_layer(
+  model: models.VisionTransformer, weights: Sequence[jax.Array]
+) -> tuple[jax.Array, jax.Array]:
   """The last layer's attention from the class token (every token's mean, for gap):
   averaged over heads [B, g, g], and per head [B, heads, g, g]."""
   w = jnp.asarray(weights[-1], jnp.float32)  # [B, H, Q, K]
@@ -66,6 +73,7 @@ def last_layer(model: models.VisionTransformer, weights: Sequence[jax.Array]
 @dataclasses.dataclass
 class Explanation:
   """One image's predictions and map, or why there are none."""
+
   image: str
   predictions: list[dict[str, Any]] | None = None
   map: np.ndarray | None = None  # [g, g], 1.0 at its peak
@@ -77,9 +85,12 @@ class Explanation:
     """The object `vit-jax explain --json` prints: the map before upsampling."""
     if self.error is not None:
       return {"image": self.image, "error": self.error}
-    row = {"image": self.image,
-           "predictions": [{"label": p["label"], "score": p["score"]} for p in self.predictions],
-           "grid": list(self.map.shape), "map": np.round(self.map, 6).tolist()}
+    row = {
+      "image": self.image,
+      "predictions": [{"label": p["label"], "score": p["score"]} for p in self.predictions],
+      "grid": list(self.map.shape),
+      "map": np.round(self.map, 6).tolist(),
+    }
     if self.heads is not None:
       row["heads"] = np.round(self.heads, 6).tolist()
     return row
@@ -105,8 +116,9 @@ class Explainer:
   def batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(probabilities [N, C], maps [N, g, g], per-head maps [N, heads, g, g] or None)."""
     n = len(images)
-    out = self._run(self.clf.params, classifier_lib.pad_batch(np.asarray(images, np.float32),
-                                                              self.clf.batch_size))
+    out = self._run(
+      self.clf.params, classifier_lib.pad_batch(np.asarray(images, np.float32), self.clf.batch_size)
+    )
     return tuple(None if x is None else np.asarray(x)[:n] for x in out)
 
   def files(self, paths: Sequence[str], k: int = 3) -> Iterator[Explanation]:
@@ -114,7 +126,7 @@ class Explainer:
     size = self.clf.batch_size
     for start in range(0, len(paths), size):
       results, ok, pixels = [], [], []
-      for path in paths[start:start + size]:
+      for path in paths[start : start + size]:
         try:
           pixels.append(preprocess.read_rgb(path))
           ok.append(len(results))
@@ -124,7 +136,7 @@ class Explainer:
       if pixels:
         images = np.stack([preprocess.eval_resize(p, self.clf.image_size) for p in pixels])
         probs, maps, heads = self.batch(images)
-        for j, (i, p) in enumerate(zip(ok, self.clf.rank(probs, k))):
+        for j, (i, p) in enumerate(zip(ok, self.clf.rank(probs, k), strict=True)):
           results[i].predictions, results[i].map = p, maps[j]
           results[i].heads = None if heads is None else heads[j]
       yield from results
@@ -132,7 +144,6 @@ class Explainer:
 
 def upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
   """A [g, g] map resized bilinearly to [height, width]."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   img = Image.fromarray(np.asarray(grid, np.float32), mode="F")
   return np.asarray(img.resize((width, height), Image.BILINEAR))
 
@@ -147,7 +158,9 @@ def output_names(paths: Sequence[str], out_dir: str) -> list[str]:
   for path in paths:
     stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "image"
     seen[stem] = seen.get(stem, 0) + 1
-    names.append(files.join(out_dir, f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png"))
+    names.append(
+      files.join(out_dir, f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png")
+    )
   local = lambda p: os.path.abspath(p) if not files.is_remote(p) else p  # noqa: E731
   inputs = {local(p) for p in paths}
   clash = next((n for n in names if local(n) in inputs), None)
@@ -159,11 +172,11 @@ def output_names(paths: Sequence[str], out_dir: str) -> list[str]:
 def render(result: Explanation, path: str, min_side: int = 256, max_side: int = 768) -> None:
   """Writes the image, then its map over it as a heat map (and each head's, for `last`), titled
   with the top labels (PNG). Small images are drawn larger and big ones smaller, maps alike."""
-  import io  # pylint: disable=import-outside-toplevel
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib  # noqa: PLC0415  # the explain extra
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt  # noqa: PLC0415  # the explain extra
+
   pixels = result.pixels
   h, w = pixels.shape[:2]
   scale = min(max(1.0, min_side / max(h, w)), max_side / max(h, w))
@@ -175,10 +188,12 @@ def render(result: Explanation, path: str, min_side: int = 256, max_side: int = 
     panels += [(f"head {i}", m) for i, m in enumerate(result.heads)]
   cols = min(len(panels), 5)
   rows = -(-len(panels) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows * h / w + 0.5), squeeze=False)
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(3.0 * cols, 3.0 * rows * h / w + 0.5), squeeze=False
+  )
   for ax in axes.flat:
     ax.axis("off")
-  for ax, (label, grid) in zip(axes.flat, panels):
+  for ax, (label, grid) in zip(axes.flat, panels, strict=False):  # more axes than panels
     ax.imshow(pixels)
     if grid is not None:
       ax.imshow(upsample(grid, h, w), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)

@@ -4,6 +4,7 @@ Batches are sharded over every device of every host, exactly as in evaluation;
 each host writes the rows it read (process 0 to OUTPUT, process i > 0 to
 OUTPUT with a `.host{i}` suffix before `.npz`), padding rows dropped.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from vit_jax.training import evaluation
 from vit_jax.platform import files
+from vit_jax.training import evaluation
 from vit_jax.training import sharding
 
 
@@ -26,8 +27,15 @@ def _host_path(output: str) -> str:
   return f"{root}.host{jax.process_index()}{ext or '.npz'}"
 
 
-def predict_dataset(config: ml_collections.ConfigDict, checkpoint_path: str, output: str, *,
-                    split: str = "test", embeddings: bool = False, top_k: int = 5) -> dict[str, Any]:
+def predict_dataset(
+  config: ml_collections.ConfigDict,
+  checkpoint_path: str,
+  output: str,
+  *,
+  split: str = "test",
+  embeddings: bool = False,
+  top_k: int = 5,
+) -> dict[str, Any]:
   """Runs the model over `split` and writes this host's results; returns what was written."""
   setup, data = evaluation.prepare(config)
   info = data.info
@@ -38,10 +46,14 @@ def predict_dataset(config: ml_collections.ConfigDict, checkpoint_path: str, out
     keep = sharding.local_rows(batch["mask"]).astype(bool)
     outs.append(sharding.local_rows(fn(params, batch["image"]))[keep].astype(np.float32))
     labels.append(sharding.local_rows(batch["label"])[keep])
-  dim = (setup.model.representation_size or setup.model.hidden_size) if embeddings else info.num_classes
+  dim = (
+    (setup.model.representation_size or setup.model.hidden_size) if embeddings else info.num_classes
+  )
   values = np.concatenate(outs) if outs else np.zeros((0, dim), np.float32)
-  result: dict[str, Any] = {"embeddings" if embeddings else "logits": values,
-                            "labels": np.concatenate(labels) if labels else np.zeros((0,), np.int32)}
+  result: dict[str, Any] = {
+    "embeddings" if embeddings else "logits": values,
+    "labels": np.concatenate(labels) if labels else np.zeros((0,), np.int32),
+  }
   if not embeddings and not info.multilabel:
     k = min(top_k, values.shape[-1])
     result["top_k"] = np.argsort(-values, axis=-1, kind="stable")[:, :k].astype(np.int32)
@@ -52,4 +64,3 @@ def predict_dataset(config: ml_collections.ConfigDict, checkpoint_path: str, out
   with files.atomic_write(_host_path(output)) as f:
     f.write(buf.getvalue())
   return result
-

@@ -1,10 +1,11 @@
 """Host batches to global jax.Arrays over the mesh's batch axes, a few batches ahead."""
+
 from __future__ import annotations
 
 import collections
 import itertools
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -27,18 +28,24 @@ def global_rows(config_batch: int, host_batch: int, count: int, sharding, what: 
   rows = config_batch if count == jax.process_count() else host_batch
   shards = batch_shards(sharding)
   if rows % shards:
-    raise errors.ConfigError(f"config.{what} {rows} does not divide over the {shards} devices of the batch "
-                             f"axes (mesh {dict(sharding.mesh.shape)})")
+    raise errors.ConfigError(
+      f"config.{what} {rows} does not divide over the {shards} devices of the batch "
+      f"axes (mesh {dict(sharding.mesh.shape)})"
+    )
   return rows
 
 
-def to_devices(batches: Iterator[dict[str, np.ndarray]], keys: tuple[str, ...], sharding,
-                rows: int, depth: int) -> Iterator[dict[str, jax.Array]]:
+def to_devices(
+  batches: Iterator[dict[str, np.ndarray]], keys: tuple[str, ...], sharding, rows: int, depth: int
+) -> Iterator[dict[str, jax.Array]]:
   """Global arrays, `depth` batches in flight, so host-to-device copies overlap the steps."""
+
   def put(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     out = {}
     for k in keys:
-      v = batch[k].astype(np.int32) if batch[k].dtype == np.int64 else batch[k]  # JAX's default ints
+      v = (
+        batch[k].astype(np.int32) if batch[k].dtype == np.int64 else batch[k]
+      )  # JAX's default ints
       out[k] = jax.make_array_from_process_local_data(sharding, v, (rows, *v.shape[1:]))
     return out
 

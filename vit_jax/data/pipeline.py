@@ -9,6 +9,7 @@ position counter at k * per-host batch instead of replaying the stream.
 Positions also reveal undecodable images: decoding errors drop the element
 (`ignore_errors`), leaving a gap in the otherwise consecutive positions.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -18,18 +19,20 @@ import logging
 import os
 import threading
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
-from vit_jax.config import schema
 from vit_jax import errors
-from vit_jax.platform import files
-from vit_jax.platform import tf_setup
+from vit_jax.config import schema
 from vit_jax.data import devices
 from vit_jax.data import sources
 from vit_jax.data import transforms
+from vit_jax.platform import files
+from vit_jax.platform import tf_setup
 
 log = logging.getLogger("vit_jax.data")
 
@@ -58,10 +61,15 @@ def decode_errors() -> int:
 
 
 class _SkipCounter:
-  """Counts the positions missing from an ordered position stream: the images that failed to decode."""
+  """Counts the positions missing from an ordered stream: the images that failed to decode."""
 
-  def __init__(self, start: int, what: str, epoch_length: int | None = None,
-               describe: Callable[[int], str] | None = None):
+  def __init__(
+    self,
+    start: int,
+    what: str,
+    epoch_length: int | None = None,
+    describe: Callable[[int], str] | None = None,
+  ):
     self.next, self.what, self.epoch_length, self.describe = start, what, epoch_length, describe
     self.per_epoch: collections.Counter[int] = collections.Counter()
     self.epoch = start // epoch_length if epoch_length else 0
@@ -71,7 +79,7 @@ class _SkipCounter:
     if not len(pos):
       return
     prev = np.concatenate([[self.next - 1], pos[:-1]])
-    for p, gap in zip(pos, pos - prev - 1):
+    for p, gap in zip(pos, pos - prev - 1, strict=True):
       if gap > 0:
         self._missing(int(p) - int(gap), int(p))
     self.next = int(pos[-1]) + 1
@@ -79,8 +87,13 @@ class _SkipCounter:
       done = (self.next - 1) // self.epoch_length
       for e in range(self.epoch, done):
         if self.per_epoch.get(e):
-          log.warning("%s epoch %d: %d undecodable images skipped (%d in this process so far)",
-                      self.what, e, self.per_epoch.pop(e), decode_errors())
+          log.warning(
+            "%s epoch %d: %d undecodable images skipped (%d in this process so far)",
+            self.what,
+            e,
+            self.per_epoch.pop(e),
+            decode_errors(),
+          )
       self.epoch = max(self.epoch, done)
 
   def finish(self, end: int) -> None:
@@ -98,8 +111,11 @@ class _SkipCounter:
       to_name = max(0, min(hi - lo, _NAMED_SKIPS - _named))
       _named += to_name
     for p in range(lo, lo + to_name):
-      log.warning("%s: skipped an undecodable image%s", self.what,
-                  f" ({self.describe(p)})" if self.describe else f" (position {p})")
+      log.warning(
+        "%s: skipped an undecodable image%s",
+        self.what,
+        f" ({self.describe(p)})" if self.describe else f" (position {p})",
+      )
     if self.epoch_length:
       for e in range(lo // self.epoch_length, (hi - 1) // self.epoch_length + 1):
         a, b = max(lo, e * self.epoch_length), min(hi, (e + 1) * self.epoch_length)
@@ -109,6 +125,7 @@ class _SkipCounter:
 
 
 # -- config ------------------------------------------------------------------------
+
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   count = jax.process_count() if process_count is None else int(process_count)
@@ -134,7 +151,9 @@ def _image_size(config: Any) -> int:
 
 
 def _crop_ratio(config: Any) -> float | None:
-  """config.eval_crop: False -> plain resize; True -> short side to size; r in (0, 1] -> to size / r."""
+  """config.eval_crop: False -> plain resize; True -> short side to size; r in (0, 1] -> to size /
+  r.
+  """
   v = config.eval_crop
   if v is True:
     return 1.0
@@ -147,8 +166,13 @@ def _crop_ratio(config: Any) -> float | None:
 
 def _threads(config: Any) -> int:
   n = config.data_threads
-  return int(n) if n else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-      else (os.cpu_count() or 1)
+  return (
+    int(n)
+    if n
+    else len(os.sched_getaffinity(0))
+    if hasattr(os, "sched_getaffinity")
+    else (os.cpu_count() or 1)
+  )
 
 
 def _options(config: Any):
@@ -178,6 +202,7 @@ def _close_open_streams() -> None:
 @dataclasses.dataclass
 class _Stream:
   """A tf.data dataset of per-host batches (each with positions), and its skip counter."""
+
   dataset: Any
   counter: _SkipCounter
   end: int | None = None  # evaluation: the positions due on this host
@@ -200,19 +225,28 @@ def _balanced_order(labels: np.ndarray, seed: int) -> np.ndarray:
   rng = np.random.default_rng(_key(seed, _SALT_BALANCE))
   groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
   most = max(len(g) for g in groups)
-  return np.concatenate([np.concatenate([np.tile(g, most // len(g)), rng.permutation(g)[:most % len(g)]])
-                         for g in groups])
+  return np.concatenate(
+    [
+      np.concatenate([np.tile(g, most // len(g)), rng.permutation(g)[: most % len(g)]])
+      for g in groups
+    ]
+  )
 
 
-def _indexed_train(records: sources.Records, index: int, count: int, seed: int, start: int,
-                   balance: bool):
-  """Epoch e is a full permutation (keyed by seed and e) of the records; host i takes every count-th."""
+def _indexed_train(
+  records: sources.Records, index: int, count: int, seed: int, start: int, balance: bool
+):
+  """Epoch e is a full permutation (keyed by seed and e) of the records; host i takes every
+  count-th.
+  """
   tf = tf_setup.tf()
   order = _balanced_order(records.labels, seed) if balance else np.arange(len(records))
   total = len(order)
   length = total // count
   if length == 0:
-    raise errors.DataError(f"the training split has {total} examples, fewer than the {count} processes")
+    raise errors.DataError(
+      f"the training split has {total} examples, fewer than the {count} processes"
+    )
   order_t = tf.constant(order, tf.int64)
   paths, labels = tf.constant(records.paths), tf.constant(records.labels)
   key = tf.constant(_key(seed, _SALT_ORDER), tf.int64)
@@ -221,20 +255,28 @@ def _indexed_train(records: sources.Records, index: int, count: int, seed: int, 
   def pick(pos):
     epoch, k = pos // length, pos % length
     j = k * count + index
-    idx = tf.gather(order_t, tf.random.experimental.index_shuffle(j, tf.stack([key, epoch]), max_index))
-    return {"pos": pos, "index": idx, "path": tf.gather(paths, idx), "label": tf.gather(labels, idx)}
+    idx = tf.gather(
+      order_t, tf.random.experimental.index_shuffle(j, tf.stack([key, epoch]), max_index)
+    )
+    return {
+      "pos": pos,
+      "index": idx,
+      "path": tf.gather(paths, idx),
+      "label": tf.gather(labels, idx),
+    }
 
   def describe(pos: int) -> str:
     return pick(tf.constant(pos, tf.int64))["path"].numpy().decode()
 
-  ds = tf.data.Dataset.range(start, _END).map(tf.autograph.experimental.do_not_convert(pick),
-                                              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = tf.data.Dataset.range(start, _END).map(
+    tf.autograph.experimental.do_not_convert(pick), num_parallel_calls=tf.data.AUTOTUNE
+  )
   _check_decodable(ds, describe)
   return ds, length, describe
 
 
 def _oversample(ds, counts: np.ndarray):
-  """Repeats each example so every present class reaches the largest count; ranks pick the extras."""
+  """Repeats examples so every present class reaches the largest count; ranks pick the extras."""
   tf = tf_setup.tf()
   most = int(counts.max())
   per_class = tf.constant(np.maximum(counts, 1), tf.int64)
@@ -248,9 +290,18 @@ def _oversample(ds, counts: np.ndarray):
   return ds.flat_map(lambda x, reps: tf.data.Dataset.from_tensors(x).repeat(reps))
 
 
-def _tfds_train(source: sources.TfdsSource, spec: str, index: int, count: int, seed: int, start: int,
-                balance: bool, buffer: int, cycle: int):
-  """Epoch e reads this host's shards in an e-keyed order, interleaved, through an e-keyed shuffle."""
+def _tfds_train(
+  source: sources.TfdsSource,
+  spec: str,
+  index: int,
+  count: int,
+  seed: int,
+  start: int,
+  balance: bool,
+  buffer: int,
+  cycle: int,
+):
+  """Epoch e reads this host's shards in e-keyed order, interleaved, through an e-keyed shuffle."""
   tf = tf_setup.tf()
   host = source.host_split(spec, index, count)
   counts = None
@@ -271,13 +322,15 @@ def _tfds_train(source: sources.TfdsSource, spec: str, index: int, count: int, s
     if counts is not None:
       ds = _oversample(ds, counts)
     if buffer > 1:
-      ds = ds.shuffle(buffer, seed=tf.random.stateless_uniform([], s, minval=None, maxval=None,
-                                                               dtype=tf.int64))
+      ds = ds.shuffle(
+        buffer, seed=tf.random.stateless_uniform([], s, minval=None, maxval=None, dtype=tf.int64)
+      )
     return ds.enumerate().map(lambda k, x: {**x, "pos": e * length + k})
 
   epochs = tf.data.Dataset.range(first_epoch, _END).flat_map(epoch)
   _check_decodable(epochs, None)
-  # Whole epochs are skipped by arithmetic; within the first one, skipped records are read, not decoded.
+  # Whole epochs are skipped by arithmetic; within the first one, skipped records are read, not
+  # decoded.
   return epochs.skip(skip), length
 
 
@@ -297,8 +350,11 @@ def _encoded(x: dict):
     # TensorFlow's own GCS client cannot be pointed anywhere but Google's hosts.
     return tf.ensure_shape(tf.numpy_function(_read_remote, [path], tf.string, stateful=False), [])
 
-  return tf.cond(tf.strings.regex_full_match(path, "[A-Za-z][A-Za-z0-9+.-]*://.*"), remote,
-                 lambda: tf.io.read_file(path))
+  return tf.cond(
+    tf.strings.regex_full_match(path, "[A-Za-z][A-Za-z0-9+.-]*://.*"),
+    remote,
+    lambda: tf.io.read_file(path),
+  )
 
 
 _CHECKED = 32
@@ -311,13 +367,18 @@ def _check_decodable(ds, describe: Callable[[int], str] | None) -> None:
   (say, Git LFS pointers named .jpg) would otherwise make training wait forever.
   """
   tf = tf_setup.tf()
-  sample = ds.take(_CHECKED).map(lambda x: tf.shape(transforms.decode(_encoded(x)))[0],
-                                 num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+  sample = (
+    ds.take(_CHECKED)
+    .map(lambda x: tf.shape(transforms.decode(_encoded(x)))[0], num_parallel_calls=tf.data.AUTOTUNE)
+    .ignore_errors()
+  )
   if next(iter(sample), None) is None:
     first = int(next(iter(ds.take(1)))["pos"])
     example = f" (the first: {describe(first)})" if describe else ""
-    raise errors.DataError(f"none of the first {_CHECKED} training images could be decoded{example}; "
-                             "are these image files?")
+    raise errors.DataError(
+      f"none of the first {_CHECKED} training images could be decoded{example}; "
+      "are these image files?"
+    )
 
 
 def _train_stream(config: Any, source: Any, start_step: int, index: int, count: int) -> _Stream:
@@ -328,7 +389,9 @@ def _train_stream(config: Any, source: Any, start_step: int, index: int, count: 
   seed = int(config.seed)
   balance = bool(config.balance_classes)
   if balance and source.multilabel:
-    raise errors.ConfigError("config.balance_classes needs single-label data; this dataset is multi-label")
+    raise errors.ConfigError(
+      "config.balance_classes needs single-label data; this dataset is multi-label"
+    )
   spec = sources.split_spec(source, config, "train")
   start = int(start_step) * host_batch
   if start < 0:
@@ -337,16 +400,26 @@ def _train_stream(config: Any, source: Any, start_step: int, index: int, count: 
   if source.indexed:
     ds, length, describe = _indexed_train(source.records(spec), index, count, seed, start, balance)
   else:
-    ds, length = _tfds_train(source, spec, index, count, seed, start, balance,
-                             int(config.shuffle_buffer or 1),
-                             int(config.tfds_cycle_length))
+    ds, length = _tfds_train(
+      source,
+      spec,
+      index,
+      count,
+      seed,
+      start,
+      balance,
+      int(config.shuffle_buffer or 1),
+      int(config.tfds_cycle_length),
+    )
   aug_key = tf.constant(_key(seed, _SALT_AUG), tf.int64)
 
   def example(x):
     image = transforms.train_image(_encoded(x), tf.stack([aug_key, x["pos"]]), size, aug)
     return {"image": image, "label": x["label"], "index": x["index"], "pos": x["pos"]}
 
-  ds = ds.map(tf.autograph.experimental.do_not_convert(example), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(
+    tf.autograph.experimental.do_not_convert(example), num_parallel_calls=tf.data.AUTOTUNE
+  )
   ds = ds.ignore_errors().batch(host_batch, drop_remainder=True)
   if aug.mixup_alpha:
     mix_key = tf.constant(_key(seed, _SALT_MIX), tf.int64)
@@ -354,8 +427,9 @@ def _train_stream(config: Any, source: Any, start_step: int, index: int, count: 
 
     def mix(batch):
       targets = batch["label"] if multilabel else tf.one_hot(batch["label"], num_classes)
-      images, targets = transforms.mixup(batch["image"], targets, tf.stack([mix_key, batch["pos"][0]]),
-                                         aug.mixup_alpha)
+      images, targets = transforms.mixup(
+        batch["image"], targets, tf.stack([mix_key, batch["pos"][0]]), aug.mixup_alpha
+      )
       return {**batch, "image": images, "label": targets}
 
     ds = ds.map(tf.autograph.experimental.do_not_convert(mix))
@@ -363,11 +437,14 @@ def _train_stream(config: Any, source: Any, start_step: int, index: int, count: 
   return _Stream(ds, _SkipCounter(start, "train", length, describe))
 
 
-def _eval_stream(config: Any, source: Any, split: str, index: int, count: int) -> tuple[_Stream, int]:
-  """This host's share of `split`, padded with masked examples to the same batch count on every host."""
+def _eval_stream(
+  config: Any, source: Any, split: str, index: int, count: int
+) -> tuple[_Stream, int]:
+  """This host's share of `split`, padded with masked examples to the same batch count on every
+  host.
+  """
   tf = tf_setup.tf()
-  host_batch = _host_batch(config.eval_batch_size,
-                           count, "eval_batch_size")
+  host_batch = _host_batch(config.eval_batch_size, count, "eval_batch_size")
   size, crop = _image_size(config), _crop_ratio(config)
   spec = sources.split_spec(source, config, split)
   describe = None
@@ -376,8 +453,13 @@ def _eval_stream(config: Any, source: Any, split: str, index: int, count: int) -
     mine = np.arange(index, len(records), count)
     n_host, n_max = len(mine), -(-len(records) // count)
     ds = tf.data.Dataset.from_tensor_slices(
-        {"path": records.paths[mine], "label": records.labels[mine], "index": mine.astype(np.int64),
-         "pos": np.arange(n_host, dtype=np.int64)})
+      {
+        "path": records.paths[mine],
+        "label": records.labels[mine],
+        "index": mine.astype(np.int64),
+        "pos": np.arange(n_host, dtype=np.int64),
+      }
+    )
     describe = lambda pos: records.paths[mine[pos]].decode()  # noqa: E731
   else:
     shares = [source.host_split(spec, k, count) for k in range(count)]
@@ -388,16 +470,26 @@ def _eval_stream(config: Any, source: Any, split: str, index: int, count: int) -
 
   def example(x):
     image = transforms.eval_image(transforms.decode(_encoded(x)), size, crop)
-    return {"image": image, "label": x["label"], "index": x["index"], "pos": x["pos"],
-            "mask": tf.constant(True)}
+    return {
+      "image": image,
+      "label": x["label"],
+      "index": x["index"],
+      "pos": x["pos"],
+      "mask": tf.constant(True),
+    }
 
-  ds = ds.map(tf.autograph.experimental.do_not_convert(example), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(
+    tf.autograph.experimental.do_not_convert(example), num_parallel_calls=tf.data.AUTOTUNE
+  )
   ds = ds.ignore_errors()
   label_spec = ds.element_spec["label"]
-  padding = {"image": tf.zeros([size, size, 3], tf.float32),
-             "label": tf.zeros(label_spec.shape, label_spec.dtype),
-             "index": tf.constant(-1, tf.int64), "pos": tf.constant(-1, tf.int64),
-             "mask": tf.constant(False)}
+  padding = {
+    "image": tf.zeros([size, size, 3], tf.float32),
+    "label": tf.zeros(label_spec.shape, label_spec.dtype),
+    "index": tf.constant(-1, tf.int64),
+    "pos": tf.constant(-1, tf.int64),
+    "mask": tf.constant(False),
+  }
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   ds = ds.take(batches * host_batch).batch(host_batch).prefetch(tf.data.AUTOTUNE)
   ds = ds.with_options(_options(config))
@@ -423,10 +515,16 @@ class Pipeline:
       self._info = sources.dataset_info(self.source, self.config)
     return self._info
 
-  def host_batches(self, split: str | None = None, *, start_step: int = 0,
-                   process_index: int | None = None, process_count: int | None = None
-                   ) -> Iterator[dict[str, np.ndarray]]:
-    """This host's batches as numpy: the endless training stream (split None) or one pass over a split.
+  def host_batches(
+    self,
+    split: str | None = None,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
+    """This host's batches as numpy: the endless training stream (split None) or one pass over a
+    split.
 
     Keys: 'image', 'label', 'index' (the example's index in its split, -1 for
     padding) and, for evaluation, 'mask'. The batch is the per-host share of the
@@ -437,10 +535,15 @@ class Pipeline:
       return iter(_train_stream(self.config, self.source, start_step, index, count))
     return iter(_eval_stream(self.config, self.source, split, index, count)[0])
 
-  def train_iterator(self, sharding: jax.sharding.NamedSharding, *, start_step: int = 0,
-                     process_index: int | None = None, process_count: int | None = None
-                     ) -> Iterator[dict[str, jax.Array]]:
-    """Endless global training batches {'image', 'label'} placed with `sharding`, from `start_step`."""
+  def train_iterator(
+    self,
+    sharding: jax.sharding.NamedSharding,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, jax.Array]]:
+    """Endless global training batches {'image', 'label'} with `sharding`, from `start_step`."""
     config = self.config
     index, count = _processes(process_index, process_count)
     host_batch = _host_batch(config.batch_size, count, "batch_size")
@@ -448,17 +551,26 @@ class Pipeline:
     stream = iter(_train_stream(config, self.source, start_step, index, count))
     return devices.to_devices(stream, ("image", "label"), sharding, rows, int(config.prefetch))
 
-  def eval_iterator(self, split: str, sharding: jax.sharding.NamedSharding, *,
-                    process_index: int | None = None, process_count: int | None = None,
-                    with_index: bool = False) -> Iterator[dict[str, jax.Array]]:
-    """One pass over `split` ('eval', 'test' or a split string) as global {'image', 'label', 'mask'}.
+  def eval_iterator(
+    self,
+    split: str,
+    sharding: jax.sharding.NamedSharding,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    with_index: bool = False,
+  ) -> Iterator[dict[str, jax.Array]]:
+    """One pass over `split` ('eval', 'test' or a split string) as global {'image', 'label',
+    'mask'}.
 
     with_index adds 'index': int32 [B], each row's example index in the split (-1 on padding).
     """
     config = self.config
     index, count = _processes(process_index, process_count)
     host_batch = _host_batch(config.eval_batch_size, count, "eval_batch_size")
-    rows = devices.global_rows(int(config.eval_batch_size), host_batch, count, sharding, "eval_batch_size")
+    rows = devices.global_rows(
+      int(config.eval_batch_size), host_batch, count, sharding, "eval_batch_size"
+    )
     stream, _ = _eval_stream(config, self.source, split, index, count)
     keys = ("image", "label", "mask") + (("index",) if with_index else ())
     return devices.to_devices(iter(stream), keys, sharding, rows, int(config.prefetch))
@@ -470,18 +582,22 @@ def get_info(config: Any) -> sources.DatasetInfo:
   return Pipeline(config).info
 
 
-def host_batches(config: Any, split: str | None = None, **kw: Any) -> Iterator[dict[str, np.ndarray]]:
+def host_batches(
+  config: Any, split: str | None = None, **kw: Any
+) -> Iterator[dict[str, np.ndarray]]:
   """`Pipeline(config).host_batches(split, **kw)`."""
   return Pipeline(config).host_batches(split, **kw)
 
 
-def train_iterator(config: Any, sharding: jax.sharding.NamedSharding, **kw: Any
-                   ) -> Iterator[dict[str, jax.Array]]:
+def train_iterator(
+  config: Any, sharding: jax.sharding.NamedSharding, **kw: Any
+) -> Iterator[dict[str, jax.Array]]:
   """`Pipeline(config).train_iterator(sharding, **kw)`."""
   return Pipeline(config).train_iterator(sharding, **kw)
 
 
-def eval_iterator(config: Any, split: str, sharding: jax.sharding.NamedSharding, **kw: Any
-                  ) -> Iterator[dict[str, jax.Array]]:
+def eval_iterator(
+  config: Any, split: str, sharding: jax.sharding.NamedSharding, **kw: Any
+) -> Iterator[dict[str, jax.Array]]:
   """`Pipeline(config).eval_iterator(split, sharding, **kw)`."""
   return Pipeline(config).eval_iterator(split, sharding, **kw)

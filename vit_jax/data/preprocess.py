@@ -5,14 +5,18 @@ aspect preservation, no centre crop) and a scale to [-1, 1]. The tf.data
 pipeline applies the same ops in-graph; this module serves `predict` and
 `serve`, which get one file or one request body at a time.
 """
+
 from __future__ import annotations
 
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from PIL import UnidentifiedImageError
 
 from vit_jax import errors
+from vit_jax.platform import files
+from vit_jax.platform import tf_setup
 
 # Decompression-bomb guard; serve passes a stricter limit.
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -22,7 +26,9 @@ class ImageError(errors.UserError, ValueError):
   """An input that is not a readable image."""
 
 
-def decode_rgb(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_rgb(
+  data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
   """Encoded bytes (JPEG, PNG, BMP, GIF, WebP, TIFF, ...) to uint8 RGB [H, W, 3].
 
   Grayscale, palette, CMYK and alpha images are converted to RGB; alpha is
@@ -46,7 +52,6 @@ def decode_rgb(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MA
 
 def read_rgb(path: str) -> np.ndarray:
   """A file (local or gs://) decoded to uint8 RGB; ImageError names the file."""
-  from vit_jax.platform import files  # pylint: disable=import-outside-toplevel
   try:
     data = files.read_bytes(path)
   except OSError as e:
@@ -64,7 +69,6 @@ def eval_resize(image: np.ndarray, size: int) -> np.ndarray:
 
   Uses tf.image.resize so the numbers equal those of the tf.data pipeline.
   """
-  from vit_jax.platform import tf_setup  # pylint: disable=import-outside-toplevel
   tf = tf_setup.tf()
   resized = tf.image.resize(tf.convert_to_tensor(image), [size, size], method="bilinear")
   return ((resized.numpy() - 127.5) / 127.5).astype(np.float32)

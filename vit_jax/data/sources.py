@@ -5,6 +5,7 @@ classes, and hands the pipeline either in-memory records (folders and lists:
 random access, so every epoch is a full permutation and resuming is free) or
 a TFDS record stream (read shard by shard, in a per-epoch shard order).
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,13 +17,15 @@ import logging
 import os
 import posixpath
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from vit_jax import errors
 from vit_jax.platform import files
 from vit_jax.platform import tf_setup
+from vit_jax.weights import labels
 
 log = logging.getLogger("vit_jax.data")
 
@@ -32,9 +35,9 @@ LABELS_FILE = "labels.txt"
 
 # The original fine-tuning presets: a held-out slice of train for validation.
 TFDS_PRESETS = {
-    "cifar10": {"train": "train[:98%]", "eval": "train[98%:]", "test": "test"},
-    "cifar100": {"train": "train[:98%]", "eval": "train[98%:]", "test": "test"},
-    "imagenet2012": {"train": "train[:99%]", "eval": "train[99%:]", "test": "validation"},
+  "cifar10": {"train": "train[:98%]", "eval": "train[98%:]", "test": "test"},
+  "cifar100": {"train": "train[:98%]", "eval": "train[98%:]", "test": "test"},
+  "imagenet2012": {"train": "train[:99%]", "eval": "train[99%:]", "test": "validation"},
 }
 # Indexed (folder, list) datasets: the split names used when the config gives none.
 INDEXED_DEFAULTS = {"train": "train", "eval": "val", "test": "test"}
@@ -51,13 +54,14 @@ class DatasetInfo:
 @dataclasses.dataclass(frozen=True)
 class Records:
   """One split held in memory: image paths and targets, in a fixed order."""
-  paths: np.ndarray   # UTF-8 bytes [N]
+
+  paths: np.ndarray  # UTF-8 bytes [N]
   labels: np.ndarray  # int32 [N], or float32 [N, C] multi-hot
 
   def __len__(self) -> int:
     return len(self.paths)
 
-  def take(self, idx: np.ndarray) -> "Records":
+  def take(self, idx: np.ndarray) -> Records:
     return Records(self.paths[idx], self.labels[idx])
 
 
@@ -85,8 +89,9 @@ def _bound(b: str | None, n: int, default: int) -> int:
   return max(0, min(n, v + n if v < 0 else v))
 
 
-def slice_records(records: Records, bounds: tuple[str | None, str | None] | None,
-                  keys: Sequence[str]) -> Records:
+def slice_records(
+  records: Records, bounds: tuple[str | None, str | None] | None, keys: Sequence[str]
+) -> Records:
   """A TFDS-style slice of a split, taken in a fixed pseudo-random order (a hash of each key).
 
   Folders list images class by class; slicing that order would cut whole
@@ -97,10 +102,11 @@ def slice_records(records: Records, bounds: tuple[str | None, str | None] | None
   n = len(records)
   order = np.argsort([hashlib.md5(k.encode()).digest() for k in keys], kind="stable")
   lo, hi = _bound(bounds[0], n, 0), _bound(bounds[1], n, n)
-  return records.take(order[lo:max(lo, hi)])
+  return records.take(order[lo : max(lo, hi)])
 
 
 # -- image files ------------------------------------------------------------------
+
 
 def _is_image(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS)
@@ -108,28 +114,35 @@ def _is_image(name: str) -> bool:
 
 # -- sources ----------------------------------------------------------------------
 
+
 class FolderSource:
-  """ROOT/{train,val,test}/{class_name}/*.{jpg,jpeg,png,bmp,webp}; classes are train's folders, sorted."""
+  """ROOT/{train,val,test}/{class_name}/*.{jpg,jpeg,png,bmp,webp}; classes are train's folders,
+  sorted.
+  """
+
   indexed = True
   multilabel = False
 
   def __init__(self, root: str | None):
     if not root:
-      raise errors.ConfigError("config.folder is not set (dataset 'folder' reads ROOT/{train,val,test}/CLASS/*.jpg)")
+      raise errors.ConfigError(
+        "config.folder is not set (dataset 'folder' reads ROOT/{train,val,test}/CLASS/*.jpg)"
+      )
     self.root = str(root).rstrip("/") or "/"
     if not files.isdir(self.root):
       raise errors.MissingFileError(f"{self.root}: no such folder (config.folder)")
     train = files.join(self.root, "train")
     if not files.isdir(train):
-      raise errors.MissingFileError(f"{train}: no such folder; a folder dataset is ROOT/train/CLASS/*.jpg "
-                                    "(plus ROOT/val and ROOT/test)")
+      raise errors.MissingFileError(
+        f"{train}: no such folder; a folder dataset is ROOT/train/CLASS/*.jpg "
+        "(plus ROOT/val and ROOT/test)"
+      )
     self.class_names = files.list_dir(train)[0]
     if not self.class_names:
       raise errors.DataError(f"{train}: no class folders in it (expected {train}/CLASS_NAME/*.jpg)")
     self._ids = {c: i for i, c in enumerate(self.class_names)}
     self.num_classes = len(self.class_names)
     self._listed: dict[str, Records] = {}  # a split is listed once per source, i.e. per run
-
 
   def default_split(self, key: str) -> str:
     return INDEXED_DEFAULTS[key]
@@ -154,7 +167,9 @@ class FolderSource:
         raise errors.DataError(f"{class_dir}: class {cls!r} has no folder in {self.root}/train")
       images = [n for n in files.list_dir(class_dir)[1] if _is_image(n)]
       if not images and name == "train":
-        raise errors.DataError(f"{class_dir}: no images ({', '.join('*' + e for e in IMAGE_EXTENSIONS)})")
+        raise errors.DataError(
+          f"{class_dir}: no images ({', '.join('*' + e for e in IMAGE_EXTENSIONS)})"
+        )
       paths += [files.join(class_dir, n) for n in images]
       keys += [f"{cls}/{n}" for n in images]
       labels += [self._ids[cls]] * len(images)
@@ -172,19 +187,29 @@ class ListSource:
   folder). Items without a split belong to 'train'. Classes: the file's
   "classes", else integer labels with `num_classes`, else the sorted label names.
   """
+
   indexed = True
   multilabel = True
 
-  def __init__(self, list_file: str | None, root: str | None = None, num_classes: int | None = None,
-               class_names: Sequence[str] | None = None):
+  def __init__(
+    self,
+    list_file: str | None,
+    root: str | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+  ):
     if not list_file:
-      raise errors.ConfigError("config.multilabel_file is not set (dataset 'multilabel' reads a CSV/JSON "
-                               "list of path,labels)")
+      raise errors.ConfigError(
+        "config.multilabel_file is not set (dataset 'multilabel' reads a CSV/JSON "
+        "list of path,labels)"
+      )
     self.list_file = str(list_file)
     try:
       text = files.read_bytes(self.list_file).decode("utf-8-sig")
     except FileNotFoundError:
-      raise errors.MissingFileError(f"{self.list_file}: no such file (config.multilabel_file)") from None
+      raise errors.MissingFileError(
+        f"{self.list_file}: no such file (config.multilabel_file)"
+      ) from None
     if self.list_file.lower().endswith(".json"):
       items, file_classes = self._parse_json(text)
     else:
@@ -208,7 +233,9 @@ class ListSource:
       names = sorted(set(all_labels))
       ids = {n: i for i, n in enumerate(names)}
     if num_classes and num_classes != len(names):
-      raise errors.DataError(f"{self.list_file}: {len(names)} classes, but config.num_classes is {num_classes}")
+      raise errors.DataError(
+        f"{self.list_file}: {len(names)} classes, but config.num_classes is {num_classes}"
+      )
     if not names:
       raise errors.DataError(f"{self.list_file}: no labels in any item, and no class list")
     self.class_names, self.num_classes = names, len(names)
@@ -217,8 +244,9 @@ class ListSource:
       try:
         target = [ids[str(lab)] for lab in labs]
       except KeyError as e:
-        raise errors.DataError(f"{self.list_file}: {path}: label {e.args[0]!r} is not one of the "
-                               f"{len(names)} classes") from None
+        raise errors.DataError(
+          f"{self.list_file}: {path}: label {e.args[0]!r} is not one of the {len(names)} classes"
+        ) from None
       full = path if (files.is_remote(path) or os.path.isabs(path)) else files.join(base, path)
       self._items.setdefault(split or "train", []).append((full, target))
 
@@ -235,7 +263,9 @@ class ListSource:
       if not isinstance(it, dict) or "path" not in it:
         raise errors.DataError(f"{self.list_file}: item {i} is not an object with a 'path'")
       labels = it.get("labels", [])
-      out.append((str(it["path"]), list(labels) if isinstance(labels, list) else [labels], it.get("split")))
+      out.append(
+        (str(it["path"]), list(labels) if isinstance(labels, list) else [labels], it.get("split"))
+      )
     return out, classes
 
   def _parse_csv(self, text: str) -> list[tuple[str, list, str | None]]:
@@ -243,14 +273,20 @@ class ListSource:
     cols = {"path": 0, "labels": 1, "split": 2}
     if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
       header = [c.strip().lower() for c in rows.pop(0)]
-      cols = {"path": 0,
-              "labels": next((header.index(k) for k in ("labels", "label", "tags") if k in header), 1),
-              "split": header.index("split") if "split" in header else None}
+      cols = {
+        "path": 0,
+        "labels": next((header.index(k) for k in ("labels", "label", "tags") if k in header), 1),
+        "split": header.index("split") if "split" in header else None,
+      }
     out = []
     for n, row in enumerate(rows, start=1):
       cell = row[cols["labels"]] if len(row) > cols["labels"] else ""
       labels = [lab.strip() for lab in re.split(r"[;|]", cell) if lab.strip()]
-      split = row[cols["split"]].strip() if cols["split"] is not None and len(row) > cols["split"] else None
+      split = (
+        row[cols["split"]].strip()
+        if cols["split"] is not None and len(row) > cols["split"]
+        else None
+      )
       if not row[0].strip():
         raise errors.DataError(f"{self.list_file}: row {n} has no path")
       out.append((row[0].strip(), labels, split or None))
@@ -265,7 +301,9 @@ class ListSource:
   def records(self, spec: str) -> Records:
     name, bounds = parse_split(spec)
     if name not in self._items:
-      raise errors.DataError(f"{self.list_file}: no items in split {name!r} (splits: {sorted(self._items)})")
+      raise errors.DataError(
+        f"{self.list_file}: no items in split {name!r} (splits: {sorted(self._items)})"
+      )
     items = self._items[name]
     multi_hot = np.zeros((len(items), self.num_classes), np.float32)
     for row, (_, target) in enumerate(items):
@@ -276,54 +314,72 @@ class ListSource:
 
 class TfdsSource:
   """A prepared TFDS dataset (never downloaded): name[:version][/config], optional data_dir."""
+
   indexed = False
 
-  def __init__(self, name: str, data_dir: str | None = None, image_key: str = "image",
-               label_key: str = "label"):
+  def __init__(
+    self, name: str, data_dir: str | None = None, image_key: str = "image", label_key: str = "label"
+  ):
     tf_setup.tf()  # TF with accelerators hidden, before TFDS imports it
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    from tensorflow_datasets.core import registered  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds  # noqa: PLC0415  # loads TensorFlow; only TFDS sources need it
+    from tensorflow_datasets.core import registered  # noqa: PLC0415  # loads TensorFlow; only TFDS sources need it
+
     self.name, self.image_key, self.label_key = name, image_key, label_key
     where = f" in {data_dir}" if data_dir else ""
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
     except registered.DatasetNotFoundError:
-      raise errors.ConfigError(f"unknown dataset {name!r}: no TFDS dataset of that name is registered or "
-                               f"prepared{where}, and it is not 'folder' or 'multilabel'") from None
+      raise errors.ConfigError(
+        f"unknown dataset {name!r}: no TFDS dataset of that name is registered or "
+        f"prepared{where}, and it is not 'folder' or 'multilabel'"
+      ) from None
     if not self.builder.is_prepared():
       raise errors.MissingFileError(
-          f"TFDS dataset {name!r} is not prepared in {self.builder.data_dir}: run `tfds build {name} "
-          f"--data_dir DIR` where there is network and set config.tfds_data_dir=DIR (this never downloads)")
+        f"TFDS dataset {name!r} is not prepared in {self.builder.data_dir}: run `tfds build {name} "
+        "--data_dir DIR` where there is network and set config.tfds_data_dir=DIR (this never "
+        "downloads)"
+      )
     info = self.builder.info
     if str(info.file_format.value) != "tfrecord":
-      raise errors.DataError(f"{name}: stored as {info.file_format.value}; the pipeline reads tfrecord "
-                             "datasets (tfds build --file_format=tfrecord)")
+      raise errors.DataError(
+        f"{name}: stored as {info.file_format.value}; the pipeline reads tfrecord "
+        "datasets (tfds build --file_format=tfrecord)"
+      )
     features = info.features
     if image_key not in features:
-      raise errors.DataError(f"{name}: no image feature {image_key!r} (features: {sorted(features.keys())}); "
-                             "set config.tfds_image_key")
+      raise errors.DataError(
+        f"{name}: no image feature {image_key!r} (features: {sorted(features.keys())}); "
+        "set config.tfds_image_key"
+      )
     if label_key not in features:
-      raise errors.DataError(f"{name}: no label feature {label_key!r} (features: {sorted(features.keys())}); "
-                             "set config.tfds_label_key")
+      raise errors.DataError(
+        f"{name}: no label feature {label_key!r} (features: {sorted(features.keys())}); "
+        "set config.tfds_label_key"
+      )
     label = features[label_key]
     if isinstance(label, tfds.features.ClassLabel):
       self.multilabel, classes = False, label
-    elif isinstance(label, tfds.features.Sequence) and isinstance(label.feature, tfds.features.ClassLabel):
+    elif isinstance(label, tfds.features.Sequence) and isinstance(
+      label.feature, tfds.features.ClassLabel
+    ):
       self.multilabel, classes = True, label.feature
     else:
-      raise errors.DataError(f"{name}: feature {label_key!r} is {type(label).__name__}, not a ClassLabel "
-                             "or a Sequence of ClassLabel")
+      raise errors.DataError(
+        f"{name}: feature {label_key!r} is {type(label).__name__}, not a ClassLabel "
+        "or a Sequence of ClassLabel"
+      )
     self.num_classes = classes.num_classes
     self.class_names = list(classes.names)
     base = name.split(":")[0].split("/")[0]
     if base == "imagenet2012" and self.num_classes == 1000:
-      from vit_jax.weights import labels  # pylint: disable=import-outside-toplevel
-      self.class_names = list(labels.imagenet2012())  # readable names, same (sorted WordNet id) order
+      self.class_names = list(
+        labels.imagenet2012()
+      )  # readable names, same (sorted WordNet id) order
     self._preset = TFDS_PRESETS.get(base, {})
     self._offsets = {}  # shard file name -> index of its first example in its split
     for split_info in info.splits.values():
       start = 0
-      for path, n in zip(split_info.filepaths, split_info.shard_lengths):
+      for path, n in zip(split_info.filepaths, split_info.shard_lengths, strict=True):
         self._offsets[posixpath.basename(str(path))] = start
         start += n
 
@@ -339,7 +395,7 @@ class TfdsSource:
 
   def has_split(self, spec: str) -> bool:
     try:
-      self.builder.info.splits[spec]  # pylint: disable=pointless-statement
+      self.builder.info.splits[spec]
     except (KeyError, ValueError):
       return False
     return True
@@ -348,15 +404,17 @@ class TfdsSource:
     try:
       return self.builder.info.splits[split]
     except (KeyError, ValueError) as e:
-      raise errors.ConfigError(f"{self.name}: bad split {split!r} ({e}); splits: "
-                               f"{sorted(self.builder.info.splits.keys())}") from None
+      raise errors.ConfigError(
+        f"{self.name}: bad split {split!r} ({e}); splits: {sorted(self.builder.info.splits.keys())}"
+      ) from None
 
   def num_examples(self, split: Any) -> int:
     return int(self._split_info(split).num_examples)
 
   def host_split(self, split: str, index: int, count: int) -> Any:
     """This process's contiguous share of `split`."""
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds  # noqa: PLC0415  # loads TensorFlow; only TFDS sources need it
+
     self._split_info(split)
     return tfds.even_splits(split, count, drop_remainder=False)[index]
 
@@ -367,15 +425,18 @@ class TfdsSource:
       if take <= 0:
         continue
       first = self._offsets.get(posixpath.basename(fi.filename), 0) + fi.skip
-      for col, v in zip(table, (fi.filename, fi.skip, take, first)):
+      for col, v in zip(table, (fi.filename, fi.skip, take, first), strict=True):
         col.append(v)
     return table
 
   def _parse(self, serialized):
     tf = tf_setup.tf()
-    spec = {self.image_key: tf.io.FixedLenFeature([], tf.string),
-            self.label_key: (tf.io.VarLenFeature(tf.int64) if self.multilabel
-                             else tf.io.FixedLenFeature([], tf.int64))}
+    spec = {
+      self.image_key: tf.io.FixedLenFeature([], tf.string),
+      self.label_key: (
+        tf.io.VarLenFeature(tf.int64) if self.multilabel else tf.io.FixedLenFeature([], tf.int64)
+      ),
+    }
     ex = tf.io.parse_single_example(serialized, spec)
     label = ex[self.label_key]
     if self.multilabel:
@@ -386,15 +447,22 @@ class TfdsSource:
     return ex[self.image_key], label
 
   def stream(self, split: Any, shard_seed=None, cycle_length: int = 16):
-    """{'index', 'encoded', 'label'} of `split`; shards in a seeded order if `shard_seed` ([2] int64)."""
+    """{'index', 'encoded', 'label'} of `split`; shards in a seeded order if `shard_seed` ([2]
+    int64).
+    """
     tf = tf_setup.tf()
     names, skips, takes, firsts = self._instructions(split)
-    columns = (tf.constant(names, tf.string), tf.constant(skips, tf.int64), tf.constant(takes, tf.int64),
-               tf.constant(firsts, tf.int64))
+    columns = (
+      tf.constant(names, tf.string),
+      tf.constant(skips, tf.int64),
+      tf.constant(takes, tf.int64),
+      tf.constant(firsts, tf.int64),
+    )
     if shard_seed is not None and len(names) > 1:
       n = len(names)
-      order = tf.random.experimental.index_shuffle(tf.range(n, dtype=tf.int64), shard_seed,
-                                                   tf.constant(n - 1, tf.int64))
+      order = tf.random.experimental.index_shuffle(
+        tf.range(n, dtype=tf.int64), shard_seed, tf.constant(n - 1, tf.int64)
+      )
       columns = tuple(tf.gather(c, order) for c in columns)
     table = tf.data.Dataset.from_tensor_slices(columns)
 
@@ -404,8 +472,13 @@ class TfdsSource:
 
     parallel = shard_seed is not None and len(names) > 1
     if parallel:
-      records = table.interleave(shard, cycle_length=min(cycle_length, len(names)), block_length=1,
-                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      records = table.interleave(
+        shard,
+        cycle_length=min(cycle_length, len(names)),
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+      )
     else:
       records = table.flat_map(shard)
 
@@ -413,8 +486,9 @@ class TfdsSource:
       encoded, label = self._parse(serialized)
       return {"index": index, "encoded": encoded, "label": label}
 
-    return records.map(tf.autograph.experimental.do_not_convert(parse),
-                       num_parallel_calls=tf.data.AUTOTUNE)
+    return records.map(
+      tf.autograph.experimental.do_not_convert(parse), num_parallel_calls=tf.data.AUTOTUNE
+    )
 
   def labels(self, split: Any) -> np.ndarray:
     """Every label of `split` in one pass (images not decoded): for class balancing."""
@@ -432,10 +506,13 @@ def make_source(config: Any) -> FolderSource | ListSource | TfdsSource:
     return FolderSource(config.folder)
   if name == "multilabel":
     names = config.class_names
-    return ListSource(config.multilabel_file, config.multilabel_root,
-                      config.num_classes, list(names) if names else None)
-  return TfdsSource(name, config.tfds_data_dir, config.tfds_image_key,
-                    config.tfds_label_key)
+    return ListSource(
+      config.multilabel_file,
+      config.multilabel_root,
+      config.num_classes,
+      list(names) if names else None,
+    )
+  return TfdsSource(name, config.tfds_data_dir, config.tfds_image_key, config.tfds_label_key)
 
 
 def split_spec(source: Any, config: Any, split: str) -> str:
@@ -455,15 +532,21 @@ def dataset_info(source: Any, config: Any) -> DatasetInfo:
       counts[key] = 0  # no test split: fine, the training code skips the test evaluation
       continue
     counts[key] = source.num_examples(spec) if not source.indexed else len(source.records(spec))
-  return DatasetInfo(num_classes=source.num_classes, class_names=source.class_names,
-                     multilabel=source.multilabel, num_examples=counts)
+  return DatasetInfo(
+    num_classes=source.num_classes,
+    class_names=source.class_names,
+    multilabel=source.multilabel,
+    num_examples=counts,
+  )
 
 
 def write_class_names(info: DatasetInfo, workdir: str) -> None:
-  """WORKDIR/labels.txt: one class name per line, in index order (for `vit-jax predict --labels`)."""
+  """WORKDIR/labels.txt: one class name per line, index order (for `vit-jax predict --labels`)."""
   names = info.class_names or [f"class_{i}" for i in range(info.num_classes)]
   bad = [n for n in names if "\n" in n or "\r" in n]
   if bad:
-    raise errors.DataError(f"class name {bad[0]!r} has a line break; labels.txt holds one name per line")
+    raise errors.DataError(
+      f"class name {bad[0]!r} has a line break; labels.txt holds one name per line"
+    )
   with files.atomic_write(files.join(str(workdir), LABELS_FILE)) as f:
     f.write(("\n".join(names) + "\n").encode("utf-8"))

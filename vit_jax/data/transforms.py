@@ -4,10 +4,12 @@ Every random choice is a stateless op driven by a per-example seed (a [2]
 int64 tensor), so an image's augmentation depends only on the run's seed and
 the image's position in the stream, never on threads or on what ran before.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +40,7 @@ def _prob(value: Any) -> float:
 @dataclasses.dataclass(frozen=True)
 class Augment:
   """Training augmentations, read from `config.augment`."""
+
   inception_crop: bool = True
   hflip: float = 0.5
   vflip: float = 0.0
@@ -47,19 +50,28 @@ class Augment:
   mixup_alpha: float = 0.0
 
   @classmethod
-  def from_config(cls, aug: Any) -> "Augment":
+  def from_config(cls, aug: Any) -> Augment:
     scale = tuple(float(s) for s in aug.rrc_scale)
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
-      raise errors.ConfigError(f"augment.rrc_scale {scale} is not a range (lo, hi) with 0 < lo <= hi <= 1")
+      raise errors.ConfigError(
+        f"augment.rrc_scale {scale} is not a range (lo, hi) with 0 < lo <= hi <= 1"
+      )
     alpha = float(aug.mixup_alpha)
     if alpha < 0:
       raise errors.ConfigError(f"augment.mixup_alpha {alpha} is negative")
-    return cls(inception_crop=bool(aug.inception_crop), hflip=_prob(aug.hflip), vflip=_prob(aug.vflip),
-                rot90=_prob(aug.rot90), rrc_prob=_prob(aug.rrc_prob), rrc_scale=scale,
-                mixup_alpha=alpha)
+    return cls(
+      inception_crop=bool(aug.inception_crop),
+      hflip=_prob(aug.hflip),
+      vflip=_prob(aug.vflip),
+      rot90=_prob(aug.rot90),
+      rrc_prob=_prob(aug.rrc_prob),
+      rrc_scale=scale,
+      mixup_alpha=alpha,
+    )
 
 
 # -- decoding ------------------------------------------------------------------
+
 
 def _pil_decode(encoded: bytes) -> np.ndarray:
   """PIL's RGB pixels, or an empty image for undecodable bytes (the graph then fails quietly)."""
@@ -89,8 +101,9 @@ def _needs_pil(encoded):
   webp = tf.logical_and(tf.equal(magic4, b"RIFF"), tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"))
   bmp = tf.equal(tf.strings.substr(head, 0, 2), b"BM")
   # TF's BMP decoder reads 8-bit palette images as gray levels.
-  bits = tf.cast(tf.io.decode_raw(tf.strings.substr(head, 28, 2), tf.uint16, little_endian=True)[0],
-                 tf.int32)
+  bits = tf.cast(
+    tf.io.decode_raw(tf.strings.substr(head, 28, 2), tf.uint16, little_endian=True)[0], tf.int32
+  )
   return tf.logical_not(png | gif | webp | (bmp & (bits >= 24)))
 
 
@@ -111,9 +124,10 @@ def decode(encoded, crop_window: Callable | None = None):
 
   def other():
     image = tf.cond(
-        _needs_pil(encoded),
-        lambda: _pil_decode_op(encoded),
-        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+      _needs_pil(encoded),
+      lambda: _pil_decode_op(encoded),
+      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+    )
     image = tf.ensure_shape(image, [None, None, 3])
     if crop_window is None:
       return image
@@ -126,14 +140,25 @@ def decode(encoded, crop_window: Callable | None = None):
 
 # -- geometry ------------------------------------------------------------------
 
-def random_crop_window(shape, seed, area: tuple[float, float] = INCEPTION_AREA,
-                       ratio: tuple[float, float] = INCEPTION_RATIO):
+
+def random_crop_window(
+  shape,
+  seed,
+  area: tuple[float, float] = INCEPTION_AREA,
+  ratio: tuple[float, float] = INCEPTION_RATIO,
+):
   """An Inception-style crop [y, x, h, w]: area fraction in `area`, aspect ratio in `ratio`."""
   tf = tf_setup.tf()
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.cast(shape, tf.int32), tf.zeros([0, 0, 4], tf.float32), seed=seed,
-      min_object_covered=0.0, aspect_ratio_range=ratio, area_range=area, max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
+    tf.cast(shape, tf.int32),
+    tf.zeros([0, 0, 4], tf.float32),
+    seed=seed,
+    min_object_covered=0.0,
+    aspect_ratio_range=ratio,
+    area_range=area,
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
   return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
@@ -164,7 +189,7 @@ def eval_image(image, size: int, crop_ratio: float | None = None):
 
 
 def train_image(encoded, seed, size: int, aug: Augment):
-  """Encoded bytes -> float32 [size, size, 3] in [-1, 1], augmented as `aug` says, driven by `seed`."""
+  """Encoded bytes -> float32 [size, size, 3] in [-1, 1], augmented as `aug` says with `seed`."""
   tf = tf_setup.tf()
   seeds = tf.random.experimental.stateless_split(seed, num=7)
 
@@ -182,10 +207,12 @@ def train_image(encoded, seed, size: int, aug: Augment):
     k = tf.random.stateless_uniform([], seeds[4], minval=1, maxval=4, dtype=tf.int32)
     image = tf.cond(coin(3, aug.rot90), lambda: tf.image.rot90(image, k), lambda: image)
   if aug.rrc_prob:
+
     def rrc():
       window = random_crop_window(tf.shape(image), seeds[6], area=aug.rrc_scale)
       cut = tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
       return tf.image.resize(cut, [size, size], method="bilinear")
+
     image = tf.cond(coin(5, aug.rrc_prob), rrc, lambda: image)
   return tf.ensure_shape(scale_to_unit(image), [size, size, 3])
 

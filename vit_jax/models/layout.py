@@ -3,10 +3,12 @@
 Shared by the file formats (`checkpoint.py`, `convert.py`) and the model: these
 change the arrangement of params, never their meaning.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import scipy.ndimage
@@ -56,7 +58,7 @@ def unstack_blocks(flat: Mapping[str, Any]) -> dict[str, Any]:
   for k, v in flat.items():
     if k.startswith(_SCANNED):
       for i in range(v.shape[0]):
-        out[f"{_BLOCK}{i}/{k[len(_SCANNED):]}"] = v[i]
+        out[f"{_BLOCK}{i}/{k[len(_SCANNED) :]}"] = v[i]
     else:
       out[k] = v
   return out
@@ -74,8 +76,9 @@ def resize_posemb(posemb: np.ndarray, num_tokens: int, has_cls: bool) -> np.ndar
   if g_old * g_old != len(grid):
     raise errors.CheckpointError(f"{POSEMB}: {len(grid)} patch positions do not form a square grid")
   if g_new * g_new != num_tokens - n_extra:
-    raise errors.CheckpointError(f"{POSEMB}: cannot resize to {num_tokens - n_extra} patch "
-                                 "positions (not a square grid)")
+    raise errors.CheckpointError(
+      f"{POSEMB}: cannot resize to {num_tokens - n_extra} patch positions (not a square grid)"
+    )
   grid = grid.reshape(g_old, g_old, -1)
   grid = scipy.ndimage.zoom(grid, (g_new / g_old, g_new / g_old, 1), order=1)
   return np.concatenate([tok, grid.reshape(1, g_new * g_new, -1)], axis=1).astype(posemb.dtype)

@@ -6,9 +6,12 @@ stride on the 3x3 convolution and on the projection. The names are the
 original checkpoints' (`conv_root`, `gn_root`, `block{i}/unit{j}/conv1` ...),
 so loading a hybrid file is the same strict load as a plain ViT's.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,22 +44,37 @@ class StdConv(nn.Conv):
     return standardize(value) if name == "kernel" else value
 
 
-def _conv(features: int, kernel: int, strides: int, name: str, dtype: Dtype, param_dtype: Dtype
-          ) -> StdConv:
-  return StdConv(features, (kernel, kernel), strides=(strides, strides), use_bias=False,
-                 dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=_unboxed(nn.initializers.lecun_normal(), 4), name=name)
+def _conv(
+  features: int, kernel: int, strides: int, name: str, dtype: Dtype, param_dtype: Dtype
+) -> StdConv:
+  return StdConv(
+    features,
+    (kernel, kernel),
+    strides=(strides, strides),
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=_unboxed(nn.initializers.lecun_normal(), 4),
+    name=name,
+  )
 
 
 def _norm(name: str, dtype: Dtype, param_dtype: Dtype, zero_scale: bool = False) -> nn.GroupNorm:
   # Flax's GroupNorm defaults (32 groups, eps 1e-6), with which the checkpoints were trained.
-  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
-                      scale_init=_unboxed(nn.initializers.zeros if zero_scale else nn.initializers.ones, 1),
-                      bias_init=_unboxed(nn.initializers.zeros, 1), name=name)
+  return nn.GroupNorm(
+    num_groups=32,
+    epsilon=1e-6,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scale_init=_unboxed(nn.initializers.zeros if zero_scale else nn.initializers.ones, 1),
+    bias_init=_unboxed(nn.initializers.zeros, 1),
+    name=name,
+  )
 
 
 class ResidualUnit(nn.Module):
   """Bottleneck unit: 1x1, 3x3 (strided), 1x1 to 4x `features`, plus a projected shortcut."""
+
   features: int
   strides: int = 1
   dtype: Dtype = jnp.float32
@@ -78,6 +96,7 @@ class ResidualUnit(nn.Module):
 
 class ResNetStage(nn.Module):
   """`block_size` units; the first one strides and projects."""
+
   block_size: int
   features: int
   first_stride: int
@@ -87,13 +106,19 @@ class ResNetStage(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for i in range(self.block_size):
-      x = ResidualUnit(self.features, strides=self.first_stride if i == 0 else 1, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name=f"unit{i + 1}")(x)
+      x = ResidualUnit(
+        self.features,
+        strides=self.first_stride if i == 0 else 1,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"unit{i + 1}",
+      )(x)
     return x
 
 
-def root_and_stages(x: Array, layers: Sequence[int], dtype: Dtype, param_dtype: Dtype,
-                    width: int = 64) -> Array:
+def root_and_stages(
+  x: Array, layers: Sequence[int], dtype: Dtype, param_dtype: Dtype, width: int = 64
+) -> Array:
   """The root (7x7/2 conv, norm, ReLU, 3x3/2 max pool) and the stages.
 
   Called inside a module's compact `__call__`: the submodules bind to that
@@ -105,8 +130,9 @@ def root_and_stages(x: Array, layers: Sequence[int], dtype: Dtype, param_dtype: 
   x = nn.relu(_norm("gn_root", **kw)(x))
   x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
   for i, block_size in enumerate(layers):
-    x = ResNetStage(block_size, width * 2 ** i, first_stride=1 if i == 0 else 2,
-                    name=f"block{i + 1}", **kw)(x)
+    x = ResNetStage(
+      block_size, width * 2**i, first_stride=1 if i == 0 else 2, name=f"block{i + 1}", **kw
+    )(x)
   return x
 
 
@@ -129,10 +155,12 @@ def macs(layers: Sequence[int], image_size: int, width: int = 64) -> int:
   size = -(-size // 2)  # its 3x3/2 max pool
   channels = width
   for i, units in enumerate(layers):
-    w = width * 2 ** i
+    w = width * 2**i
     for j in range(units):
       out = -(-size // 2) if (i > 0 and j == 0) else size
-      total += size * size * channels * w + out * out * (9 * w * w + 4 * w * w)  # conv1, conv2, conv3
+      total += size * size * channels * w + out * out * (
+        9 * w * w + 4 * w * w
+      )  # conv1, conv2, conv3
       if j == 0:
         total += out * out * channels * 4 * w  # conv_proj
       size, channels = out, 4 * w

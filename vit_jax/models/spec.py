@@ -4,12 +4,14 @@
 it runs (dtypes, dropout, remat, scan) is left to `models.build`. Every module
 that needs to know which model it has asks this one.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from vit_jax import errors
 from vit_jax.models import layout
@@ -19,6 +21,7 @@ from vit_jax.models import resnet
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """Width, depth and patch size of one ViT variant, and the ResNet of a hybrid."""
+
   hidden_size: int
   mlp_dim: int
   num_heads: int
@@ -30,22 +33,22 @@ class Variant:
 # Table 1 of the ViT paper, plus Ti/S from "How to train your ViT" (AugReg), and the
 # hybrids as the original configs define them (`vit_jax/configs/models.py`).
 VARIANTS: dict[str, Variant] = {
-    "ViT-Ti_16": Variant(192, 768, 3, 12, 16),
-    "ViT-S_16": Variant(384, 1536, 6, 12, 16),
-    "ViT-S_32": Variant(384, 1536, 6, 12, 32),
-    "ViT-B_8": Variant(768, 3072, 12, 12, 8),
-    "ViT-B_16": Variant(768, 3072, 12, 12, 16),
-    "ViT-B_32": Variant(768, 3072, 12, 12, 32),
-    "ViT-L_16": Variant(1024, 4096, 16, 24, 16),
-    "ViT-L_32": Variant(1024, 4096, 16, 24, 32),
-    "ViT-H_14": Variant(1280, 5120, 16, 32, 14),
-    # The ResNet root divides by 4 and each stage after the first by 2; the patches are cut
-    # from its output. R50 for B/16 is (3, 4, 9), not ResNet-50's (3, 4, 6, 3), for a /16 grid.
-    "R+ViT-Ti_16": Variant(192, 768, 3, 12, 8, ()),  # /32 despite its name: root /4, patch 8
-    "R26+ViT-S_32": Variant(384, 1536, 6, 12, 1, (2, 2, 2, 2)),
-    "R26+ViT-B_32": Variant(768, 3072, 12, 12, 1, (2, 2, 2, 2)),
-    "R50+ViT-B_16": Variant(768, 3072, 12, 12, 1, (3, 4, 9)),
-    "R50+ViT-L_32": Variant(1024, 4096, 16, 24, 1, (3, 4, 6, 3)),
+  "ViT-Ti_16": Variant(192, 768, 3, 12, 16),
+  "ViT-S_16": Variant(384, 1536, 6, 12, 16),
+  "ViT-S_32": Variant(384, 1536, 6, 12, 32),
+  "ViT-B_8": Variant(768, 3072, 12, 12, 8),
+  "ViT-B_16": Variant(768, 3072, 12, 12, 16),
+  "ViT-B_32": Variant(768, 3072, 12, 12, 32),
+  "ViT-L_16": Variant(1024, 4096, 16, 24, 16),
+  "ViT-L_32": Variant(1024, 4096, 16, 24, 32),
+  "ViT-H_14": Variant(1280, 5120, 16, 32, 14),
+  # The ResNet root divides by 4 and each stage after the first by 2; the patches are cut
+  # from its output. R50 for B/16 is (3, 4, 9), not ResNet-50's (3, 4, 6, 3), for a /16 grid.
+  "R+ViT-Ti_16": Variant(192, 768, 3, 12, 8, ()),  # /32 despite its name: root /4, patch 8
+  "R26+ViT-S_32": Variant(384, 1536, 6, 12, 1, (2, 2, 2, 2)),
+  "R26+ViT-B_32": Variant(768, 3072, 12, 12, 1, (2, 2, 2, 2)),
+  "R50+ViT-B_16": Variant(768, 3072, 12, 12, 1, (3, 4, 9)),
+  "R50+ViT-L_32": Variant(1024, 4096, 16, 24, 1, (3, 4, 6, 3)),
 }
 # The fields every model gives (a hybrid also gives resnet_layers).
 ARCHITECTURE = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size")
@@ -74,12 +77,14 @@ def canonical_name(name: str) -> str:
     if canon in VARIANTS:
       return canon
   raise errors.ConfigError(
-      f"unknown model {name!r}; known: {', '.join(VARIANTS)} (or B/16-style aliases)")
+    f"unknown model {name!r}; known: {', '.join(VARIANTS)} (or B/16-style aliases)"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """The fields a ViT's parameters and outputs depend on; checked when made."""
+
   hidden_size: int
   mlp_dim: int
   num_heads: int
@@ -95,8 +100,12 @@ class ModelSpec:
   def __post_init__(self):
     if self.resnet_layers is not None:
       layers = self.resnet_layers
-      if not isinstance(layers, (tuple, list)) or not all(isinstance(n, int) and n >= 1 for n in layers):
-        raise errors.ConfigError(f"resnet_layers must be a tuple of positive unit counts, got {layers!r}")
+      if not isinstance(layers, (tuple, list)) or not all(
+        isinstance(n, int) and n >= 1 for n in layers
+      ):
+        raise errors.ConfigError(
+          f"resnet_layers must be a tuple of positive unit counts, got {layers!r}"
+        )
       object.__setattr__(self, "resnet_layers", tuple(layers))
     sizes = {f: getattr(self, f) for f in (*ARCHITECTURE, "image_size")}
     bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
@@ -107,30 +116,38 @@ class ModelSpec:
       if value is not None and (not isinstance(value, int) or value < 1):
         raise errors.ConfigError(f"model {key} must be a positive integer or None, got {value!r}")
     if self.hidden_size % self.num_heads:
-      raise errors.ConfigError(f"hidden size {self.hidden_size} does not split into "
-                               f"{self.num_heads} heads")
+      raise errors.ConfigError(
+        f"hidden size {self.hidden_size} does not split into {self.num_heads} heads"
+      )
     if self.classifier not in ("token", "gap"):
       raise errors.ConfigError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
     if self.image_size % self.stride:
-      per_patch = (f"the patch size {self.patch_size}" if self.resnet_layers is None else
-                   f"{self.stride} pixels per patch (the ResNet's reduction "
-                   f"{resnet.stride(self.resnet_layers)} x patch size {self.patch_size})")
-      raise errors.ConfigError(f"image size {self.image_size} is not divisible by {per_patch} "
-                               f"of {self}")
+      per_patch = (
+        f"the patch size {self.patch_size}"
+        if self.resnet_layers is None
+        else f"{self.stride} pixels per patch (the ResNet's reduction "
+        f"{resnet.stride(self.resnet_layers)} x patch size {self.patch_size})"
+      )
+      raise errors.ConfigError(
+        f"image size {self.image_size} is not divisible by {per_patch} of {self}"
+      )
 
   @classmethod
   def from_fields(cls, name: str | None = None, **fields: Any) -> ModelSpec:
     """A variant by name with fields overriding it, or (name None) every architecture field."""
     unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise errors.ConfigError(f"unknown model field(s) {sorted(unknown)}; known: "
-                               f"{[f.name for f in dataclasses.fields(cls)]}")
+      raise errors.ConfigError(
+        f"unknown model field(s) {sorted(unknown)}; known: "
+        f"{[f.name for f in dataclasses.fields(cls)]}"
+      )
     if name is not None:
       fields = {**dataclasses.asdict(VARIANTS[canonical_name(name)]), **fields}
     missing = [k for k in ARCHITECTURE if k not in fields]
     if missing:
-      raise errors.ConfigError(f"a model without a variant name needs every architecture "
-                               f"field; missing {missing}")
+      raise errors.ConfigError(
+        f"a model without a variant name needs every architecture field; missing {missing}"
+      )
     return cls(**fields)
 
   @classmethod
@@ -152,7 +169,9 @@ class ModelSpec:
           units[int(m.group(1))] = max(units.get(int(m.group(1)), 0), int(m.group(2)))
       layers = tuple(units.get(i, 0) for i in range(1, len(units) + 1))
       if 0 in layers:
-        raise errors.CheckpointError(f"{path}: ResNet stages {sorted(units)} are not numbered 1, 2, ...")
+        raise errors.CheckpointError(
+          f"{path}: ResNet stages {sorted(units)} are not numbered 1, 2, ..."
+        )
     try:
       patch, _, channels, hidden = shape("embedding/kernel")
       blocks = {k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")}
@@ -160,46 +179,67 @@ class ModelSpec:
       mlp = shape("Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel")[1]
       tokens = shape(layout.POSEMB)[1]
     except (KeyError, ValueError, IndexError) as e:
-      raise errors.CheckpointError(f"{path}: cannot tell the model from the file "
-                                   f"(missing or odd {e})") from None
+      raise errors.CheckpointError(
+        f"{path}: cannot tell the model from the file (missing or odd {e})"
+      ) from None
     if min(patch, hidden, heads, mlp) < 1 or hidden % heads:
-      raise errors.CheckpointError(f"{path}: inconsistent shapes: patch {patch}, hidden size "
-                                   f"{hidden}, {heads} heads, MLP size {mlp}")
+      raise errors.CheckpointError(
+        f"{path}: inconsistent shapes: patch {patch}, hidden size "
+        f"{hidden}, {heads} heads, MLP size {mlp}"
+      )
     want_channels = 3 if layers is None else resnet.out_channels(layers)
     if channels != want_channels:
-      raise errors.CheckpointError(f"{path}: embedding/kernel takes {channels} channels; "
-                                   + ("an image has 3" if layers is None else
-                                      f"ResNet stages {layers} give {want_channels}"))
+      raise errors.CheckpointError(
+        f"{path}: embedding/kernel takes {channels} channels; "
+        + ("an image has 3" if layers is None else f"ResNet stages {layers} give {want_channels}")
+      )
     has_cls = "cls" in flat
     grid = math.isqrt(max(tokens - has_cls, 0))
     if grid < 1 or grid * grid != tokens - has_cls:
-      raise errors.CheckpointError(f"{path}: {layout.POSEMB} has {tokens} tokens, not a square "
-                                   f"grid{' plus a class token' if has_cls else ''}")
+      raise errors.CheckpointError(
+        f"{path}: {layout.POSEMB} has {tokens} tokens, not a square "
+        f"grid{' plus a class token' if has_cls else ''}"
+      )
     outputs = {}
     for key in ("head/kernel", "pre_logits/kernel"):
       if key in flat:
         if len(shape(key)) != 2 or min(shape(key)) < 1:
-          raise errors.CheckpointError(f"{path}: {key} has shape {shape(key)}, "
-                                       "expected [inputs, outputs]")
+          raise errors.CheckpointError(
+            f"{path}: {key} has shape {shape(key)}, expected [inputs, outputs]"
+          )
         outputs[key] = shape(key)[1]
-    return cls(hidden_size=hidden, mlp_dim=mlp, num_heads=heads, num_layers=len(blocks),
-               patch_size=patch, image_size=grid * patch * resnet.stride(layers),
-               num_classes=outputs.get("head/kernel"),
-               representation_size=outputs.get("pre_logits/kernel"),
-               classifier="token" if has_cls else "gap", resnet_layers=layers)
+    return cls(
+      hidden_size=hidden,
+      mlp_dim=mlp,
+      num_heads=heads,
+      num_layers=len(blocks),
+      patch_size=patch,
+      image_size=grid * patch * resnet.stride(layers),
+      num_classes=outputs.get("head/kernel"),
+      representation_size=outputs.get("pre_logits/kernel"),
+      classifier="token" if has_cls else "gap",
+      resnet_layers=layers,
+    )
 
   @classmethod
   def from_hf_config(cls, hf: Any) -> ModelSpec:
     """The model of a transformers ViTConfig (or any object with its attributes)."""
     if hf.hidden_act not in GELU_FROM_HF:
-      raise errors.ConfigError(f"hidden_act {hf.hidden_act!r} has no counterpart here "
-                               f"(supported: {sorted(GELU_FROM_HF)})")
+      raise errors.ConfigError(
+        f"hidden_act {hf.hidden_act!r} has no counterpart here (supported: {sorted(GELU_FROM_HF)})"
+      )
     if hf.num_channels != 3 or not hf.qkv_bias:
       raise errors.ConfigError("only 3-channel ViTs with qkv biases are supported")
-    return cls(hidden_size=hf.hidden_size, mlp_dim=hf.intermediate_size,
-               num_heads=hf.num_attention_heads, num_layers=hf.num_hidden_layers,
-               patch_size=hf.patch_size, image_size=hf.image_size, num_classes=hf.num_labels,
-               gelu_approximate=GELU_FROM_HF[hf.hidden_act])
+    return cls(
+      hidden_size=hf.hidden_size,
+      mlp_dim=hf.intermediate_size,
+      num_heads=hf.num_attention_heads,
+      num_layers=hf.num_hidden_layers,
+      patch_size=hf.patch_size,
+      image_size=hf.image_size,
+      num_classes=hf.num_labels,
+      gelu_approximate=GELU_FROM_HF[hf.hidden_act],
+    )
 
   @property
   def variant(self) -> Variant:
@@ -223,8 +263,10 @@ class ModelSpec:
     if self.name:
       return self.name
     hybrid = "" if self.resnet_layers is None else f", ResNet stages {self.resnet_layers}"
-    return (f"custom ViT (hidden {self.hidden_size}, MLP {self.mlp_dim}, {self.num_heads} "
-            f"heads, {self.num_layers} layers, patch {self.patch_size}{hybrid})")
+    return (
+      f"custom ViT (hidden {self.hidden_size}, MLP {self.mlp_dim}, {self.num_heads} "
+      f"heads, {self.num_layers} layers, patch {self.patch_size}{hybrid})"
+    )
 
   def replace(self, **fields: Any) -> ModelSpec:
     """A copy with `fields` changed, checked again."""

@@ -5,9 +5,11 @@ loading a `gs://vit_models/...` file is a rename (see `checkpoint.py`).
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, ...)
 that `sharding.py` maps onto a device mesh.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,10 +28,18 @@ def _init(init: Callable, names: tuple[str | None, ...]) -> Callable:
   return nn.with_logical_partitioning(init, names)
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None = None, *,
-                          dropout_rng: Array | None = None, dropout_rate: float = 0.0,
-                          deterministic: bool = True, precision: Any = None,
-                          module: nn.Module | None = None) -> Array:
+def dot_product_attention(
+  query: Array,
+  key: Array,
+  value: Array,
+  mask: Array | None = None,
+  *,
+  dropout_rng: Array | None = None,
+  dropout_rate: float = 0.0,
+  deterministic: bool = True,
+  precision: Any = None,
+  module: nn.Module | None = None,
+) -> Array:
   """Softmax attention as Flax's, for [..., tokens, heads, head_dim] inputs, laid out for speed.
 
   With `module` (Flax passes it when asked to sow), the normalised weights
@@ -48,7 +58,9 @@ def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | 
   denominator = weights.sum(-1, keepdims=True)
   if not deterministic and dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = weights * (keep.astype(weights.dtype) / jnp.asarray(1.0 - dropout_rate, weights.dtype))
+    weights = weights * (
+      keep.astype(weights.dtype) / jnp.asarray(1.0 - dropout_rate, weights.dtype)
+    )
   # Normalizing after the second matmul divides [q, head_dim] values instead of [q, k].
   out = jnp.einsum("...hqk,...hkd->...hqd", weights, v, precision=precision) / denominator
   if module is not None:
@@ -58,6 +70,7 @@ def dot_product_attention(query: Array, key: Array, value: Array, mask: Array | 
 
 class MlpBlock(nn.Module):
   """Dense, GELU, dropout, Dense, dropout."""
+
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -68,9 +81,12 @@ class MlpBlock(nn.Module):
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
     out_dim = x.shape[-1]
     dense = lambda features, names: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_init(nn.initializers.xavier_uniform(), names),
-        bias_init=_init(nn.initializers.normal(stddev=1e-6), names[1:]))
+      features,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_init(nn.initializers.xavier_uniform(), names),
+      bias_init=_init(nn.initializers.normal(stddev=1e-6), names[1:]),
+    )
     x = dense(self.mlp_dim, ("embed", "mlp"))(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_mlp"))
     x = nn.gelu(x, approximate=self.gelu_approximate)
@@ -81,6 +97,7 @@ class MlpBlock(nn.Module):
 
 class Encoder1DBlock(nn.Module):
   """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
   mlp_dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -97,47 +114,63 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, inputs: Array, deterministic: bool) -> Any:
     # eps 1e-6 is what the original checkpoints were trained with.
     norm = lambda: nn.LayerNorm(
-        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-        scale_init=_init(nn.initializers.ones, ("embed",)),
-        bias_init=_init(nn.initializers.zeros, ("embed",)))
+      epsilon=1e-6,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      scale_init=_init(nn.initializers.ones, ("embed",)),
+      bias_init=_init(nn.initializers.zeros, ("embed",)),
+    )
     x = kv = norm()(inputs)
     if self.query_tokens is not None:
       # LayerNorm is per token, so the queries' rows of `kv` are their LN(x).
-      inputs, x = inputs[:, :self.query_tokens], kv[:, :self.query_tokens]
+      inputs, x = inputs[:, : self.query_tokens], kv[:, : self.query_tokens]
     x = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_init(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-        bias_init=_init(nn.initializers.zeros, ("heads", "kv")),
-        out_kernel_init=_init(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-        out_bias_init=_init(nn.initializers.zeros, ("embed",)),
-        broadcast_dropout=False, dropout_rate=self.attention_dropout_rate,
-        deterministic=deterministic, attention_fn=dot_product_attention)(
-            x, kv, sow_weights=self.is_mutable_collection("intermediates"))
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_init(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+      bias_init=_init(nn.initializers.zeros, ("heads", "kv")),
+      out_kernel_init=_init(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+      out_bias_init=_init(nn.initializers.zeros, ("embed",)),
+      broadcast_dropout=False,
+      dropout_rate=self.attention_dropout_rate,
+      deterministic=deterministic,
+      attention_fn=dot_product_attention,
+    )(x, kv, sow_weights=self.is_mutable_collection("intermediates"))
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = x + inputs
     y = norm()(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 dropout_rate=self.dropout_rate,
-                 gelu_approximate=self.gelu_approximate)(y, deterministic=deterministic)
+    y = MlpBlock(
+      mlp_dim=self.mlp_dim,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      dropout_rate=self.dropout_rate,
+      gelu_approximate=self.gelu_approximate,
+    )(y, deterministic=deterministic)
     out = nn.with_logical_constraint(x + y, ("batch", "length", "act_embed"))
     return (out, None) if self.scan_carry else out
 
 
 class AddPositionEmbs(nn.Module):
   """Adds a learned position embedding over all tokens (class token included)."""
+
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     shape = (1, inputs.shape[1], inputs.shape[2])
-    pe = self.param("pos_embedding",
-                    _init(nn.initializers.normal(stddev=0.02), (None, "length", "embed")),
-                    shape, self.param_dtype)
+    pe = self.param(
+      "pos_embedding",
+      _init(nn.initializers.normal(stddev=0.02), (None, "length", "embed")),
+      shape,
+      self.param_dtype,
+    )
     return inputs + pe.astype(inputs.dtype)
 
 
 class Encoder(nn.Module):
   """Position embedding, the stack of blocks, and the final LayerNorm."""
+
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -158,34 +191,53 @@ class Encoder(nn.Module):
   def __call__(self, x: Array, *, train: bool) -> Array:
     x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
-              param_dtype=self.param_dtype, dropout_rate=self.dropout_rate,
-              attention_dropout_rate=self.attention_dropout_rate,
-              gelu_approximate=self.gelu_approximate)
+    kw = dict(
+      mlp_dim=self.mlp_dim,
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      dropout_rate=self.dropout_rate,
+      attention_dropout_rate=self.attention_dropout_rate,
+      gelu_approximate=self.gelu_approximate,
+    )
     block = Encoder1DBlock
     if self.remat:
       # Recompute each block's activations in the backward pass: memory per
       # block drops to its input, at the cost of about one more forward.
-      block = nn.remat(block, policy=getattr(jax.checkpoint_policies, self.remat_policy),
-                       prevent_cse=not self.scan, static_argnums=(2,))
+      block = nn.remat(
+        block,
+        policy=getattr(jax.checkpoint_policies, self.remat_policy),
+        prevent_cse=not self.scan,
+        static_argnums=(2,),
+      )
     if self.scan:
       # One compiled block for all layers: params are stacked on a leading
       # `layers` axis under `encoderblock` (checkpoint.py stacks and unstacks).
-      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=nn.broadcast, length=self.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+        block,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       x, _ = stack(name="encoderblock", scan_carry=True, **kw)(x, not train)
       # Every scanned layer has the same shape, so all tokens run to the end.
-      x = x if self.output_tokens is None else x[:, :self.output_tokens]
+      x = x if self.output_tokens is None else x[:, : self.output_tokens]
     else:
       for i in range(self.num_layers):
         last = i == self.num_layers - 1
-        x = block(name=f"encoderblock_{i}", query_tokens=self.output_tokens if last else None,
-                  **kw)(x, not train)
-    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                        scale_init=_init(nn.initializers.ones, ("embed",)),
-                        bias_init=_init(nn.initializers.zeros, ("embed",)),
-                        name="encoder_norm")(x)
+        x = block(
+          name=f"encoderblock_{i}", query_tokens=self.output_tokens if last else None, **kw
+        )(x, not train)
+    return nn.LayerNorm(
+      epsilon=1e-6,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      scale_init=_init(nn.initializers.ones, ("embed",)),
+      bias_init=_init(nn.initializers.zeros, ("embed",)),
+      name="encoder_norm",
+    )(x)
 
 
 class VisionTransformer(nn.Module):
@@ -194,6 +246,7 @@ class VisionTransformer(nn.Module):
   With `resnet_layers` it is the paper's hybrid: a ResNet (`resnet.py`) turns the
   image into a feature map, and the patches are cut from that.
   """
+
   num_classes: int | None
   patch_size: int
   hidden_size: int
@@ -226,90 +279,129 @@ class VisionTransformer(nn.Module):
     return self.image_size // (self.patch_size * resnet.stride(self.resnet_layers))
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool = False,
-               return_embedding: bool = False) -> Array:
+  def __call__(
+    self, images: Array, *, train: bool = False, return_embedding: bool = False
+  ) -> Array:
     """Logits, or with `return_embedding` the representation the head sees."""
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-      raise ValueError(f"images must be [N, {self.image_size}, {self.image_size}, 3], "
-                       f"got {tuple(images.shape)}")
+      raise ValueError(
+        f"images must be [N, {self.image_size}, {self.image_size}, 3], got {tuple(images.shape)}"
+      )
     x = images.astype(self.dtype)
     if self.resnet_layers is not None:
       x = resnet.root_and_stages(x, self.resnet_layers, self.dtype, self.param_dtype)
-    x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                bias_init=_init(nn.initializers.zeros, ("embed",)),
-                name="embedding")(x)
+    x = nn.Conv(
+      self.hidden_size,
+      (self.patch_size,) * 2,
+      strides=(self.patch_size,) * 2,
+      padding="VALID",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+      bias_init=_init(nn.initializers.zeros, ("embed",)),
+      name="embedding",
+    )(x)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
     if self.classifier == "token":
-      cls = self.param("cls", _init(nn.initializers.zeros, (None, None, "embed")),
-                       (1, 1, c), self.param_dtype)
+      cls = self.param(
+        "cls", _init(nn.initializers.zeros, (None, None, "embed")), (1, 1, c), self.param_dtype
+      )
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
     elif self.classifier != "gap":
       raise errors.ConfigError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    x = Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                dtype=self.dtype, param_dtype=self.param_dtype,
-                dropout_rate=self.dropout_rate,
-                attention_dropout_rate=self.attention_dropout_rate,
-                gelu_approximate=self.gelu_approximate, remat=self.remat,
-                remat_policy=self.remat_policy, scan=self.scan,
-                output_tokens=1 if self.classifier == "token" else None,
-                name="Transformer")(x, train=train)
+    x = Encoder(
+      num_layers=self.num_layers,
+      mlp_dim=self.mlp_dim,
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      dropout_rate=self.dropout_rate,
+      attention_dropout_rate=self.attention_dropout_rate,
+      gelu_approximate=self.gelu_approximate,
+      remat=self.remat,
+      remat_policy=self.remat_policy,
+      scan=self.scan,
+      output_tokens=1 if self.classifier == "token" else None,
+      name="Transformer",
+    )(x, train=train)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
-      x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                   bias_init=_init(nn.initializers.zeros, ("mlp",)),
-                   name="pre_logits")(x)
+      x = nn.Dense(
+        self.representation_size,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
+        bias_init=_init(nn.initializers.zeros, ("mlp",)),
+        name="pre_logits",
+      )(x)
       x = jnp.tanh(x)
     if return_embedding or self.num_classes is None:
       return x
     # A zero head makes the first fine-tuning steps start from uniform predictions. For
     # pre-training with a sigmoid loss over 21k classes, a bias of -10 starts every class
     # near probability 0, where almost all of them belong.
-    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_init(nn.initializers.zeros, (None, "classes")),
-                    bias_init=_init(nn.initializers.constant(self.head_bias_init), ("classes",)),
-                    name="head")(x)
+    return nn.Dense(
+      self.num_classes,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_init(nn.initializers.zeros, (None, "classes")),
+      bias_init=_init(nn.initializers.constant(self.head_bias_init), ("classes",)),
+      name="head",
+    )(x)
 
 
 # How a model runs, as opposed to which model it is (`spec.ModelSpec`).
-RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "dtype", "param_dtype", "remat",
-                  "remat_policy", "scan", "head_bias_init")
+RUNTIME_FIELDS = (
+  "dropout_rate",
+  "attention_dropout_rate",
+  "dtype",
+  "param_dtype",
+  "remat",
+  "remat_policy",
+  "scan",
+  "head_bias_init",
+)
 
 
 def build(model_spec: spec_lib.ModelSpec, **options: Any) -> VisionTransformer:
   """The VisionTransformer of `model_spec`; keyword `options` say how it runs (RUNTIME_FIELDS)."""
   unknown = set(options) - set(RUNTIME_FIELDS)
   if unknown:
-    raise errors.ConfigError(f"unknown model option(s) {sorted(unknown)}; known: "
-                             f"{list(RUNTIME_FIELDS)}")
+    raise errors.ConfigError(
+      f"unknown model option(s) {sorted(unknown)}; known: {list(RUNTIME_FIELDS)}"
+    )
   return VisionTransformer(**model_spec.asdict(), **options)
 
 
-def create_model(name: str | None, num_classes: int | None = 1000, image_size: int = 224,
-                 **fields: Any) -> VisionTransformer:
+def create_model(
+  name: str | None, num_classes: int | None = 1000, image_size: int = 224, **fields: Any
+) -> VisionTransformer:
   """A VisionTransformer by variant name, with keyword fields overriding any model field."""
   options = {k: fields.pop(k) for k in RUNTIME_FIELDS if k in fields}
-  return build(spec_lib.ModelSpec.from_fields(name, num_classes=num_classes,
-                                              image_size=image_size, **fields), **options)
+  return build(
+    spec_lib.ModelSpec.from_fields(name, num_classes=num_classes, image_size=image_size, **fields),
+    **options,
+  )
 
 
-def attention_weights(model: VisionTransformer, params: Any, images: Array
-                      ) -> tuple[Array, list[Array]]:
+def attention_weights(
+  model: VisionTransformer, params: Any, images: Array
+) -> tuple[Array, list[Array]]:
   """(logits, the attention weights of each layer [batch, heads, queries, keys], first first).
 
   The last layer of an unrolled token model runs its queries on the class token
   alone, so its weights are [batch, heads, 1, keys]; the scanned encoder's are
   over every token.
   """
-  logits, state = model.apply({"params": params}, images, train=False,
-                              mutable=["intermediates"])
+  logits, state = model.apply({"params": params}, images, train=False, mutable=["intermediates"])
   encoder = state["intermediates"]["Transformer"]
-  sown = lambda block: next(v["attention_weights"][0] for v in block.values()  # noqa: E731
-                            if isinstance(v, dict) and "attention_weights" in v)
+  sown = lambda block: next(
+    v["attention_weights"][0]
+    for v in block.values()  # noqa: E731
+    if isinstance(v, dict) and "attention_weights" in v
+  )
   if model.scan:
     return logits, list(sown(encoder["encoderblock"]))
   return logits, [sown(encoder[f"encoderblock_{i}"]) for i in range(model.num_layers)]

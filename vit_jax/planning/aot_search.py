@@ -24,6 +24,7 @@ where bfloat16 runs out of memory; both meshes are searched.
 `exhaustive=True` compiles every variant; `check_rules` tests both rules on
 its results.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -32,30 +33,37 @@ import dataclasses
 import itertools
 import json
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
 
-from vit_jax.planning import aot
 from vit_jax import errors
+from vit_jax.config import recipes
+from vit_jax.planning import aot
 from vit_jax.planning import tpus
+from vit_jax.training import steps
 
 DTYPES = ("bfloat16", "float32")  # fastest first
 # Remat policies, from least recomputation (most memory) to most: the config's
 # model.remat and model.remat_policy (a jax.checkpoint_policies name).
-REMAT = {"none": None,
-         # Keeps every matmul without batch dimensions (the Dense layers: q, k, v,
-         # out, both MLP layers) and recomputes the rest (norms, GELU, softmax, the
-         # attention products) in the backward pass.
-         "dots": "dots_with_no_batch_dims_saveable",
-         "full": "nothing_saveable"}  # keeps each block's input alone
+REMAT = {
+  "none": None,
+  # Keeps every matmul without batch dimensions (the Dense layers: q, k, v,
+  # out, both MLP layers) and recomputes the rest (norms, GELU, softmax, the
+  # attention products) in the backward pass.
+  "dots": "dots_with_no_batch_dims_saveable",
+  "full": "nothing_saveable",
+}  # keeps each block's input alone
 MESHES = ("dp", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One setting of the four levers."""
+
   dtype: str
   remat: str
   accum_steps: int
@@ -67,14 +75,21 @@ class Variant:
     if self.remat != "none":
       values["model.remat_policy"] = REMAT[self.remat]
     data, fsdp = (-1, 1) if self.mesh == "dp" else (1, -1)
-    return {**values, "accum_steps": self.accum_steps, "mesh.data": data, "mesh.fsdp": fsdp,
-            "mesh.model": model_axis}
+    return {
+      **values,
+      "accum_steps": self.accum_steps,
+      "mesh.data": data,
+      "mesh.fsdp": fsdp,
+      "mesh.model": model_axis,
+    }
 
   def overrides(self, model_axis: int = 1) -> list[str]:
     """The `--config.key=value` flags that set this variant."""
     return [f"--config.{key}={value}" for key, value in self.values(model_axis).items()]
 
-  def apply(self, config: ml_collections.ConfigDict, model_axis: int = 1) -> ml_collections.ConfigDict:
+  def apply(
+    self, config: ml_collections.ConfigDict, model_axis: int = 1
+  ) -> ml_collections.ConfigDict:
     """A copy of `config` with this variant's levers."""
     c = copy.deepcopy(config)
     for key, value in self.values(model_axis).items():
@@ -87,13 +102,19 @@ class Variant:
 
   # Ranks: a larger number keeps more memory.
   def _mem(self) -> tuple[int, int, int]:
-    return (DTYPES.index(self.dtype), list(REMAT)[::-1].index(self.remat), -int(math.log2(self.accum_steps)))
+    return (
+      DTYPES.index(self.dtype),
+      list(REMAT)[::-1].index(self.remat),
+      -int(math.log2(self.accum_steps)),
+    )
 
-  def keeps_at_least(self, other: "Variant") -> bool:
+  def keeps_at_least(self, other: Variant) -> bool:
     """At least as much memory as `other`, lever by lever, on the same mesh."""
-    return self.mesh == other.mesh and all(a >= b for a, b in zip(self._mem(), other._mem()))
+    return self.mesh == other.mesh and all(
+      a >= b for a, b in zip(self._mem(), other._mem(), strict=True)
+    )
 
-  def works_at_least(self, other: "Variant") -> bool:
+  def works_at_least(self, other: Variant) -> bool:
     """At least the work of `other`, lever by lever, on the same mesh: as many bytes,
     recomputation and micro-batches."""
     a, b = self._mem(), other._mem()
@@ -112,20 +133,21 @@ def accum_choices(global_batch: int, data_devices: int, max_accum: int = 16) -> 
 def model_axis(config: ml_collections.ConfigDict, devices: int, num_classes: int) -> int:
   """The config's `mesh.model`, or the smallest larger one that leaves each data device a whole
   example: a global batch under the slice's devices needs tensor parallelism."""
-  from vit_jax.training import steps  # pylint: disable=import-outside-toplevel
   heads = steps.model_from_config(config, num_classes).num_heads
   m = int(config.mesh.model)
   while m <= devices:
     if devices % m == 0 and heads % m == 0 and config.batch_size % (devices // m) == 0:
       return m
     m += 1
-  raise errors.ConfigError(f"batch_size {config.batch_size} splits over no data axis of {devices} devices "
-                           f"with a model axis that divides the {heads} heads; use a batch that is a "
-                           "multiple of the devices")
+  raise errors.ConfigError(
+    f"batch_size {config.batch_size} splits over no data axis of {devices} devices "
+    f"with a model axis that divides the {heads} heads; use a batch that is a "
+    "multiple of the devices"
+  )
 
 
 def variants(accums: list[int]) -> list[Variant]:
-  """Every variant, in search order: likely fastest first (mesh, then dtype, remat, accumulation)."""
+  """Every variant in search order, likely fastest first (mesh, then dtype, remat, accumulation)."""
   return [Variant(d, r, a, m) for m, d, r, a in itertools.product(MESHES, DTYPES, REMAT, accums)]
 
 
@@ -135,8 +157,9 @@ def ruled_out(v: Variant, results: dict[Variant, dict[str, Any]]) -> str | None:
     if "skipped" in r:
       continue
     if not r["eligible"] and v.keeps_at_least(w):
-      return f"keeps at least the memory of {w.label()}, which " + \
-             ("does not fit" if not r["fits"] else "leaves under the headroom")
+      return f"keeps at least the memory of {w.label()}, which " + (
+        "does not fit" if not r["fits"] else "leaves under the headroom"
+      )
     if r["eligible"] and v.works_at_least(w):
       return f"does at least the work of {w.label()}, which fits"
   return None
@@ -148,6 +171,7 @@ Compile = Callable[[Variant], dict[str, Any]]
 @dataclasses.dataclass
 class Search:
   """The search's inputs: the config, the slice, and how one variant is compiled."""
+
   config: ml_collections.ConfigDict
   slice: tpus.Topology
   num_classes: int
@@ -172,14 +196,19 @@ class Search:
     except (jax.errors.JaxRuntimeError, errors.UserError) as e:
       # A variant the compiler (or the mesh) rejects for another reason than memory: the
       # row says why. A bug in this code is not caught: it shows its traceback.
-      return {"fits": False, "hbm_peak_bytes": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+      return {
+        "fits": False,
+        "hbm_peak_bytes": None,
+        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+      }
     if self.flops_per_image is None:
       self.flops_per_image = aot.model_flops_per_image(program.setup.model, train=True)
     if report["fits"] and report.get("estimated_step_seconds") is None:
       # One chip's estimate, where the compiler gives one for this generation; once it
       # has given none, the roofline (a compile saved per variant: minutes on v4).
-      derived = aot.derived_step_seconds(config, self.slice, self.num_classes, report,
-                                         try_chip=self._chip_estimates is not False)
+      derived = aot.derived_step_seconds(
+        config, self.slice, self.num_classes, report, try_chip=self._chip_estimates is not False
+      )
       if self._chip_estimates is None:
         self._chip_estimates = derived["chip_step_source"] == "compiler"
       report.update(derived)
@@ -187,38 +216,67 @@ class Search:
 
   def row(self, v: Variant, report: dict[str, Any]) -> dict[str, Any]:
     """One variant's result, as printed and as JSON."""
-    usable = aot.usable_hbm_bytes(self.slice) if self.compile_fn is None else report["hbm_limit_bytes"]
+    usable = (
+      aot.usable_hbm_bytes(self.slice) if self.compile_fn is None else report["hbm_limit_bytes"]
+    )
     peak = report.get("hbm_peak_bytes")
     seconds = report.get("estimated_step_seconds") or report.get("derived_step_seconds")
-    eligible = bool(report["fits"] and peak is not None and peak <= (1 - self.headroom) * usable
-                    and seconds is not None)
+    eligible = bool(
+      report["fits"]
+      and peak is not None
+      and peak <= (1 - self.headroom) * usable
+      and seconds is not None
+    )
     flops_per_image = self.flops_per_image or report.get("model_flops_per_image")
-    return {"variant": v.label(), "dtype": v.dtype, "remat": v.remat, "accum_steps": v.accum_steps,
-            "mesh": v.mesh, "model_axis": self.model_axis, "fits": bool(report["fits"]), "eligible": eligible,
-            "hbm_peak_bytes": peak, "hbm_usable_bytes": usable,
-            "headroom": None if peak is None else 1 - peak / usable,
-            "flops_per_device": report.get("flops_per_device"), "step_seconds": seconds,
-            "step_seconds_source": None if seconds is None else
-            ("compiler" if report.get("estimated_step_seconds") else
-             f"derived ({report.get('chip_step_source')})"),
-            "mfu": aot.mfu(flops_per_image, self.config.batch_size, seconds, self.slice)
-                   if flops_per_image else None,
-            "error": report.get("error")}
+    return {
+      "variant": v.label(),
+      "dtype": v.dtype,
+      "remat": v.remat,
+      "accum_steps": v.accum_steps,
+      "mesh": v.mesh,
+      "model_axis": self.model_axis,
+      "fits": bool(report["fits"]),
+      "eligible": eligible,
+      "hbm_peak_bytes": peak,
+      "hbm_usable_bytes": usable,
+      "headroom": None if peak is None else 1 - peak / usable,
+      "flops_per_device": report.get("flops_per_device"),
+      "step_seconds": seconds,
+      "step_seconds_source": None
+      if seconds is None
+      else (
+        "compiler"
+        if report.get("estimated_step_seconds")
+        else f"derived ({report.get('chip_step_source')})"
+      ),
+      "mfu": aot.mfu(flops_per_image, self.config.batch_size, seconds, self.slice)
+      if flops_per_image
+      else None,
+      "error": report.get("error"),
+    }
 
-  def run(self, exhaustive: bool = False, progress: Callable[[Variant, dict | None], None] | None = None
-          ) -> Iterator[dict[str, Any]]:
+  def run(
+    self, exhaustive: bool = False, progress: Callable[[Variant, dict | None], None] | None = None
+  ) -> Iterator[dict[str, Any]]:
     """One row per variant (skipped ones say why), in search order.
 
     No rule crosses meshes, so the two meshes are searched side by side, one thread
     each: the compiler releases the GIL, and one compile keeps about 1.4 of 2 cores busy.
     """
+
     def search_mesh(mesh: str) -> dict[Variant, dict[str, Any]]:
       results: dict[Variant, dict[str, Any]] = {}
       for v in (v for v in variants(self.accums) if v.mesh == mesh):
         reason = None if exhaustive else ruled_out(v, results)
         if reason:
-          row = {"variant": v.label(), "dtype": v.dtype, "remat": v.remat, "accum_steps": v.accum_steps,
-                 "mesh": v.mesh, "skipped": reason}
+          row = {
+            "variant": v.label(),
+            "dtype": v.dtype,
+            "remat": v.remat,
+            "accum_steps": v.accum_steps,
+            "mesh": v.mesh,
+            "skipped": reason,
+          }
         else:
           row = self.row(v, self._compile(v))
         results[v] = row
@@ -227,7 +285,7 @@ class Search:
       return results
 
     with concurrent.futures.ThreadPoolExecutor(len(MESHES)) as pool:
-      by_mesh = dict(zip(MESHES, pool.map(search_mesh, MESHES)))
+      by_mesh = dict(zip(MESHES, pool.map(search_mesh, MESHES), strict=True))
     for v in variants(self.accums):
       yield by_mesh[v.mesh][v]
 
@@ -241,70 +299,101 @@ def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def summary(rows: list[dict[str, Any]], search: Search) -> dict[str, Any]:
   """The last JSON line: the recommended overrides and their figures."""
   top = best(rows)
-  variant = None if top is None else Variant(top["dtype"], top["remat"], top["accum_steps"], top["mesh"])
-  return {"topology": search.slice.name, "headroom": search.headroom, "model_axis": search.model_axis,
-          "recommended": None if variant is None else variant.overrides(search.model_axis),
-          "variant": None if variant is None else dataclasses.asdict(variant),
-          "estimated_step_seconds": None if top is None else top["step_seconds"],
-          "step_seconds_source": None if top is None else top["step_seconds_source"],
-          "hbm_peak_bytes": None if top is None else top["hbm_peak_bytes"],
-          "mfu": None if top is None else top["mfu"],
-          "searched": sum(1 for r in rows if "skipped" not in r),
-          "skipped": sum(1 for r in rows if "skipped" in r)}
+  variant = (
+    None if top is None else Variant(top["dtype"], top["remat"], top["accum_steps"], top["mesh"])
+  )
+  return {
+    "topology": search.slice.name,
+    "headroom": search.headroom,
+    "model_axis": search.model_axis,
+    "recommended": None if variant is None else variant.overrides(search.model_axis),
+    "variant": None if variant is None else dataclasses.asdict(variant),
+    "estimated_step_seconds": None if top is None else top["step_seconds"],
+    "step_seconds_source": None if top is None else top["step_seconds_source"],
+    "hbm_peak_bytes": None if top is None else top["hbm_peak_bytes"],
+    "mfu": None if top is None else top["mfu"],
+    "searched": sum(1 for r in rows if "skipped" not in r),
+    "skipped": sum(1 for r in rows if "skipped" in r),
+  }
 
 
 def check_rules(rows: list[dict[str, Any]]) -> list[str]:
-  """The pruning rules' violations among compiled rows (an exhaustive search's): empty when both held."""
-  compiled = {Variant(r["dtype"], r["remat"], r["accum_steps"], r["mesh"]): r
-              for r in rows if "skipped" not in r}
+  """The pruning rules' violations among compiled rows (an exhaustive search's): empty when both
+  held.
+  """
+  compiled = {
+    Variant(r["dtype"], r["remat"], r["accum_steps"], r["mesh"]): r
+    for r in rows
+    if "skipped" not in r
+  }
   broken = []
   for v, w in itertools.permutations(compiled, 2):
     rv, rw = compiled[v], compiled[w]
     if v.keeps_at_least(w) and rv["eligible"] and not rw["eligible"]:
       broken.append(f"memory: {v.label()} is eligible but {w.label()}, which keeps less, is not")
-    if v.works_at_least(w) and rv["eligible"] and rw["eligible"] and rv["step_seconds"] < rw["step_seconds"]:
-      broken.append(f"time: {v.label()} ({rv['step_seconds']:.4g} s) is faster than {w.label()} "
-                    f"({rw['step_seconds']:.4g} s), which does less work")
+    if (
+      v.works_at_least(w)
+      and rv["eligible"]
+      and rw["eligible"]
+      and rv["step_seconds"] < rw["step_seconds"]
+    ):
+      broken.append(
+        f"time: {v.label()} ({rv['step_seconds']:.4g} s) is faster than {w.label()} "
+        f"({rw['step_seconds']:.4g} s), which does less work"
+      )
   return broken
 
 
 def table(rows: list[dict[str, Any]]) -> str:
   """The rows as a text table."""
   gib = lambda x: "-" if x is None else f"{x / aot.GiB:.2f}"
-  head = f"{'dtype':9} {'remat':5} {'accum':>5} {'mesh':5} {'HBM GiB':>8} {'headroom':>8} " \
-         f"{'TFLOP/dev':>9} {'step s':>7} {'MFU':>6}  note"
+  head = (
+    f"{'dtype':9} {'remat':5} {'accum':>5} {'mesh':5} {'HBM GiB':>8} {'headroom':>8} "
+    f"{'TFLOP/dev':>9} {'step s':>7} {'MFU':>6}  note"
+  )
   lines = [head]
   for r in rows:
     if "skipped" in r:
-      lines.append(f"{r['dtype']:9} {r['remat']:5} {r['accum_steps']:>5} {r['mesh']:5} "
-                   f"{'':>8} {'':>8} {'':>9} {'':>7} {'':>6}  skipped: {r['skipped']}")
+      lines.append(
+        f"{r['dtype']:9} {r['remat']:5} {r['accum_steps']:>5} {r['mesh']:5} "
+        f"{'':>8} {'':>8} {'':>9} {'':>7} {'':>6}  skipped: {r['skipped']}"
+      )
       continue
-    note = "eligible" if r["eligible"] else ("fits, under the headroom" if r["fits"] else "does not fit")
+    note = (
+      "eligible" if r["eligible"] else ("fits, under the headroom" if r["fits"] else "does not fit")
+    )
     if r.get("error") and not r["fits"]:
       note += f" ({r['error'][:120]})"
     if r["step_seconds_source"] not in (None, "compiler"):
       note += f", {r['step_seconds_source']} step time"
     lines.append(
-        f"{r['dtype']:9} {r['remat']:5} {r['accum_steps']:>5} {r['mesh']:5} {gib(r['hbm_peak_bytes']):>8} "
-        f"{'-' if r['headroom'] is None else format(r['headroom'], '.1%'):>8} "
-        f"{'-' if not r['flops_per_device'] else format(r['flops_per_device'] / 1e12, '.1f'):>9} "
-        f"{'-' if r['step_seconds'] is None else format(r['step_seconds'], '.3f'):>7} "
-        f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%'):>6}  {note}")
+      f"{r['dtype']:9} {r['remat']:5} {r['accum_steps']:>5} {r['mesh']:5} "
+      f"{gib(r['hbm_peak_bytes']):>8} "
+      f"{'-' if r['headroom'] is None else format(r['headroom'], '.1%'):>8} "
+      f"{'-' if not r['flops_per_device'] else format(r['flops_per_device'] / 1e12, '.1f'):>9} "
+      f"{'-' if r['step_seconds'] is None else format(r['step_seconds'], '.3f'):>7} "
+      f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%'):>6}  {note}"
+    )
   return "\n".join(lines)
 
 
 def config_file(spec: str, config: ml_collections.ConfigDict, result: dict[str, Any]) -> str:
   """A config file that imports `spec` and sets the user's overrides and the search's answer."""
-  from vit_jax.config import recipes  # pylint: disable=import-outside-toplevel
   base = _flat(recipes.read(spec))
   user = {key: value for key, value in _flat(config).items() if base.get(key, object()) != value}
   answer = Variant(**result["variant"]).values(result["model_axis"])
-  lines = [f'"""{spec} with `vit-jax aot --search`\'s setting for {result["topology"]}.',
-           "",
-           f"Estimated step {result['estimated_step_seconds']:.3f} s ({result['step_seconds_source']}), "
-           f"{result['hbm_peak_bytes'] / aot.GiB:.2f} GiB HBM per device, MFU {result['mfu']:.1%}.",
-           '"""', "from vit_jax.config import recipes", "", "", "def get_config():",
-           f"  c = recipes.read({spec!r})"]
+  lines = [
+    f'"""{spec} with `vit-jax aot --search`\'s setting for {result["topology"]}.',
+    "",
+    f"Estimated step {result['estimated_step_seconds']:.3f} s ({result['step_seconds_source']}), "
+    f"{result['hbm_peak_bytes'] / aot.GiB:.2f} GiB HBM per device, MFU {result['mfu']:.1%}.",
+    '"""',
+    "from vit_jax.config import recipes",
+    "",
+    "",
+    "def get_config():",
+    f"  c = recipes.read({spec!r})",
+  ]
   lines += [f"  c.{key} = {value!r}" for key, value in {**user, **answer}.items()]
   lines.append("  return c")
   return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ variable set, every `gs://` access of the project and of Orbax goes to it;
 without it nothing changes (real credentials, real GCS). What still goes through
 TensorFlow's own filesystem is tf.data reading a TFDS `data_dir`'s TFRecords.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,11 @@ import io
 import os
 import posixpath
 import tempfile
-from typing import IO, Any, Callable, Iterator, MutableMapping
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import MutableMapping
+from typing import IO
+from typing import Any
 
 from vit_jax import errors
 
@@ -50,14 +55,16 @@ def is_remote(path: str) -> bool:
 
 
 def _fs(path: str) -> tuple[Any, str]:
-  import fsspec  # pylint: disable=import-outside-toplevel
+  import fsspec  # noqa: PLC0415  # only gs:// needs it, and the command's start-up imports this module
+
   return fsspec.core.url_to_fs(path)
 
 
 @contextlib.contextmanager
 def _remote(path: str) -> Iterator[None]:
   """Turns a remote storage failure into one line that names the path."""
-  from gcsfs.retry import HttpError  # pylint: disable=import-outside-toplevel
+  from gcsfs.retry import HttpError  # noqa: PLC0415  # only gs:// needs it, and the command's start-up imports this module
+
   try:
     yield
   except (errors.UserError, FileNotFoundError):
@@ -94,8 +101,9 @@ def read_bytes(path: str) -> bytes:
     _bucket_check(path)
     raise errors.MissingFileError(f"{path}: no such file")
   if not os.path.isfile(path):
-    raise errors.MissingFileError(f"{path}: no such file" if not os.path.exists(path)
-                                  else f"{path}: not a regular file")
+    raise errors.MissingFileError(
+      f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a regular file"
+    )
   with open(path, "rb") as f:
     return f.read()
 
@@ -173,8 +181,10 @@ def list_dir(path: str) -> tuple[list[str], list[str]]:
     with os.scandir(path) as it:
       for e in it:
         (dirs if e.is_dir() else names).append(e.name)
-  return (sorted(d for d in dirs if not d.startswith(".")),
-          sorted(n for n in names if not n.startswith(".")))
+  return (
+    sorted(d for d in dirs if not d.startswith(".")),
+    sorted(n for n in names if not n.startswith(".")),
+  )
 
 
 def makedirs(path: str) -> None:
@@ -245,4 +255,3 @@ def atomic_write(path: str) -> Iterator[IO[bytes]]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-

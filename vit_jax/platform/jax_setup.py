@@ -1,15 +1,19 @@
 """How JAX starts in a `vit-jax` command: which platform, and where compiled programs are kept."""
+
 from __future__ import annotations
 
+import importlib.util
 import os
-from typing import Mapping
+from collections.abc import Mapping
+
+from vit_jax import errors
 
 
 def keep_off_absent_tpus(force_cpu: bool = False) -> None:
   """With libtpu installed but no TPU attached, JAX would probe for one and stall: use the CPU."""
   if "JAX_PLATFORMS" in os.environ and not force_cpu:
     return
-  import importlib.util  # pylint: disable=import-outside-toplevel
+
   has_tpu = any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0", "/dev/vfio/vfio"))
   if force_cpu or (importlib.util.find_spec("libtpu") is not None and not has_tpu):
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -23,8 +27,9 @@ def allow_several_compile_only_libtpus() -> None:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
-def compilation_cache_dir(configured: str | None, enabled: bool,
-                          environ: Mapping[str, str] | None = None) -> str | None:
+def compilation_cache_dir(
+  configured: str | None, enabled: bool, environ: Mapping[str, str] | None = None
+) -> str | None:
   """Where compiled programs are kept between runs; None where the user has set JAX's cache up."""
   if configured or not enabled:
     return None  # the user's own directory, or the cache turned off
@@ -35,9 +40,11 @@ def compilation_cache_dir(configured: str | None, enabled: bool,
 
 def keep_compiled_programs() -> None:
   """A rerun (a resumed job, a restarted server) loads its compiled steps instead of compiling."""
-  import jax  # pylint: disable=import-outside-toplevel
-  path = compilation_cache_dir(jax.config.jax_compilation_cache_dir,
-                               jax.config.jax_enable_compilation_cache)
+  import jax  # noqa: PLC0415  # the command's start-up imports this module before JAX
+
+  path = compilation_cache_dir(
+    jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+  )
   if path is None:
     return
   try:
@@ -55,7 +62,9 @@ DTYPE_ENV = "VIT_JAX_DTYPE"  # the default of --dtype (auto when unset)
 def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
   try:
     with open(cpuinfo, encoding="utf-8") as f:
-      return set(next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), []))
+      return set(
+        next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+      )
   except OSError:
     return set()
 
@@ -63,7 +72,8 @@ def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
 def native_bf16(platform: str | None = None, cpu_flags: set[str] | None = None) -> tuple[bool, str]:
   """Whether this machine multiplies bf16 matrices in hardware (TPU, or a CPU with AMX), and why."""
   if platform is None:
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax  # noqa: PLC0415  # the command's start-up imports this module before JAX
+
     platform = jax.devices()[0].platform
   if platform == "tpu":
     return True, "a TPU's matrix units take bf16"
@@ -78,7 +88,6 @@ def native_bf16(platform: str | None = None, cpu_flags: set[str] | None = None) 
 
 def compute_dtype(choice: str | None = None) -> tuple[str, str]:
   """('float32' or 'bfloat16', why) for --dtype CHOICE (None: $VIT_JAX_DTYPE, else auto)."""
-  from vit_jax import errors  # pylint: disable=import-outside-toplevel
   choice = choice or os.environ.get(DTYPE_ENV) or "auto"
   if choice not in DTYPES:
     raise errors.ConfigError(f"dtype {choice!r}: choose one of {', '.join(DTYPES)}")

@@ -1,15 +1,18 @@
 """Metrics to TensorBoard event files and to `metrics.jsonl`, from process 0 only."""
+
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
 from vit_jax.platform import files
+from vit_jax.platform import tf_setup
 
 
 class MetricWriter:
@@ -22,7 +25,6 @@ class MetricWriter:
     self._events = files.join(workdir, "tensorboard")
     self._local = None
     if self.enabled:
-      from vit_jax.platform import tf_setup  # pylint: disable=import-outside-toplevel
       self._tf = tf_setup.tf()
       if files.is_remote(workdir):
         # TensorFlow's writer would reach gs:// through its own client, which cannot be
@@ -34,8 +36,11 @@ class MetricWriter:
     """Scalar values under `split/name`; lists (per-class metrics) go to the JSON line only."""
     if not self.enabled:
       return
-    scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) or
-               getattr(v, "ndim", 1) == 0}
+    scalars = {
+      k: float(v)
+      for k, v in values.items()
+      if isinstance(v, (int, float)) or getattr(v, "ndim", 1) == 0
+    }
     with self._tb.as_default(step=step):
       for k, v in scalars.items():
         self._tf.summary.scalar(f"{split}/{k}", v)

@@ -4,6 +4,7 @@ On device, each batch reduces to sums (loss, correct, per-class counts), so
 padded examples count for nothing and no per-example array leaves the mesh.
 Multi-label mAP needs every score: those are gathered per batch on the host.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,32 +15,45 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-
 LOSSES = ("softmax_xent", "sigmoid_xent")
 
 
-def loss_fn(logits: jax.Array, labels: jax.Array, *, sigmoid: bool,
-            label_smoothing: float = 0.0) -> jax.Array:
+def loss_fn(
+  logits: jax.Array, labels: jax.Array, *, sigmoid: bool, label_smoothing: float = 0.0
+) -> jax.Array:
   """Per-example loss: softmax cross-entropy, or a sigmoid one summed over the classes.
 
   Labels are class indices, or [N, C] targets: soft (mixup) for softmax, multi-hot for sigmoid.
   """
   logits = logits.astype(jnp.float32)
   if sigmoid:
-    targets = (labels.astype(jnp.float32) if labels.ndim == logits.ndim
-               else jax.nn.one_hot(labels, logits.shape[-1]))
+    targets = (
+      labels.astype(jnp.float32)
+      if labels.ndim == logits.ndim
+      else jax.nn.one_hot(labels, logits.shape[-1])
+    )
     if label_smoothing:
       targets = targets * (1 - label_smoothing) + 0.5 * label_smoothing
     return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1)
   # Soft targets [N, C] (e.g. from mixup) are used as they are.
-  onehot = labels.astype(jnp.float32) if labels.ndim == logits.ndim else jax.nn.one_hot(labels, logits.shape[-1])
+  onehot = (
+    labels.astype(jnp.float32)
+    if labels.ndim == logits.ndim
+    else jax.nn.one_hot(labels, logits.shape[-1])
+  )
   if label_smoothing:
     onehot = optax.smooth_labels(onehot, label_smoothing)
   return optax.softmax_cross_entropy(logits, onehot)
 
 
-def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, multilabel: bool,
-               sigmoid: bool | None = None) -> dict[str, jax.Array]:
+def batch_sums(
+  logits: jax.Array,
+  labels: jax.Array,
+  mask: jax.Array,
+  *,
+  multilabel: bool,
+  sigmoid: bool | None = None,
+) -> dict[str, jax.Array]:
   """Sums over the valid examples of one batch; add them up across batches.
 
   The loss is the sigmoid one for multi-label data, unless `sigmoid` says otherwise.
@@ -52,8 +66,11 @@ def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, multila
     pred = (logits > 0).astype(jnp.float32)
     y = labels.astype(jnp.float32)
     m = mask_f[:, None]
-    out |= {"tp": jnp.sum(pred * y * m, 0), "fp": jnp.sum(pred * (1 - y) * m, 0),
-            "fn": jnp.sum((1 - pred) * y * m, 0)}
+    out |= {
+      "tp": jnp.sum(pred * y * m, 0),
+      "fp": jnp.sum(pred * (1 - y) * m, 0),
+      "fn": jnp.sum((1 - pred) * y * m, 0),
+    }
   else:
     pred = jnp.argmax(logits, -1)
     hit = (pred == labels) * mask_f
@@ -68,6 +85,7 @@ def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, multila
 @dataclasses.dataclass
 class Accumulator:
   """Adds up batch sums (and multi-label scores) into the final metrics."""
+
   multilabel: bool
   sums: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   scores: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -91,19 +109,27 @@ class Accumulator:
       recall = tp.sum() / max(tp.sum() + fn.sum(), 1)
       out["f1@0.5"] = float(2 * precision * recall / max(precision + recall, 1e-12))
       if self.scores:
-        out["mAP"] = mean_average_precision(np.concatenate(self.scores), np.concatenate(self.targets))
+        out["mAP"] = mean_average_precision(
+          np.concatenate(self.scores), np.concatenate(self.targets)
+        )
       return out
     out["accuracy"] = float(s["correct"]) / max(count, 1)
     support, predicted, tp = s["support"], s["predicted"], s["true_positive"]
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall,
-                   out=np.zeros_like(tp), where=(precision + recall) > 0)
+    f1 = np.divide(
+      2 * precision * recall,
+      precision + recall,
+      out=np.zeros_like(tp),
+      where=(precision + recall) > 0,
+    )
     present = support > 0  # macro averages over the classes that occur
-    out |= {"macro_precision": float(precision[present].mean()) if present.any() else 0.0,
-            "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
-            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-            "per_class_accuracy": [float(r) for r in recall]}
+    out |= {
+      "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
+      "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
+      "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+      "per_class_accuracy": [float(r) for r in recall],
+    }
     return out
 
 

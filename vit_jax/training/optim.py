@@ -5,6 +5,7 @@ clipping at 1. Pre-training: Adam (b1 0.9, b2 0.999) with decoupled weight
 decay on the kernels, 10k warmup steps then linear decay, clipping at 1.
 Weight decay is optax's `adamw`: each step subtracts lr * weight_decay * param.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,7 +18,9 @@ from vit_jax import errors
 
 
 def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup from 0 to `base_lr`, then `decay_type` ('cosine', 'linear' or 'constant') to `end_lr`."""
+  """Linear warmup from 0 to `base_lr`, then `decay_type` ('cosine', 'linear' or 'constant') to
+  `end_lr`.
+  """
   base, warmup, total = config.base_lr, config.warmup_steps, config.total_steps
   end = config.end_lr
   if warmup >= total:
@@ -41,16 +44,20 @@ def _kernels_only(params: Any) -> Any:
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer named by `config.optimizer` ('sgd' or 'adam'), with clipping and schedule."""
   lr = schedule(config)
   name = config.optimizer
   if name == "sgd":
-    opt = optax.sgd(lr, momentum=config.momentum, nesterov=False,
-                    accumulator_dtype=config.accumulator_dtype)
+    opt = optax.sgd(
+      lr, momentum=config.momentum, nesterov=False, accumulator_dtype=config.accumulator_dtype
+    )
   elif name == "adam":
-    opt = optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
-                      mask=_kernels_only)
+    opt = optax.adamw(
+      lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=_kernels_only
+    )
   else:
     raise errors.ConfigError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
   clip = config.grad_clip_norm

@@ -7,16 +7,21 @@ splits attention heads and the MLP hidden dimension (tensor parallelism); an
 `fsdp` axis splits the embedding dimension of every weight (ZeRO-3 style), both
 so that ViT-L/H fit.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vit_jax import errors
 
@@ -26,21 +31,22 @@ BATCH_AXES = ("data", "fsdp")
 
 # Logical axis name -> mesh axis (None: replicated along that dimension).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("kv", None),
-    ("layers", None),
-    ("classes", None),
-    ("length", None),
-    ("act_embed", None),
-    ("act_mlp", "model"),
+  ("batch", BATCH_AXES),
+  ("embed", "fsdp"),
+  ("mlp", "model"),
+  ("heads", "model"),
+  ("kv", None),
+  ("layers", None),
+  ("classes", None),
+  ("length", None),
+  ("act_embed", None),
+  ("act_mlp", "model"),
 )
 
 
-def make_mesh(axes: Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  axes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A mesh over all devices with axes `data`, `fsdp`, `model`; one size may be -1 (the rest)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = dict(axes or {"data": -1})
@@ -56,11 +62,14 @@ def make_mesh(axes: Mapping[str, int] | None = None,
       raise errors.ConfigError(f"mesh {sizes}: {len(devices)} devices do not divide by {known}")
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise errors.ConfigError(f"mesh {sizes} has {math.prod(shape)} places for {len(devices)} devices")
+    raise errors.ConfigError(
+      f"mesh {sizes} has {math.prod(shape)} places for {len(devices)} devices"
+    )
   # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
   # Axis types are set to Auto explicitly: make_mesh defaults to Explicit since 0.9.
-  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+  return jax.make_mesh(
+    tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -72,8 +81,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def logical_shardings(boxed_tree: Any, mesh: Mesh,
-                      rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+def logical_shardings(
+  boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES
+) -> Any:
   """NamedShardings for a tree of nn.LogicallyPartitioned (boxed) shapes or arrays."""
   specs = nn.get_partition_spec(boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
@@ -83,17 +93,23 @@ def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> 
   """A clear error when a batch does not split evenly over the data axes and the hosts."""
   n = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if global_batch % n:
-    raise errors.ConfigError(f"{what} {global_batch} does not divide over {n} data-parallel devices "
-                             f"(mesh {dict(mesh.shape)})")
+    raise errors.ConfigError(
+      f"{what} {global_batch} does not divide over {n} data-parallel devices "
+      f"(mesh {dict(mesh.shape)})"
+    )
   if global_batch % jax.process_count():
-    raise errors.ConfigError(f"{what} {global_batch} does not divide over {jax.process_count()} hosts")
+    raise errors.ConfigError(
+      f"{what} {global_batch} does not divide over {jax.process_count()} hosts"
+    )
 
 
 def put_global(tree: Any, shardings: Any) -> Any:
   """Host arrays (the same on every process) placed as global arrays with `shardings`."""
+
   def put(x, s):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
   return jax.tree_util.tree_map(put, tree, shardings)
 
 
@@ -105,16 +121,18 @@ def local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([starts[k] for k in sorted(starts)])
 
 
-def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
+def maybe_initialize_distributed(
+  coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
   """jax.distributed.initialize() on multi-host runs: explicit arguments, or a TPU pod slice."""
   if coordinator:
     if "cpu" in os.environ.get("JAX_PLATFORMS", ""):
       # Cross-process collectives on CPU (tests, CPU clusters) go through gloo.
       # (Asking jax for its backend here would start it before initialize.)
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
     return
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   if "," in hosts:  # a TPU VM pod slice: the runtime provides the coordinator

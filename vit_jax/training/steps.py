@@ -3,10 +3,12 @@
 `Setup` is shared by training, evaluation and the ahead-of-time compile check
 (`vit-jax aot`), so that all three run exactly the same sharded computation.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -14,14 +16,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vit_jax import errors
-from vit_jax.training import metrics
 from vit_jax import models
+from vit_jax.models import spec as spec_lib
+from vit_jax.training import metrics
 from vit_jax.training import optim
 from vit_jax.training import sharding
-from vit_jax.models import spec as spec_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -33,7 +37,9 @@ class TrainState:
   opt_state: Any
 
 
-def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> models.VisionTransformer:
+def model_from_config(
+  config: ml_collections.ConfigDict, num_classes: int
+) -> models.VisionTransformer:
   """The model of `config.model` at `config.image_size`: a variant name and/or its fields."""
   # Unset (None) fields keep the variant's value.
   m = {k: v for k, v in config.model.to_dict().items() if v is not None}
@@ -42,16 +48,20 @@ def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> mo
   for key in ("dtype", "param_dtype"):
     if key in m:
       if m[key] not in _DTYPES:
-        raise errors.ConfigError(f"config.model.{key} must be one of {sorted(_DTYPES)}, got {m[key]!r}")
+        raise errors.ConfigError(
+          f"config.model.{key} must be one of {sorted(_DTYPES)}, got {m[key]!r}"
+        )
       m[key] = _DTYPES[m[key]]
-  model_spec = spec_lib.ModelSpec.from_fields(name, num_classes=num_classes,
-                                              image_size=config.image_size, **arch)
+  model_spec = spec_lib.ModelSpec.from_fields(
+    name, num_classes=num_classes, image_size=config.image_size, **arch
+  )
   return models.build(model_spec, **m)
 
 
 @dataclasses.dataclass
 class Setup:
   """Everything derived from (config, num_classes, mesh) that the steps need."""
+
   config: ml_collections.ConfigDict
   num_classes: int
   multilabel: bool
@@ -64,30 +74,44 @@ class Setup:
     self.sigmoid_loss = _sigmoid_loss(c.loss, self.multilabel)
     self.accum_steps = int(c.accum_steps)
     sharding.check_divisible(c.batch_size, self.mesh, "config.batch_size")
-    if c.batch_size % self.accum_steps or (c.batch_size // self.accum_steps) % _data_size(self.mesh):
-      raise errors.ConfigError(f"config.batch_size {c.batch_size} with accum_steps {self.accum_steps} gives "
-                               f"micro-batches that do not split over {_data_size(self.mesh)} data-parallel devices")
+    if c.batch_size % self.accum_steps or (c.batch_size // self.accum_steps) % _data_size(
+      self.mesh
+    ):
+      raise errors.ConfigError(
+        f"config.batch_size {c.batch_size} with accum_steps {self.accum_steps} gives "
+        f"micro-batches that do not split over {_data_size(self.mesh)} data-parallel devices"
+      )
     sharding.check_divisible(c.eval_batch_size, self.mesh, "config.eval_batch_size")
     self.rules = list(c.logical_rules or sharding.LOGICAL_RULES)
     dummy = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
-    boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), dummy, train=False)["params"])
+    boxed = jax.eval_shape(
+      lambda: self.model.init(jax.random.PRNGKey(0), dummy, train=False)["params"]
+    )
     self.param_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
     self.param_shapes = nn.meta.unbox(boxed)
     opt_shapes = jax.eval_shape(self.tx.init, self.param_shapes)
     # Optimizer state mirrors the params it belongs to; scalars (counts) are replicated.
     self.state_shardings = TrainState(
-        step=sharding.replicated(self.mesh), params=self.param_shardings,
-        opt_state=_opt_shardings(opt_shapes, self.param_shapes, self.param_shardings, self.mesh))
+      step=sharding.replicated(self.mesh),
+      params=self.param_shardings,
+      opt_state=_opt_shardings(opt_shapes, self.param_shapes, self.param_shardings, self.mesh),
+    )
     self.batch_sharding = sharding.batch_sharding(self.mesh)
 
   # -- state ---------------------------------------------------------------
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings, e.g. the target of an Orbax restore."""
-    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.param_shapes,
-                        opt_state=jax.eval_shape(self.tx.init, self.param_shapes))
-    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                  shapes, self.state_shardings)
+    shapes = TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32),
+      params=self.param_shapes,
+      opt_state=jax.eval_shape(self.tx.init, self.param_shapes),
+    )
+    return jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes,
+      self.state_shardings,
+    )
 
   def init_state(self, rng: jax.Array, params: Any | None = None) -> TrainState:
     """A fresh state, created already sharded; `params` (host arrays) replace the random init."""
@@ -98,7 +122,9 @@ class Setup:
     def init(rng, params):
       if params is None:
         params = nn.meta.unbox(self.model.init(rng, dummy, train=False)["params"])
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+      return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
+      )
 
     return jax.jit(init, out_shardings=self.state_shardings, static_argnums=())(rng, params)
 
@@ -132,27 +158,34 @@ class Setup:
         def body(carry, xs):
           g_sum, l_sum = carry
           i, imgs, lbls = xs
-          l, g = grad_fn(state.params, imgs, lbls, jax.random.fold_in(rng, i))
-          return (jax.tree_util.tree_map(jnp.add, g_sum, g), l_sum + l), None
+          value, g = grad_fn(state.params, imgs, lbls, jax.random.fold_in(rng, i))
+          return (jax.tree_util.tree_map(jnp.add, g_sum, g), l_sum + value), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        (g_sum, l_sum), _ = jax.lax.scan(body, (zeros, 0.0),
-                                         (jnp.arange(accum), split(images), split(labels)))
+        (g_sum, l_sum), _ = jax.lax.scan(
+          body, (zeros, 0.0), (jnp.arange(accum), split(images), split(labels))
+        )
         grads = jax.tree_util.tree_map(lambda g: g / accum, g_sum)
         value = l_sum / accum
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-      return new, {"loss": value, "grad_norm": optax.tree.norm(grads),
-                   "lr": self.lr_schedule(state.step)}
+      return new, {
+        "loss": value,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": self.lr_schedule(state.step),
+      }
 
     return step
 
   def jit_train_step(self) -> Callable:
     rep = sharding.replicated(self.mesh)
-    return jax.jit(self.train_step_fn(),
-                   in_shardings=(self.state_shardings, self.batch_sharding, rep),
-                   out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    return jax.jit(
+      self.train_step_fn(),
+      in_shardings=(self.state_shardings, self.batch_sharding, rep),
+      out_shardings=(self.state_shardings, rep),
+      donate_argnums=(0,),
+    )
 
   def eval_step_fn(self) -> Callable:
     """(params, batch) -> (sums, logits or None); sums over the valid (mask) examples only.
@@ -163,23 +196,29 @@ class Setup:
 
     def step(params, batch):
       logits = model.apply({"params": params}, batch["image"], train=False)
-      sums = metrics.batch_sums(logits, batch["label"], batch["mask"], multilabel=multilabel,
-                                sigmoid=sigmoid)
+      sums = metrics.batch_sums(
+        logits, batch["label"], batch["mask"], multilabel=multilabel, sigmoid=sigmoid
+      )
       return sums, (logits if multilabel else None)
 
     return step
 
   def jit_eval_step(self) -> Callable:
     rep = sharding.replicated(self.mesh)
-    return jax.jit(self.eval_step_fn(), in_shardings=(self.param_shardings, self.batch_sharding),
-                   out_shardings=(rep, self.batch_sharding if self.multilabel else None))
+    return jax.jit(
+      self.eval_step_fn(),
+      in_shardings=(self.param_shardings, self.batch_sharding),
+      out_shardings=(rep, self.batch_sharding if self.multilabel else None),
+    )
 
   def jit_predict(self, embedding: bool = False) -> Callable:
     """(params, images) -> logits or embeddings, sharded like the batch."""
     model = self.model
-    return jax.jit(lambda p, x: model.apply({"params": p}, x, train=False, return_embedding=embedding),
-                   in_shardings=(self.param_shardings, self.batch_sharding),
-                   out_shardings=self.batch_sharding)
+    return jax.jit(
+      lambda p, x: model.apply({"params": p}, x, train=False, return_embedding=embedding),
+      in_shardings=(self.param_shardings, self.batch_sharding),
+      out_shardings=self.batch_sharding,
+    )
 
 
 def _sigmoid_loss(loss: str, multilabel: bool) -> bool:
@@ -187,10 +226,14 @@ def _sigmoid_loss(loss: str, multilabel: bool) -> bool:
   if loss == "auto":
     return multilabel
   if loss not in metrics.LOSSES:
-    raise errors.ConfigError(f"config.loss must be 'auto' or one of {', '.join(metrics.LOSSES)}, got {loss!r}")
+    raise errors.ConfigError(
+      f"config.loss must be 'auto' or one of {', '.join(metrics.LOSSES)}, got {loss!r}"
+    )
   if multilabel and loss == "softmax_xent":
-    raise errors.ConfigError("config.loss softmax_xent needs one label per image; this dataset is "
-                             "multi-label (use sigmoid_xent or auto)")
+    raise errors.ConfigError(
+      "config.loss softmax_xent needs one label per image; this dataset is "
+      "multi-label (use sigmoid_xent or auto)"
+    )
   return loss == "sigmoid_xent"
 
 
@@ -208,5 +251,6 @@ def _opt_shardings(opt_shapes: Any, param_shapes: Any, param_shardings: Any, mes
       return param_shardings
     return jax.tree_util.tree_map(lambda _: rep, sub)
 
-  return jax.tree_util.tree_map(assign, opt_shapes,
-                                is_leaf=lambda x: jax.tree_util.tree_structure(x) == param_struct)
+  return jax.tree_util.tree_map(
+    assign, opt_shapes, is_leaf=lambda x: jax.tree_util.tree_structure(x) == param_struct
+  )

@@ -1,10 +1,12 @@
-"""Fine-tuning and evaluation: `train_and_evaluate(config, workdir)` and `evaluate(config, checkpoint)`.
+"""Fine-tuning and evaluation: `train_and_evaluate(config, workdir)` and `evaluate(config,
+checkpoint)`.
 
 Every host runs this same program. Checkpoints (Orbax) hold the params, the
 optimizer state and the step, which is also the input pipeline's position, so
 rerunning the same command resumes where a run stopped. Saves are asynchronous
 and atomic: an interrupted save never replaces the last complete one.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +21,15 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
 
-from vit_jax import errors
-from vit_jax.training import evaluation
-from vit_jax.weights import checkpoint
-from vit_jax.platform import files
-from vit_jax.weights import head_record
 from vit_jax import data as input_pipeline
+from vit_jax import errors
+from vit_jax.platform import files
+from vit_jax.training import evaluation
 from vit_jax.training import metric_writer
+from vit_jax.weights import checkpoint
+from vit_jax.weights import head_record
 from vit_jax.weights import registry
 
 log = logging.getLogger(__name__)
@@ -42,9 +45,11 @@ class NonFiniteLossError(errors.UserError, RuntimeError):
 
 def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, create=True,
-      save_interval_steps=config.checkpoint_every,
-      enable_async_checkpointing=config.async_checkpointing)
+    max_to_keep=config.keep_checkpoints,
+    create=True,
+    save_interval_steps=config.checkpoint_every,
+    enable_async_checkpointing=config.async_checkpointing,
+  )
   root = workdir if files.is_remote(workdir) else os.path.abspath(workdir)
   return ocp.CheckpointManager(files.join(root, "checkpoints"), options=options)
 
@@ -55,14 +60,17 @@ def _better(metric: str, new: float, best: float | None) -> bool:
   return new < best if metric == "loss" else new > best
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None
+) -> dict[str, Any]:
   """Trains as `config` says, evaluating and checkpointing on the way; returns the final metrics."""
   setup, data = evaluation.prepare(config, mesh)
   info = data.info
   # What the exported .npz files' head scores, and its classes, recorded beside each.
-  head = head_record.HeadRecord("sigmoid" if setup.sigmoid_loss else "softmax",
-                                tuple(info.class_names) if info.class_names else None)
+  head = head_record.HeadRecord(
+    "sigmoid" if setup.sigmoid_loss else "softmax",
+    tuple(info.class_names) if info.class_names else None,
+  )
   is_main = jax.process_index() == 0
   if is_main:
     with files.atomic_write(files.join(workdir, "config.json")) as f:
@@ -80,8 +88,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     pretrained = None
     if config.pretrained:
-      pretrained = checkpoint.load_pretrained(registry.resolve(config.pretrained), setup.model,
-                                              reset_head=config.reset_head)
+      pretrained = checkpoint.load_pretrained(
+        registry.resolve(config.pretrained), setup.model, reset_head=config.reset_head
+      )
     state = setup.init_state(init_rng, pretrained)
   start = int(jax.device_get(state.step))
   total = config.total_steps
@@ -96,7 +105,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending, t0, seen = None, time.perf_counter(), 0
   step = start
   # Closed on the way out of an error too, so that the error's line starts a line of its own.
-  with _progress(start, total, is_main) as progress, _Profile(workdir, start, config.profile_steps) as profile:
+  with (
+    _progress(start, total, is_main) as progress,
+    _Profile(workdir, start, config.profile_steps) as profile,
+  ):
     for step in range(start + 1, total + 1):
       batch = next(batches)
       profile.before(step)
@@ -113,8 +125,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         dt = time.perf_counter() - t0
         vals["images_per_sec"] = seen / dt if dt > 0 else 0.0
         writer.write(step, "train", vals)
-        progress.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}",
-                             img_s=f"{vals['images_per_sec']:.1f}")
+        progress.set_postfix(
+          loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}", img_s=f"{vals['images_per_sec']:.1f}"
+        )
         t0, seen = time.perf_counter(), 0
       progress.update(1)
       if step % eval_every == 0 or step == total:
@@ -162,20 +175,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _check_finite(m: dict[str, jax.Array], step: int) -> None:
   loss = float(jax.device_get(m["loss"]))
   if not math.isfinite(loss):
-    raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping. The last checkpoint "
-                             "saved before this step is intact; lower base_lr or check the data")
+    raise NonFiniteLossError(
+      f"loss is {loss} at step {step}; stopping. The last checkpoint "
+      "saved before this step is intact; lower base_lr or check the data"
+    )
 
 
 class _Profile:
   """A jax.profiler trace of `steps` training steps, copied to WORKDIR/profile (local or gs://)."""
+
   # Steps 1-4 after a (re)start hold the compilation and the input pipeline's warm-up.
   AFTER = 4
 
   def __init__(self, workdir: str, start: int, steps: int):
-    self.workdir, self.first, self.last = workdir, start + 1 + self.AFTER, start + self.AFTER + steps
+    self.workdir, self.first, self.last = (
+      workdir,
+      start + 1 + self.AFTER,
+      start + self.AFTER + steps,
+    )
     self.local = None
 
-  def __enter__(self) -> "_Profile":
+  def __enter__(self) -> _Profile:
     return self
 
   def before(self, step: int) -> None:
@@ -194,8 +214,13 @@ class _Profile:
     files.copy_dir(self.local, dest, recursive=True)
     shutil.rmtree(self.local, ignore_errors=True)
     self.local = None
-    log.info("profile of steps %d-%d written to %s (tensorboard --logdir %s, Profile tab)",
-             self.first, self.last, dest, dest)
+    log.info(
+      "profile of steps %d-%d written to %s (tensorboard --logdir %s, Profile tab)",
+      self.first,
+      self.last,
+      dest,
+      dest,
+    )
 
   def __exit__(self, *exc) -> None:
     if self.local:  # the run ended (or failed) inside the traced steps
@@ -203,7 +228,7 @@ class _Profile:
 
 
 def _progress(start: int, total: int, enabled: bool):
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step",
-              dynamic_ncols=True)
 
+  return tqdm(
+    total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True
+  )

@@ -13,31 +13,33 @@ pre-Linen names number submodules by position in the block, Linen by type:
 Every other name is the same in both. All kernels are stored in the layout
 Flax uses, so no array is transposed or reshaped on the way in or out.
 """
+
 from __future__ import annotations
 
 import io
 import logging
 import re
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 
 from vit_jax import errors
-from vit_jax.platform import files
-from vit_jax.models import layout
 from vit_jax import models
+from vit_jax.models import layout
+from vit_jax.platform import files
 
 log = logging.getLogger(__name__)
 
 # Block-level submodule names: file (pre-Linen) -> model (Linen).
 PRE_LINEN_TO_LINEN = {
-    "LayerNorm_0": "LayerNorm_0",
-    "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
-    "LayerNorm_2": "LayerNorm_1",
-    "MlpBlock_3": "MlpBlock_0",
+  "LayerNorm_0": "LayerNorm_0",
+  "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+  "LayerNorm_2": "LayerNorm_1",
+  "MlpBlock_3": "MlpBlock_0",
 }
 LINEN_TO_PRE_LINEN = {v: k for k, v in PRE_LINEN_TO_LINEN.items()}
 
@@ -74,11 +76,13 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
       return {k: npz[k] for k in npz.files}
   except ValueError as e:
     if "pickle" in str(e):
-      raise CheckpointError(f"{path}: holds pickled (object) arrays; pickles are never loaded") from None
+      raise CheckpointError(
+        f"{path}: holds pickled (object) arrays; pickles are never loaded"
+      ) from None
     raise CheckpointError(f"{path}: corrupt .npz archive ({e})") from None
   except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
     raise CheckpointError(f"{path}: truncated or corrupt .npz archive ({e})") from None
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     # Corrupt members fail deeper in zlib and numpy's header parser, with their own types.
     raise CheckpointError(f"{path}: corrupt .npz archive ({e.__class__.__name__}: {e})") from None
 
@@ -90,12 +94,16 @@ def _to_linen(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
   for key, value in flat.items():
     for prefix in _PREFIXES:
       if key.startswith(prefix):
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
     unwrapped.append((key, value))
   # Decided on the unwrapped keys: the original training code saves `opt/target/` and
   # pre-Linen names together.
-  pre_linen_blocks = {m.group(1) for k, _ in unwrapped if (m := _BLOCK.match(k))
-                      and m.group(2) in ("MlpBlock_3", "MultiHeadDotProductAttention_1", "LayerNorm_2")}
+  pre_linen_blocks = {
+    m.group(1)
+    for k, _ in unwrapped
+    if (m := _BLOCK.match(k))
+    and m.group(2) in ("MlpBlock_3", "MultiHeadDotProductAttention_1", "LayerNorm_2")
+  }
   for key, value in unwrapped:
     if _GROUPNORM.search(key) and value.ndim == 4 and value.shape[:3] == (1, 1, 1):
       value = value.reshape(value.shape[-1])
@@ -111,8 +119,10 @@ def _to_linen(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
     if clash is not None:
       raise CheckpointError(f"{path}: key {clash!r} is an array and also holds {key!r}")
   if "embedding/kernel" not in out or not any(k.startswith("Transformer/") for k in out):
-    raise CheckpointError(f"{path}: not a ViT checkpoint (no 'embedding/kernel' and "
-                          f"'Transformer/...' keys; found {sorted(out)[:5]}...)")
+    raise CheckpointError(
+      f"{path}: not a ViT checkpoint (no 'embedding/kernel' and "
+      f"'Transformer/...' keys; found {sorted(out)[:5]}...)"
+    )
   return out
 
 
@@ -121,9 +131,14 @@ def load(path: str) -> dict[str, Any]:
   return layout.unflatten(_to_linen(_read_npz(path), path))
 
 
-def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransformer,
-                    image_size: int | None = None, *, reset_head: bool = False,
-                    source: str = "checkpoint") -> dict[str, Any]:
+def load_pretrained(
+  path: str | Mapping[str, Any],
+  model: models.VisionTransformer,
+  image_size: int | None = None,
+  *,
+  reset_head: bool = False,
+  source: str = "checkpoint",
+) -> dict[str, Any]:
   """Params for `model` from an original checkpoint, adapted and strictly checked.
 
   Position embeddings are resized when the grid differs; the head is kept when
@@ -136,8 +151,10 @@ def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransform
   errors then name `source` (the file it came from).
   """
   if image_size is not None and image_size != model.image_size:
-    raise CheckpointError(f"image_size={image_size} differs from the model's image_size="
-                          f"{model.image_size}; create the model at the size you want")
+    raise CheckpointError(
+      f"image_size={image_size} differs from the model's image_size="
+      f"{model.image_size}; create the model at the size you want"
+    )
   if isinstance(path, Mapping):
     path, have = source, _to_linen(layout.flatten(path), source)
   else:
@@ -147,8 +164,13 @@ def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransform
   for key, spec in want.items():
     expected = _shape(spec)
     if key.startswith("head/") and (reset_head or key not in have or _shape(have[key]) != expected):
-      why = ("asked to" if reset_head else "not in the file" if key not in have else
-             f"class count differs: file {_shape(have[key])}, model {expected}")
+      why = (
+        "asked to"
+        if reset_head
+        else "not in the file"
+        if key not in have
+        else f"class count differs: file {_shape(have[key])}, model {expected}"
+      )
       log.info("checkpoint: %s re-initialised to zeros (%s)", key, why)
       out[key] = np.zeros(expected, np.float32)
       continue
@@ -168,15 +190,23 @@ def load_pretrained(path: str | Mapping[str, Any], model: models.VisionTransform
   for key in sorted(set(have) - set(want)):
     if key.startswith("pre_logits/") and model.representation_size is None:
       log.info("checkpoint: dropping %s (the model has no representation_size)", key)
-      if key == "pre_logits/kernel" and "head/kernel" in have and not reset_head and \
-          _shape(have["head/kernel"]) == _shape(want.get("head/kernel", ())):
-        log.warning("checkpoint: keeping a head trained on pre_logits features without them; "
-                    "pass reset_head=True to fine-tune from a fresh head")
+      if (
+        key == "pre_logits/kernel"
+        and "head/kernel" in have
+        and not reset_head
+        and _shape(have["head/kernel"]) == _shape(want.get("head/kernel", ()))
+      ):
+        log.warning(
+          "checkpoint: keeping a head trained on pre_logits features without them; "
+          "pass reset_head=True to fine-tune from a fresh head"
+        )
     elif key.startswith("head/") and model.num_classes is None:
       log.info("checkpoint: dropping %s (the model has no head: num_classes=None)", key)
     else:
-      raise CheckpointError(f"{path}: unexpected key {key!r} (shape {_shape(have[key])}) "
-                            "that the model has no place for")
+      raise CheckpointError(
+        f"{path}: unexpected key {key!r} (shape {_shape(have[key])}) "
+        "that the model has no place for"
+      )
   dtype = np.dtype(model.param_dtype)
   out = {k: np.asarray(v, dtype=dtype) for k, v in out.items()}
   if model.scan:
@@ -201,5 +231,3 @@ def save(params: Mapping[str, Any], path: str) -> None:
   np.savez(buf, **out)
   with files.atomic_write(path) as f:
     f.write(buf.getvalue())
-
-

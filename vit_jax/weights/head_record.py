@@ -5,6 +5,7 @@ gets `NAME.head.json`: {"head": "softmax" | "sigmoid", "class_names": [...]}.
 A softmax head ranks classes that exclude each other; a sigmoid head (trained on
 multi-label data) gives each class an independent probability.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ KINDS = ("softmax", "sigmoid")
 @dataclasses.dataclass(frozen=True)
 class HeadRecord:
   """A head's kind and class names (None when the run had none)."""
+
   head: str
   class_names: tuple[str, ...] | None = None
 
@@ -34,13 +36,16 @@ class HeadRecord:
 def path_for(npz: str) -> str:
   """NAME.head.json for NAME.npz (local or gs://)."""
   npz = str(npz)
-  return f"{npz[:-len('.npz')] if npz.endswith('.npz') else npz}.head.json"
+  return f"{npz[: -len('.npz')] if npz.endswith('.npz') else npz}.head.json"
 
 
 def write(npz: str, record: HeadRecord) -> str:
   """Writes the record beside `npz`; returns its path."""
   path = path_for(npz)
-  body = {"head": record.head, "class_names": list(record.class_names) if record.class_names else None}
+  body = {
+    "head": record.head,
+    "class_names": list(record.class_names) if record.class_names else None,
+  }
   with files.atomic_write(path) as f:
     f.write((json.dumps(body, indent=1) + "\n").encode("utf-8"))
   return path
@@ -54,7 +59,9 @@ def read(npz: str) -> HeadRecord | None:
   try:
     body = json.loads(files.read_bytes(path))
     names = body.get("class_names")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+    if names is not None and not (
+      isinstance(names, list) and all(isinstance(n, str) for n in names)
+    ):
       raise ValueError("class_names must be a list of strings")
     return HeadRecord(head=body["head"], class_names=tuple(names) if names else None)
   except (ValueError, KeyError, TypeError, AttributeError, errors.DataError) as e:
@@ -66,6 +73,7 @@ def class_names(npz: str, record: HeadRecord | None, num_classes: int) -> list[s
   if record is None or not record.class_names:
     return None
   if len(record.class_names) != num_classes:
-    raise errors.DataError(f"{path_for(npz)}: {len(record.class_names)} class names for a head "
-                           f"of {num_classes} classes")
+    raise errors.DataError(
+      f"{path_for(npz)}: {len(record.class_names)} class names for a head of {num_classes} classes"
+    )
   return list(record.class_names)

@@ -5,15 +5,17 @@ class-index order (WordNet lemmas, e.g. "tench, Tinca tinca"). It was written
 from `tensorflow_datasets.datasets.siscore.labels.IMAGENET_LABELS_LIST`, which
 tensorflow-datasets installs; a test keeps the two equal.
 """
+
 from __future__ import annotations
 
 import functools
 from importlib import resources
 
 from vit_jax import errors
+from vit_jax.platform import files
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def imagenet2012() -> tuple[str, ...]:
   """The 1000 ImageNet-2012 class names, index order."""
   text = resources.files("vit_jax.weights").joinpath("imagenet2012_labels.txt").read_text("utf-8")
@@ -22,7 +24,6 @@ def imagenet2012() -> tuple[str, ...]:
 
 def read(path: str) -> list[str]:
   """A labels file: one class name per line, index order; blank trailing lines ignored."""
-  from vit_jax.platform import files  # pylint: disable=import-outside-toplevel
   try:
     text = files.read_bytes(path).decode("utf-8")
   except UnicodeDecodeError:

@@ -1,1 +1,3 @@
-"""`vit-jax serve`: the HTTP app (`app`), its options and errors (`protocol`), the batcher and URL fetching."""
+"""`vit-jax serve`: the HTTP app (`app`), its options and errors (`protocol`), the batcher and URL
+fetching.
+"""

@@ -1,4 +1,5 @@
-"""`vit-jax serve`'s HTTP app: an endpoint that classifies images, batching requests that arrive together.
+"""`vit-jax serve`'s HTTP app: an endpoint that classifies images, batching requests that arrive
+together.
 
     POST /score    {"input_data": ["<base64 image, data: URI or http(s) URL>", ...], "top_k": 5}
                    -> [[{"label": ..., "score": ...}, ...], ...]  (one list per image, sorted)
@@ -23,6 +24,7 @@ every address it resolves to is checked, and the connection goes to a checked
 address (so a name that resolves differently the second time cannot reach
 inside); redirects are followed by hand, each hop checked the same way.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,24 +39,31 @@ import io
 import json
 import logging
 import re
+import signal
 import socket
 import urllib.parse
-from typing import Any, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import uvicorn
 import uvicorn.config
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException
 
 from vit_jax.apps import classifier
-from vit_jax.data import preprocess
 from vit_jax.apps.serving import protocol
-from vit_jax.apps.serving.batcher import Batcher, QueueFull
-from vit_jax.apps.serving.protocol import Options, RequestError
+from vit_jax.apps.serving.batcher import Batcher
+from vit_jax.apps.serving.batcher import QueueFull
+from vit_jax.apps.serving.protocol import Options
+from vit_jax.apps.serving.protocol import RequestError
 from vit_jax.apps.serving.urls import UrlFetcher
+from vit_jax.data import preprocess
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +75,7 @@ _FIELDS = ("input_data", "top_k")
 @dataclasses.dataclass
 class _State:
   """What the handlers share: readiness, the batcher, counters."""
+
   status: str = "starting"
   error: str | None = None
   batcher: Batcher | None = None
@@ -93,7 +103,7 @@ def _prepare(data: bytes, index: int, size: int, max_pixels: int) -> np.ndarray:
       width, height = im.size
   except Image.DecompressionBombError as e:
     raise RequestError(413, f"{name}: too many pixels ({e})") from None
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     width = height = 0  # unreadable: decode_rgb below says how
   if width * height > max_pixels:
     raise RequestError(413, f"{name}: {width}x{height} pixels is over the limit of {max_pixels}")
@@ -110,7 +120,9 @@ def _top_k(value: Any, where: str) -> int:
     with contextlib.suppress(ValueError):
       value = int(value)
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise RequestError(400, f"{where} top_k must be a positive integer, not {protocol.short(value)}")
+    raise RequestError(
+      400, f"{where} top_k must be a positive integer, not {protocol.short(value)}"
+    )
   return value
 
 
@@ -121,30 +133,35 @@ def _parse(body: bytes, options: Options) -> tuple[list[str], int | None]:
   except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
     raise RequestError(400, f"malformed JSON body ({str(e).splitlines()[0][:200]})") from None
   if not isinstance(payload, dict):
-    raise RequestError(400, f"the body must be a JSON object with 'input_data', not a "
-                            f"{type(payload).__name__}")
+    raise RequestError(
+      400, f"the body must be a JSON object with 'input_data', not a {type(payload).__name__}"
+    )
   unknown = sorted(set(payload) - set(_FIELDS))
   if unknown:
-    raise RequestError(400, f"unknown field {protocol.short(unknown[0])} (the fields are "
-                            f"{', '.join(_FIELDS)})")
+    raise RequestError(
+      400, f"unknown field {protocol.short(unknown[0])} (the fields are {', '.join(_FIELDS)})"
+    )
   if "input_data" not in payload:
     raise RequestError(400, "missing field 'input_data': a list of base64 images or URLs")
   inputs = payload["input_data"]
   if not isinstance(inputs, list) or not inputs:
     raise RequestError(400, "'input_data' must be a non-empty list of base64 images or URLs")
   if len(inputs) > options.max_images:
-    raise RequestError(422, f"{len(inputs)} images in one request is over the limit of "
-                            f"{options.max_images}")
+    raise RequestError(
+      422, f"{len(inputs)} images in one request is over the limit of {options.max_images}"
+    )
   for i, item in enumerate(inputs):
     if not isinstance(item, str):
-      raise RequestError(400, f"input_data[{i}]: expected a base64 string or URL, not "
-                              f"{type(item).__name__}")
+      raise RequestError(
+        400, f"input_data[{i}]: expected a base64 string or URL, not {type(item).__name__}"
+      )
   k = _top_k(payload["top_k"], "JSON") if "top_k" in payload else None
   return inputs, k
 
 
-def create_app(clf: classifier.Classifier, options: Options = Options()) -> FastAPI:
+def create_app(clf: classifier.Classifier, options: Options | None = None) -> FastAPI:
   """The FastAPI application serving `clf`; compiles every batch size when it starts."""
+  options = options or Options()
   sizes = options.sizes
   state = _State()
 
@@ -161,8 +178,9 @@ def create_app(clf: classifier.Classifier, options: Options = Options()) -> Fast
     loop = asyncio.get_running_loop()
     # One thread for the model: warm-up first, then one batch at a time, in order.
     model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vit-jax-model")
-    state.batcher = Batcher(run_batch, max(sizes), options.max_wait_ms / 1000, model_thread,
-                            max_queue=options.max_queue)
+    state.batcher = Batcher(
+      run_batch, max(sizes), options.max_wait_ms / 1000, model_thread, max_queue=options.max_queue
+    )
     worker = asyncio.create_task(state.batcher.serve_forever())
     if options.allow_urls:
       state.fetcher = UrlFetcher(options)
@@ -170,13 +188,19 @@ def create_app(clf: classifier.Classifier, options: Options = Options()) -> Fast
     async def become_ready() -> None:
       try:
         await loop.run_in_executor(model_thread, warm_up)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         log.exception("warm-up failed")
         state.status, state.error = "failed", f"{e.__class__.__name__}: {e}"
         return
       state.status = "ready"
-      log.info("ready: %s, %dpx, %d classes, %s, batch sizes %s", clf.model_name, clf.image_size,
-               len(clf.class_names), clf.dtype, list(sizes))
+      log.info(
+        "ready: %s, %dpx, %d classes, %s, batch sizes %s",
+        clf.model_name,
+        clf.image_size,
+        len(clf.class_names),
+        clf.dtype,
+        list(sizes),
+      )
 
     log.info("compiling batch sizes %s", list(sizes))
     ready = asyncio.create_task(become_ready())
@@ -217,8 +241,11 @@ def create_app(clf: classifier.Classifier, options: Options = Options()) -> Fast
     if not url.lower().startswith(("http://", "https://")):
       raise RequestError(400, f"input_data[{index}]: only http(s) URLs can be fetched")
     if not options.allow_urls:
-      raise RequestError(400, f"input_data[{index}]: URL inputs are disabled on this server "
-                              "(send the image as base64, or start it with --allow-urls)")
+      raise RequestError(
+        400,
+        f"input_data[{index}]: URL inputs are disabled on this server "
+        "(send the image as base64, or start it with --allow-urls)",
+      )
     try:
       parts = urllib.parse.urlsplit(url)
       if parts.port is not None and not 0 < parts.port < 65536:  # urlsplit accepts port 0
@@ -246,8 +273,9 @@ def create_app(clf: classifier.Classifier, options: Options = Options()) -> Fast
       state.in_flight -= 1
 
   async def scored(request: Request) -> JSONResponse:
-    body = await protocol.read_limited(request.headers, request.stream(), options.max_body_bytes,
-                              "request body")
+    body = await protocol.read_limited(
+      request.headers, request.stream(), options.max_body_bytes, "request body"
+    )
     inputs, k = await asyncio.to_thread(_parse, body, options)  # a large body parses off the loop
     if k is None:
       query = request.query_params.get("top_k")
@@ -257,24 +285,29 @@ def create_app(clf: classifier.Classifier, options: Options = Options()) -> Fast
       check_url(inputs[i], i)
     # Places in the queue are held from here: what is fetched and decoded waits for the model too.
     with state.batcher.admit(len(inputs)) as ticket:
-      fetched = await asyncio.gather(*(state.fetcher.fetch(inputs[i], i, options.max_body_bytes)
-                                       for i in urls), return_exceptions=True)
+      fetched = await asyncio.gather(
+        *(state.fetcher.fetch(inputs[i], i, options.max_body_bytes) for i in urls),
+        return_exceptions=True,
+      )
       _raise_first(fetched)
       items: list[str | bytes] = list(inputs)
-      for i, data in zip(urls, fetched):
+      for i, data in zip(urls, fetched, strict=True):
         items[i] = data
       # Decoding and resizing run in threads, so the event loop goes on accepting; of several
       # bad inputs, the first in order is named.
-      prepared = await asyncio.gather(*(asyncio.to_thread(prepare, item, i)
-                                        for i, item in enumerate(items)), return_exceptions=True)
+      prepared = await asyncio.gather(
+        *(asyncio.to_thread(prepare, item, i) for i, item in enumerate(items)),
+        return_exceptions=True,
+      )
       _raise_first(prepared)
       rows = await state.batcher.classify(prepared, ticket)
     state.images += len(rows)
     ranked = clf.rank(np.stack(rows), k)
     # A bare list, one ranked list per image: the managed endpoint's answer, which its
     # clients index directly.
-    return JSONResponse([[{"label": p["label"], "score": p["score"]} for p in preds]
-                         for preds in ranked])
+    return JSONResponse(
+      [[{"label": p["label"], "score": p["score"]} for p in preds] for preds in ranked]
+    )
 
   @app.get("/healthz")
   async def healthz() -> JSONResponse:
@@ -284,25 +317,41 @@ def create_app(clf: classifier.Classifier, options: Options = Options()) -> Fast
 
   @app.get("/metadata")
   async def metadata() -> dict[str, Any]:
-    return {"model": clf.model_name, "image_size": clf.image_size, "dtype": clf.dtype,
-            "num_classes": len(clf.class_names), "labels": clf.class_names,
-            # A sigmoid head scores each class on its own; a softmax's scores sum to 1.
-            "head": "sigmoid" if clf.multilabel else "softmax", "threshold": clf.threshold,
-            "batch_sizes": list(sizes), "max_wait_ms": options.max_wait_ms,
-            "top_k": options.top_k, "allow_urls": options.allow_urls,
-            "allow_private_urls": options.allow_private_urls,
-            "limits": {"max_body_bytes": options.max_body_bytes,
-                       "max_pixels": options.max_pixels, "max_images": options.max_images,
-                       "max_queue": options.max_queue}}
+    return {
+      "model": clf.model_name,
+      "image_size": clf.image_size,
+      "dtype": clf.dtype,
+      "num_classes": len(clf.class_names),
+      "labels": clf.class_names,
+      # A sigmoid head scores each class on its own; a softmax's scores sum to 1.
+      "head": "sigmoid" if clf.multilabel else "softmax",
+      "threshold": clf.threshold,
+      "batch_sizes": list(sizes),
+      "max_wait_ms": options.max_wait_ms,
+      "top_k": options.top_k,
+      "allow_urls": options.allow_urls,
+      "allow_private_urls": options.allow_private_urls,
+      "limits": {
+        "max_body_bytes": options.max_body_bytes,
+        "max_pixels": options.max_pixels,
+        "max_images": options.max_images,
+        "max_queue": options.max_queue,
+      },
+    }
 
   @app.get("/stats")
   async def stats() -> dict[str, Any]:
     sizes_seen = state.batcher.batch_sizes if state.batcher else collections.Counter()
-    return {"status": state.status, "requests": state.requests, "images": state.images,
-            "queued": state.batcher.waiting if state.batcher else 0, "in_flight": state.in_flight,
-            "errors": {str(k): v for k, v in sorted(state.errors.items())},
-            "batches": sum(sizes_seen.values()),
-            "batch_sizes": {str(k): v for k, v in sorted(sizes_seen.items())}}
+    return {
+      "status": state.status,
+      "requests": state.requests,
+      "images": state.images,
+      "queued": state.batcher.waiting if state.batcher else 0,
+      "in_flight": state.in_flight,
+      "errors": {str(k): v for k, v in sorted(state.errors.items())},
+      "batches": sum(sizes_seen.values()),
+      "batch_sizes": {str(k): v for k, v in sorted(sizes_seen.items())},
+    }
 
   return app
 
@@ -328,22 +377,28 @@ def bind(host: str, port: int) -> socket.socket:
   return sock
 
 
-def server(app: FastAPI, *, access_log: bool = True, log_level: str = "info",
-           drain_timeout_s: float = 25.0) -> uvicorn.Server:
+def server(
+  app: FastAPI, *, access_log: bool = True, log_level: str = "info", drain_timeout_s: float = 25.0
+) -> uvicorn.Server:
   """A uvicorn server for `app`, logging in uvicorn's format; SIGTERM or Ctrl-C drains it."""
   log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
   log_config["loggers"][__name__] = {"handlers": ["default"], "level": "INFO", "propagate": False}
   # Draining: stop accepting, answer the requests in flight for at most drain_timeout_s (then
   # they are cancelled), shut the app down.
-  config = uvicorn.Config(app, log_config=log_config, log_level=log_level, access_log=access_log,
-                          timeout_graceful_shutdown=drain_timeout_s)
+  config = uvicorn.Config(
+    app,
+    log_config=log_config,
+    log_level=log_level,
+    access_log=access_log,
+    timeout_graceful_shutdown=drain_timeout_s,
+  )
   return uvicorn.Server(config)
 
 
-def run(app: FastAPI, sock: socket.socket, *, access_log: bool = True,
-        drain_timeout_s: float = 25.0) -> None:
+def run(
+  app: FastAPI, sock: socket.socket, *, access_log: bool = True, drain_timeout_s: float = 25.0
+) -> None:
   """Serves `app` on `sock` until SIGTERM or Ctrl-C, then drains and returns (the socket closed)."""
-  import signal  # pylint: disable=import-outside-toplevel
   srv = server(app, access_log=access_log, drain_timeout_s=drain_timeout_s)
 
   def interrupt(_signum, _frame):

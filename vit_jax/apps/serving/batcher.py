@@ -1,8 +1,10 @@
-"""Gathers work items from concurrent requests into batches for one call at a time, with a bounded queue.
+"""Gathers work items from concurrent requests into batches for one call at a time, with a bounded
+queue.
 
 Nothing here knows about images or HTTP: `run` takes a list of items and
 returns one result row per item.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +14,9 @@ import contextlib
 import logging
 import math
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,8 +28,9 @@ class QueueFull(Exception):
 
   def __init__(self, images: int | None, waiting: int, limit: int, retry_after_s: int):
     more = "" if images is None else f", and {images} more would pass the limit of {limit}"
-    super().__init__(f"the queue is full: {waiting} images wait for the model{more}; retry "
-                     f"after {retry_after_s} s")
+    super().__init__(
+      f"the queue is full: {waiting} images wait for the model{more}; retry after {retry_after_s} s"
+    )
     self.retry_after_s = retry_after_s
 
 
@@ -39,9 +44,14 @@ class _Ticket:
 class Batcher:
   """Gathers images from concurrent requests into batches for one compiled call at a time."""
 
-  def __init__(self, run: Callable[[list[np.ndarray]], np.ndarray], max_batch: int,
-               max_wait_s: float, executor: concurrent.futures.Executor,
-               max_queue: int | None = None):
+  def __init__(
+    self,
+    run: Callable[[list[np.ndarray]], np.ndarray],
+    max_batch: int,
+    max_wait_s: float,
+    executor: concurrent.futures.Executor,
+    max_queue: int | None = None,
+  ):
     self._run = run
     self._max_batch = max_batch
     self._max_wait_s = max_wait_s
@@ -76,15 +86,16 @@ class Batcher:
       self.waiting -= ticket.held
       ticket.held = 0
 
-  async def classify(self, images: Sequence[np.ndarray],
-                     ticket: _Ticket | None = None) -> list[np.ndarray]:
+  async def classify(
+    self, images: Sequence[np.ndarray], ticket: _Ticket | None = None
+  ) -> list[np.ndarray]:
     """One row of the model's output per image, in order (admitted first, without `ticket`)."""
     if ticket is None:
       with self.admit(len(images)) as ticket:
         return await self.classify(images, ticket)
     loop = asyncio.get_running_loop()
     futures = [loop.create_future() for _ in images]
-    for image, future in zip(images, futures):
+    for image, future in zip(images, futures, strict=True):
       self._queue.put_nowait((image, future, ticket))
     return list(await asyncio.gather(*futures))
 
@@ -126,7 +137,7 @@ class Batcher:
       start = time.perf_counter()
       try:
         rows = await loop.run_in_executor(self._executor, self._run, [im for im, _ in items])
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         # A failed call fails its requests (500), never the worker.
         log.exception("model call on %d images failed", len(items))
         for _, future in items:
@@ -137,6 +148,6 @@ class Batcher:
       # The mean of the last ~10 calls: recent enough to follow load, steady enough to quote.
       self._call_s = elapsed if not self.batch_sizes else 0.9 * self._call_s + 0.1 * elapsed
       self.batch_sizes[len(items)] += 1
-      for (_, future), row in zip(items, rows):
+      for (_, future), row in zip(items, rows, strict=True):
         if not future.done():
           future.set_result(row)

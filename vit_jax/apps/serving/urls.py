@@ -4,12 +4,15 @@ The host is resolved once, every address it resolves to is checked, and the
 connection goes to a checked address, so a name that resolves differently the
 second time cannot reach inside.
 """
+
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import socket
-from typing import Awaitable, Callable, Sequence
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import httpx
 
@@ -20,9 +23,14 @@ _MAX_REDIRECTS = 3
 
 # The kinds of address a server must not fetch from unless told to, tested in this order (an
 # address can be several: 127.0.0.1 is loopback and private; the first names it best).
-_INTERNAL = (("is_unspecified", "unspecified"), ("is_loopback", "loopback"),
-             ("is_link_local", "link-local"), ("is_multicast", "multicast"),
-             ("is_reserved", "reserved"), ("is_private", "private"))
+_INTERNAL = (
+  ("is_unspecified", "unspecified"),
+  ("is_loopback", "loopback"),
+  ("is_link_local", "link-local"),
+  ("is_multicast", "multicast"),
+  ("is_reserved", "reserved"),
+  ("is_private", "private"),
+)
 
 
 def internal_kind(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
@@ -54,16 +62,24 @@ async def resolve_host(host: str, port: int) -> list[str]:
 class UrlFetcher:
   """GETs URL inputs from public addresses only (unless allowed), connecting to the one checked."""
 
-  def __init__(self, options: protocol.Options, resolve: Resolver = resolve_host,
-               transport: httpx.AsyncBaseTransport | None = None):
+  def __init__(
+    self,
+    options: protocol.Options,
+    resolve: Resolver = resolve_host,
+    transport: httpx.AsyncBaseTransport | None = None,
+  ):
     self._options = options
     self._resolve = resolve
     # Redirects are followed here, each hop checked; proxies from the environment are not used
     # (a proxy would resolve the name again); no connection is kept alive, since the pool keys
     # one by address, and a TLS connection checked for one name could carry another's request.
-    self._http = httpx.AsyncClient(timeout=options.url_timeout_s, follow_redirects=False,
-                                   trust_env=False, transport=transport,
-                                   limits=httpx.Limits(max_keepalive_connections=0))
+    self._http = httpx.AsyncClient(
+      timeout=options.url_timeout_s,
+      follow_redirects=False,
+      trust_env=False,
+      transport=transport,
+      limits=httpx.Limits(max_keepalive_connections=0),
+    )
 
   async def aclose(self) -> None:
     await self._http.aclose()
@@ -77,14 +93,20 @@ class UrlFetcher:
     except protocol.RequestError:
       raise
     except TimeoutError:
-      raise protocol.RequestError(400, f"{name}: cannot fetch {protocol.short(url)} (no answer within "
-                              f"{self._options.url_timeout_s:g} s)") from None
-    except Exception as e:  # pylint: disable=broad-except
+      raise protocol.RequestError(
+        400,
+        f"{name}: cannot fetch {protocol.short(url)} (no answer within "
+        f"{self._options.url_timeout_s:g} s)",
+      ) from None
+    except Exception as e:
       # Whatever a client's URL makes the HTTP client raise (a bad port or host name ends in
       # InvalidURL, ExceptionGroup, OSError, ...) is the client's bad input. Only addresses that
       # passed the check get here, so the message tells nothing of an internal one.
-      raise protocol.RequestError(400, f"{name}: cannot fetch {protocol.short(url)} "
-                              f"({e.__class__.__name__}: {protocol.short(str(e))})") from None
+      raise protocol.RequestError(
+        400,
+        f"{name}: cannot fetch {protocol.short(url)} "
+        f"({e.__class__.__name__}: {protocol.short(str(e))})",
+      ) from None
 
   async def _follow(self, url: str, name: str, max_bytes: int) -> bytes:
     """GETs `url`, and the URL it redirects to, up to _MAX_REDIRECTS times."""
@@ -96,47 +118,60 @@ class UrlFetcher:
         if response.is_redirect and location:
           target = target.join(location)
           if target.scheme not in ("http", "https") or not target.host:
-            raise protocol.RequestError(400, f"{name}: {protocol.short(url)} redirects to something other than "
-                                    "an http(s) URL")
+            raise protocol.RequestError(
+              400, f"{name}: {protocol.short(url)} redirects to something other than an http(s) URL"
+            )
           continue
         if response.status_code != 200:
-          raise protocol.RequestError(400, f"{name}: GET {protocol.short(url)} answered HTTP {response.status_code}")
-        return await protocol.read_limited(response.headers, response.aiter_bytes(), max_bytes,
-                                   f"{name}: {protocol.short(url)}")
+          raise protocol.RequestError(
+            400, f"{name}: GET {protocol.short(url)} answered HTTP {response.status_code}"
+          )
+        return await protocol.read_limited(
+          response.headers, response.aiter_bytes(), max_bytes, f"{name}: {protocol.short(url)}"
+        )
       finally:
         await response.aclose()
-    raise protocol.RequestError(400, f"{name}: {protocol.short(url)} redirects more than {_MAX_REDIRECTS} times")
+    raise protocol.RequestError(
+      400, f"{name}: {protocol.short(url)} redirects more than {_MAX_REDIRECTS} times"
+    )
 
   async def _send(self, target: httpx.URL, url: str, name: str, redirected: bool) -> httpx.Response:
     """The response to a GET of `target`, sent to an address of its host that passed the check."""
     port = target.port or (443 if target.scheme == "https" else 80)
     try:
-      addresses = (list(await self._resolve(target.host, port)) if _is_name(target.host)
-                   else [target.host])
+      addresses = (
+        list(await self._resolve(target.host, port)) if _is_name(target.host) else [target.host]
+      )
     except OSError:  # socket.gaierror, and the like
       addresses = []
     if not addresses:
       # Said without the resolver's words: they would tell of internal names.
-      raise protocol.RequestError(400, f"{name}: cannot fetch {protocol.short(url)} (its host name does not "
-                              "resolve)")
+      raise protocol.RequestError(
+        400, f"{name}: cannot fetch {protocol.short(url)} (its host name does not resolve)"
+      )
     if not self._options.allow_private_urls:
       for address in addresses:
         kind = internal_kind(address)
         if kind:
           # Said without anything from the target: no address, status or error of what is there.
-          where = (("it redirects to a host that" if redirected else "its host")
-                   + (" resolves to" if _is_name(target.host) else " is"))
+          where = ("it redirects to a host that" if redirected else "its host") + (
+            " resolves to" if _is_name(target.host) else " is"
+          )
           article = "an" if kind[0] in "aeiou" else "a"
-          raise protocol.RequestError(400, f"{name}: refused to fetch {protocol.short(url)}: {where} {article} "
-                                  f"{kind} address (this server fetches only from public "
-                                  "addresses; --allow-private-urls allows the others)")
+          raise protocol.RequestError(
+            400,
+            f"{name}: refused to fetch {protocol.short(url)}: {where} {article} "
+            f"{kind} address (this server fetches only from public "
+            "addresses; --allow-private-urls allows the others)",
+          )
     headers = {"Host": target.netloc.decode("ascii")}
     # TLS: the name goes in SNI and the certificate is checked against it, not the address.
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     error = None
     for address in addresses:
-      request = self._http.build_request("GET", target.copy_with(host=address), headers=headers,
-                                         extensions=extensions)
+      request = self._http.build_request(
+        "GET", target.copy_with(host=address), headers=headers, extensions=extensions
+      )
       try:
         return await self._http.send(request, stream=True)
       except httpx.ConnectError as e:  # no connection made: the next address may answer

@@ -1,9 +1,11 @@
 """The training recipes that ship with the package: `--config NAME` picks one by its file name.
 
-Each recipe is a small Python file with `get_config()`, starting from `vit_jax.config.schema.base()`.
+Each recipe is a small Python file with `get_config()`, starting from
+`vit_jax.config.schema.base()`.
 The checkout's top-level `configs/` holds one-line files that import these, for users who
 look there.
 """
+
 from __future__ import annotations
 
 import ast
@@ -11,9 +13,13 @@ import importlib.util
 import os
 import pathlib
 import tempfile
+from typing import TYPE_CHECKING
 
 from vit_jax import errors
 from vit_jax.platform import files
+
+if TYPE_CHECKING:
+  import ml_collections
 
 _DIR = pathlib.Path(__file__).resolve().parent
 
@@ -54,15 +60,16 @@ def absolute(spec: str) -> str:
   return spec
 
 
-def read(spec: str) -> "ml_collections.ConfigDict":
-  """The config a `--config` value names: a recipe name or a file, either with an optional `:arg`."""
+def read(spec: str) -> ml_collections.ConfigDict:
+  """The config a `--config` value names: a recipe or a file, either with an optional `:arg`."""
   scheme, slashes, rest = spec.partition("://")  # a URL's own colon is not an argument's
   name, sep, arg = (rest if slashes else spec).partition(":")
   name = f"{scheme}{slashes}{name}" if slashes else name
   file = name if files.isfile(name) else path(name)
   if file is None:
-    raise errors.ConfigError(f"--config {spec}: no such recipe or config file "
-                             f"(recipes: {', '.join(names())})")
+    raise errors.ConfigError(
+      f"--config {spec}: no such recipe or config file (recipes: {', '.join(names())})"
+    )
   if files.is_remote(file):  # Python imports local files: a copy of a gs:// config
     with tempfile.TemporaryDirectory() as local:
       copy = os.path.join(local, "config.py")

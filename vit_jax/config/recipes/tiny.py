@@ -1,7 +1,8 @@
 """A tiny ViT on an image folder, for CPU tests and smoke runs (seconds per step on a laptop).
 
-  vit-jax train --config tiny --workdir /tmp/tiny --config.folder=/path/to/ROOT
+vit-jax train --config tiny --workdir /tmp/tiny --config.folder=/path/to/ROOT
 """
+
 from vit_jax.config import schema
 
 

@@ -12,6 +12,7 @@ estimates), without remat or accumulation.
   vit-jax train --config vit_b16_cifar10 --workdir gs://BUCKET/runs/cifar10 \
     --config.pretrained=gs://vit_models/imagenet21k/ViT-B_16.npz
 """
+
 from vit_jax.config import schema
 
 

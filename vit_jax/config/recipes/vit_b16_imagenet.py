@@ -12,6 +12,7 @@ estimates), without remat or accumulation.
   vit-jax train --config vit_b16_imagenet --workdir gs://BUCKET/runs/imagenet \
     --config.tfds_data_dir=gs://BUCKET/tensorflow_datasets
 """
+
 from vit_jax.config import schema
 
 

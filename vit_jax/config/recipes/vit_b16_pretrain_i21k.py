@@ -34,6 +34,7 @@ overrides (or `--apply FILE`).
   vit-jax train --config vit_b16_pretrain_i21k --workdir gs://BUCKET/runs/i21k \
     --config.tfds_data_dir=gs://BUCKET/tensorflow_datasets
 """
+
 from vit_jax.config import schema
 
 

@@ -7,6 +7,7 @@ commented out; class-balanced oversampling is on for imbalanced folders.
   vit-jax train --config vit_folder --workdir runs/mydata \
     --config.folder=/data/mydata --config.pretrained=ViT-B_16.npz
 """
+
 from vit_jax.config import schema
 
 
