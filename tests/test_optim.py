@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import models
 from vit_jax.config import recipes
 from vit_jax.config import schema
+from vit_jax.models import layout
 from vit_jax.training import optim
 
 
@@ -80,7 +82,7 @@ PARAMS = {
 
 
 def _step(config, grads, params=PARAMS, steps=1):
-  tx, _ = optim.make_optimizer(config)
+  tx, _ = optim.make_optimizer(config, params)
   state = tx.init(params)
   for _ in range(steps):
     updates, state = tx.update(grads, state, params)
@@ -88,18 +90,154 @@ def _step(config, grads, params=PARAMS, steps=1):
   return params, state
 
 
-def test_adamw_decays_kernels_only():
+def _vit(**kw):
+  """A real ViT's parameter tree (2 blocks, pre_logits, a head), every value 2."""
+  fields = dict(hidden_size=8, mlp_dim=16, num_heads=2, num_layers=2, patch_size=4)
+  model = models.create_model(
+    None, num_classes=3, image_size=8, representation_size=8, **{**fields, **kw}
+  )
+  return model, jax.tree_util.tree_map(lambda s: jnp.full(s.shape, 2.0), models.param_shapes(model))
+
+
+# The ViT's parameters that decay by default, written out (big_vision's `.*/kernel$`): every
+# Dense and Conv kernel. Not the query/key/value biases (2-D: [heads, head_dim]), the class
+# token or the position embedding, which a mask by rank would have decayed.
+DECAYED = {
+  "embedding/kernel",
+  "pre_logits/kernel",
+  "head/kernel",
+  *(
+    f"Transformer/encoderblock_{i}/{m}/kernel"
+    for i in range(2)
+    for m in (
+      "MultiHeadDotProductAttention_0/query",
+      "MultiHeadDotProductAttention_0/key",
+      "MultiHeadDotProductAttention_0/value",
+      "MultiHeadDotProductAttention_0/out",
+      "MlpBlock_0/Dense_0",
+      "MlpBlock_0/Dense_1",
+    )
+  ),
+}
+
+
+def test_adamw_decays_the_real_models_kernels_and_nothing_else():
   # Zero gradients: Adam's own update is 0, so what moves is the decoupled decay alone,
-  # lr * weight_decay * param, and only on the kernel.
+  # lr * weight_decay * param, on the decayed parameters only.
   cfg = _config(
     optimizer="adam", weight_decay=0.5, warmup_steps=1, decay_type="constant", grad_clip_norm=0.0
   )
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, PARAMS)
+  _, params = _vit()
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
   # Step 0 has lr 0 (warmup); step 1 runs at lr 0.1.
-  params, _ = _step(cfg, zeros, steps=2)
-  np.testing.assert_allclose(params["dense"]["kernel"], 2.0 - 0.1 * 0.5 * 2.0, rtol=1e-6)
-  np.testing.assert_array_equal(params["dense"]["bias"], PARAMS["dense"]["bias"])
-  np.testing.assert_array_equal(params["norm"]["scale"], PARAMS["norm"]["scale"])
+  after = layout.flatten(_step(cfg, zeros, params=params, steps=2)[0])
+  assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/bias" in after
+  assert {"cls", "Transformer/posembed_input/pos_embedding"} <= set(after)
+  for name, value in after.items():
+    want = 2.0 - 0.1 * 0.5 * 2.0 if name in DECAYED else 2.0
+    np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=name)  # float32 ulps
+
+
+def test_wd_mults_choose_by_name_first_match_wins():
+  cfg = _config(
+    optimizer="adam", weight_decay=0.5, warmup_steps=1, decay_type="constant", grad_clip_norm=0.0
+  )
+  cfg.wd_mults = (("head/kernel", 2.0), (".*/kernel$", 0.5), ("cls", 1.0))
+  _, params = _vit()
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  after = layout.flatten(_step(cfg, zeros, params=params, steps=2)[0])
+  np.testing.assert_allclose(after["head/kernel"], 2.0 - 0.1 * 0.5 * 2.0 * 2.0, rtol=1e-6)
+  np.testing.assert_allclose(after["embedding/kernel"], 2.0 - 0.1 * 0.5 * 0.5 * 2.0, rtol=1e-6)
+  np.testing.assert_allclose(after["cls"], 2.0 - 0.1 * 0.5 * 2.0, rtol=1e-6)
+  np.testing.assert_array_equal(after["head/bias"], 2.0)
+
+
+def test_a_zero_lr_multiplier_freezes_with_no_optimizer_state():
+  cfg = _config(optimizer="adam", warmup_steps=1, decay_type="constant", weight_decay=0.5)
+  cfg.lr_mults = (("head/.*", 1.0), (".*", 0.0))  # a linear probe: the head alone trains
+  _, params = _vit()
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  after, state = _step(cfg, grads, params=params, steps=3)
+  after = layout.flatten(after)
+  for name, value in after.items():
+    moved = not np.array_equal(value, np.full(value.shape, 2.0))
+    assert moved == name.startswith("head/"), name
+  # Adam keeps two moments of the head alone: 2 x (3 x 8 + 3) floats, not the whole model's.
+  floats = sum(x.size for x in jax.tree_util.tree_leaves(state) if x.dtype == jnp.float32)
+  assert floats == 2 * (3 * 8 + 3)
+
+
+def test_frozen_gradients_do_not_count_towards_clipping():
+  # Only the head trains: its gradient (norm 3) is clipped to 1 whatever the frozen ones are.
+  cfg = _config(momentum=0.0, warmup_steps=1, decay_type="constant", grad_clip_norm=1.0)
+  cfg.lr_mults = (("head/bias", 1.0), (".*", 0.0))
+  _, params = _vit()
+  grads = jax.tree_util.tree_map(lambda p: jnp.full(p.shape, 100.0), params)
+  grads["head"]["bias"] = jnp.asarray([1.0, 2.0, 2.0])
+  after = _step(cfg, grads, params=params, steps=2)[0]
+  np.testing.assert_allclose(after["head"]["bias"], 2.0 - 0.1 * np.array([1, 2, 2]) / 3, rtol=1e-6)
+
+
+def test_layer_decay_is_timms_grouping():
+  """With L = 2 blocks and decay d: embeddings d^3, block 0 d^2, block 1 d, the final norm d
+  (timm's group_matcher puts it with the last block), pre_logits and the head 1."""
+  d = 0.5
+  cfg = _config(layer_decay=d)
+  _, params = _vit()
+  mults = optim.lr_multipliers(params, cfg)
+  want = {
+    "embedding/": d**3,
+    "cls": d**3,
+    "Transformer/posembed_input/": d**3,
+    "Transformer/encoderblock_0/": d**2,
+    "Transformer/encoderblock_1/": d,
+    "Transformer/encoder_norm/": d,
+    "pre_logits/": 1.0,
+    "head/": 1.0,
+  }
+  for name, m in mults.items():
+    prefix = next(p for p in want if name.startswith(p))
+    assert m == pytest.approx(want[prefix]), name
+  # lr_mults multiply the layer's factor.
+  cfg.lr_mults = (("Transformer/encoderblock_0/.*", 4.0),)
+  mults = optim.lr_multipliers(params, cfg)
+  assert mults["Transformer/encoderblock_0/LayerNorm_0/scale"] == pytest.approx(4 * d**2)
+
+
+def test_layer_decay_gives_the_same_update_scanned():
+  """The scanned model stacks the blocks on a first axis: each layer's slice gets its own factor."""
+  cfg = _config(
+    optimizer="adam", layer_decay=0.6, warmup_steps=1, decay_type="constant", weight_decay=0.1
+  )
+  model, params = _vit()
+  rng = np.random.default_rng(0)
+  grads = jax.tree_util.tree_map(
+    lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params
+  )
+  plain = layout.flatten(_step(cfg, grads, params=params, steps=3)[0])
+  stack = lambda tree: layout.unflatten(layout.stack_blocks(layout.flatten(tree), 2))
+  scanned = _step(cfg, stack(grads), params=stack(params), steps=3)[0]
+  scanned = layout.unstack_blocks(layout.flatten(scanned))
+  assert scanned.keys() == plain.keys()
+  for name in plain:
+    np.testing.assert_allclose(scanned[name], plain[name], rtol=1e-6, err_msg=name)  # float32
+
+
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
+    ("wd_mults", (("[unclosed", 1.0),), r"config.wd_mults: '\[unclosed' is not a regex"),
+    ("lr_mults", (("head/.*",),), r"config.lr_mults: \('head/.\*',\) is not a \(regex"),
+    ("lr_mults", (("head/.*", -1.0),), "the multiplier of 'head/.\\*' must be >= 0"),
+    ("lr_mults", ((".*", 0.0),), "freezes every parameter"),
+    ("layer_decay", 1.5, "config.layer_decay 1.5 must be in"),
+  ],
+)
+def test_bad_rules_are_one_line_errors(key, value, message):
+  cfg = _config()
+  cfg[key] = value
+  with pytest.raises(ValueError, match=message):
+    optim.make_optimizer(cfg, _vit()[1])
 
 
 def test_clipping_at_the_global_norm():
@@ -135,7 +273,7 @@ def test_sgd_momentum_and_its_accumulator_dtype():
 
 def test_unknown_optimizer():
   with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam', got 'lion'"):
-    optim.make_optimizer(_config(optimizer="lion"))
+    optim.make_optimizer(_config(optimizer="lion"), PARAMS)
 
 
 def test_pretraining_recipe_is_the_released_checkpoints_recipe():

@@ -112,7 +112,34 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
     _f("accumulator_dtype", str, None, "SGD momentum dtype (e.g. bfloat16); None: the params'"),
     _f("b1", float, 0.9, "Adam beta1"),
     _f("b2", float, 0.999, "Adam beta2"),
-    _f("weight_decay", float, 0.0, "Adam: each step subtracts lr * weight_decay * kernel"),
+    _f(
+      "weight_decay",
+      float,
+      0.0,
+      "decoupled decay: each step subtracts lr * weight_decay * wd_mult * param",
+    ),
+    _f(
+      "wd_mults",
+      tuple,
+      ((".*/kernel$", 1.0),),
+      "weight decay by parameter name: (regex, multiplier) pairs over /-joined names, "
+      "the first full match decides; no match: no decay",
+    ),
+    _f(
+      "lr_mults",
+      tuple,
+      (),
+      "learning-rate multipliers by parameter name, pairs as wd_mults; no match: 1; "
+      "0 freezes (no update, no optimizer state)",
+    ),
+    _f(
+      "layer_decay",
+      float,
+      None,
+      "layer-wise lr decay (timm's): block i of L at decay^(L-i), embeddings decay^(L+1), "
+      "final norm decay, head 1",
+    ),
+    _f("mu_dtype", str, None, "Adam's first-moment dtype (e.g. bfloat16); None: the params'"),
     _f("base_lr", float, 0.03, "learning rate after warmup"),
     _f("warmup_steps", int, 500, "linear warmup from 0"),
     _f("decay_type", str, "cosine", "cosine, linear or constant"),

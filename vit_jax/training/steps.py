@@ -70,7 +70,6 @@ class Setup:
   def __post_init__(self):
     c = self.config
     self.model = model_from_config(c, self.num_classes)
-    self.tx, self.lr_schedule = optim.make_optimizer(c)
     self.sigmoid_loss = _sigmoid_loss(c.loss, self.multilabel)
     self.accum_steps = int(c.accum_steps)
     sharding.check_divisible(c.batch_size, self.mesh, "config.batch_size")
@@ -89,6 +88,7 @@ class Setup:
     )
     self.param_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
     self.param_shapes = nn.meta.unbox(boxed)
+    self.tx, self.lr_schedule = optim.make_optimizer(c, self.param_shapes)
     opt_shapes = jax.eval_shape(self.tx.init, self.param_shapes)
     # Optimizer state mirrors the params it belongs to; scalars (counts) are replicated.
     self.state_shardings = TrainState(
@@ -242,15 +242,36 @@ def _data_size(mesh: Mesh) -> int:
 
 
 def _opt_shardings(opt_shapes: Any, param_shapes: Any, param_shardings: Any, mesh: Mesh) -> Any:
-  """Shardings for optimizer state: a subtree shaped like the params gets the params' shardings."""
-  param_struct = jax.tree_util.tree_structure(param_shapes)
+  """Shardings for optimizer state: a leaf that belongs to a parameter (its path ends with the
+  parameter's path and it has its shape) gets the parameter's sharding; the rest (counts,
+  empty states) are replicated. Matching paths, not tree structures, also finds the state of
+  a multi_transform, whose inner trees hold MaskedNodes for the other group's parameters.
+  """
   rep = sharding.replicated(mesh)
+  by_path = {
+    tuple(_key_name(k) for k in path): (leaf.shape, s)
+    for (path, leaf), s in zip(
+      jax.tree_util.tree_flatten_with_path(param_shapes)[0],
+      jax.tree_util.tree_leaves(param_shardings),
+      strict=True,
+    )
+  }
+  longest = max((len(p) for p in by_path), default=0)
 
-  def assign(sub):
-    if jax.tree_util.tree_structure(sub) == param_struct:
-      return param_shardings
-    return jax.tree_util.tree_map(lambda _: rep, sub)
+  def assign(path, leaf):
+    keys = tuple(_key_name(k) for k in path)
+    for n in range(min(longest, len(keys)), 0, -1):
+      found = by_path.get(keys[-n:])
+      if found is not None and found[0] == leaf.shape:
+        return found[1]
+    return rep
 
-  return jax.tree_util.tree_map(
-    assign, opt_shapes, is_leaf=lambda x: jax.tree_util.tree_structure(x) == param_struct
-  )
+  return jax.tree_util.tree_map_with_path(assign, opt_shapes)
+
+
+def _key_name(key: Any) -> Any:
+  """A path entry as a hashable name: a dict key's key, an attribute's name, an index."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return str(key)
