@@ -141,6 +141,19 @@ def test_head_is_reset_when_classes_differ_or_when_asked(original):
   np.testing.assert_array_equal(kept["head"]["kernel"], arrays["head/kernel"])
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_a_reset_head_starts_at_the_models_head_bias_init(original, reset):
+  """A sigmoid fine-tune from a checkpoint starts its new head where pre-training starts one:
+  every bias at head_bias_init (-10), the kernel at zero, as the model's own init."""
+  path, _ = original
+  model = _model(num_classes=10 if reset else 3, head_bias_init=-10.0)
+  params = checkpoint.load_pretrained(path, model, reset_head=reset)
+  np.testing.assert_array_equal(params["head"]["bias"], np.full(model.num_classes, -10.0))
+  assert not params["head"]["kernel"].any()
+  fresh = models.init_params(model)["head"]
+  np.testing.assert_array_equal(params["head"]["bias"], fresh["bias"])
+
+
 def test_pre_logits_kept_or_dropped(tmp_path):
   spec = cf.Spec(pre_logits=192, classes=21843 // 100)
   arrays = cf.write_original(tmp_path / "i21k.npz", spec)

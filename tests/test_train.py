@@ -441,3 +441,69 @@ def test_profile_steps_writes_a_trace_of_those_steps(digits, tmp_path):
   assert glob.glob(
     str(tmp_path / "short" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb")
   )
+
+
+# The README's parameter-group recipes, as a user types them (tests/test_readme checks the text).
+PROBE = [
+  '--config.lr_mults=(("head/.*", 1.0), (".*", 0.0))',
+  "--config.augment.inception_crop=False",
+  "--config.augment.hflip=0.0",
+]
+HEAD_ONLY = [
+  '--config.lr_mults=(("(head|pre_logits|Transformer/encoder_norm)/.*", 1.0), (".*", 0.0))'
+]
+LAYER_DECAY = ["--config.layer_decay=0.7"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "flags,trains",
+  [
+    (PROBE, ("head/",)),
+    (HEAD_ONLY, ("head/", "Transformer/encoder_norm/")),
+    (LAYER_DECAY, ("",)),
+  ],
+  ids=["linear_probe", "head_only", "layer_decay"],
+)
+def test_parameter_groups_from_the_command_line(digits, pretrained, tmp_path, flags, trains):
+  """Fine-tuning on digits 5-9 from the model pre-trained on 0-4: what is frozen stays bit for
+  bit as pre-trained, the rest moves, and the run evaluates."""
+  from vit_jax import cli
+
+  common = [
+    f"--config.folder={os.path.join(digits, 'b')}",
+    f"--config.pretrained={pretrained}",
+    "--config.image_size=16",
+    "--config.model.hidden_size=48",
+    "--config.model.mlp_dim=96",
+    "--config.model.num_heads=3",
+    "--config.model.patch_size=4",
+    "--config.total_steps=20",
+    "--config.base_lr=0.05",
+  ]
+  tiny = ["train", "--config", os.path.join(ROOT, "configs", "tiny.py")]
+  code = cli.main([*tiny, "--workdir", str(tmp_path), *common, *flags])
+  assert code == 0
+  before = layout.flatten(checkpoint.load(pretrained))
+  after = _final_params(str(tmp_path))
+  for name, value in after.items():
+    if name.startswith("head/"):
+      continue  # re-initialised for the new classes
+    moved = not np.array_equal(value, before[name])
+    assert moved == name.startswith(trains), name
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert any(r["split"] == "test" and r["count"] > 100 for r in rows)
+  if flags is LAYER_DECAY:
+    # Against the same run without it: the embeddings (0.7^3 = 0.34) move much less, the last
+    # block (0.7) less. The update itself is checked against timm's in test_training_parity.
+    assert cli.main([*tiny, "--workdir", str(tmp_path / "plain"), *common]) == 0
+    plain = _final_params(str(tmp_path / "plain"))
+    moved = lambda p, k: float(np.abs(p[k] - before[k]).sum())
+    ratio = {k: moved(after, k) / moved(plain, k) for k in before if not k.startswith("head/")}
+    median = lambda prefixes: float(
+      np.median([v for k, v in ratio.items() if k.startswith(prefixes)])
+    )
+    # Measured medians: 0.37 (embeddings, d^3 = 0.34), 0.51 (block 0, d^2), 0.72 (block 1, d).
+    assert median(("embedding/", "cls", "Transformer/posembed")) < 0.45
+    assert 0.4 < median("Transformer/encoderblock_0/") < 0.6
+    assert 0.6 < median("Transformer/encoderblock_1/") < 0.85

@@ -44,7 +44,8 @@ def run_eval(
   for batch in data.eval_iterator(split, setup.batch_sharding):
     sums, logits = eval_step(params, batch)
     if setup.multilabel:
-      acc.add(sums, *(sharding.local_rows(x) for x in (logits, batch["label"], batch["mask"])))
+      # Every host's rows, on every host: mAP ranks all the split's scores at once.
+      acc.add(sums, *(sharding.all_rows(x) for x in (logits, batch["label"], batch["mask"])))
     else:
       acc.add(sums)
   return acc.result()

@@ -2,7 +2,7 @@
 
 On device, each batch reduces to sums (loss, correct, per-class counts), so
 padded examples count for nothing and no per-example array leaves the mesh.
-Multi-label mAP needs every score: those are gathered per batch on the host.
+Multi-label mAP needs every score: those are gathered per batch to every host.
 """
 
 from __future__ import annotations
@@ -84,7 +84,25 @@ def batch_sums(
 
 @dataclasses.dataclass
 class Accumulator:
-  """Adds up batch sums (and multi-label scores) into the final metrics."""
+  """Adds up batch sums (and multi-label scores) into the final metrics.
+
+  Definitions, each equal to scikit-learn's call on every example of the split:
+  - `accuracy`: `accuracy_score(y, argmax)`;
+  - `macro_precision`, `macro_recall`, `macro_f1`: `precision_recall_fscore_support(y,
+    argmax, average="macro")`, over the classes that occur in the labels or the
+    predictions, 0 where a ratio is undefined (sklearn's `zero_division` default);
+  - `per_class_accuracy`: each class's recall, `recall_score(y, argmax, average=None,
+    labels=range(C))`, and None (not 0) for a class with no example;
+  - multi-label `mAP`: `average_precision_score(Y, scores, average="macro")`. Tied
+    scores form one threshold, so the result does not depend on row order; a class
+    with no positive example counts as 0, as sklearn counts it, and how many there are
+    is reported as `classes_without_positives`;
+  - multi-label `f1@0.5`: `f1_score(Y, scores > 0, average="micro")`, a logit above 0
+    being a probability above 0.5;
+  - `loss`: the mean of the training loss per example (without label smoothing).
+  Scores reach the accumulator whole, from every host (`evaluation.run_eval` gathers
+  them), so every host computes the same numbers.
+  """
 
   multilabel: bool
   sums: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -92,6 +110,7 @@ class Accumulator:
   targets: list[np.ndarray] = dataclasses.field(default_factory=list)
 
   def add(self, sums: dict[str, Any], logits: Any = None, labels: Any = None, mask: Any = None):
+    """One batch: its device sums, and for multi-label data all its rows (every host's)."""
     for k, v in jax.device_get(sums).items():
       self.sums[k] = self.sums.get(k, 0) + np.asarray(v, np.float64)
     if self.multilabel and logits is not None:
@@ -104,44 +123,50 @@ class Accumulator:
     count = float(s.get("count", 0))
     out: dict[str, Any] = {"loss": float(s["loss_sum"]) / max(count, 1), "count": int(count)}
     if self.multilabel:
-      tp, fp, fn = s["tp"], s["fp"], s["fn"]
-      precision = tp.sum() / max(tp.sum() + fp.sum(), 1)
-      recall = tp.sum() / max(tp.sum() + fn.sum(), 1)
-      out["f1@0.5"] = float(2 * precision * recall / max(precision + recall, 1e-12))
+      tp, fp, fn = s["tp"].sum(), s["fp"].sum(), s["fn"].sum()
+      out["f1@0.5"] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
       if self.scores:
-        out["mAP"] = mean_average_precision(
-          np.concatenate(self.scores), np.concatenate(self.targets)
-        )
+        scores, targets = np.concatenate(self.scores), np.concatenate(self.targets)
+        out["mAP"] = mean_average_precision(scores, targets)
+        out["classes_without_positives"] = int((targets.max(0) <= 0.5).sum())
       return out
     out["accuracy"] = float(s["correct"]) / max(count, 1)
     support, predicted, tp = s["support"], s["predicted"], s["true_positive"]
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    f1 = np.divide(
-      2 * precision * recall,
-      precision + recall,
-      out=np.zeros_like(tp),
-      where=(precision + recall) > 0,
-    )
-    present = support > 0  # macro averages over the classes that occur
+    # 2 tp / (2 tp + fp + fn): sklearn's F-score, defined wherever the class occurs.
+    denominator = support + predicted
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    present = (support > 0) | (predicted > 0)  # sklearn's labels: those in y_true or y_pred
+    macro = lambda v: float(v[present].mean()) if present.any() else 0.0
     out |= {
-      "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
-      "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
-      "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-      "per_class_accuracy": [float(r) for r in recall],
+      "macro_precision": macro(precision),
+      "macro_recall": macro(recall),
+      "macro_f1": macro(f1),
+      "per_class_accuracy": [
+        float(r) if n > 0 else None for r, n in zip(recall, support, strict=True)
+      ],
     }
     return out
 
 
+def average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
+  """Area under the precision-recall steps, one step per distinct score: sum over thresholds
+  of (recall gained) x precision, as sklearn's `average_precision_score`. 0 without positives."""
+  y = targets > 0.5
+  if not y.any():
+    return 0.0
+  order = np.argsort(-scores, kind="stable")
+  s, hit = scores[order], y[order]
+  # The last row of each run of equal scores: every tied row is inside the threshold at once.
+  ends = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+  tp = np.cumsum(hit)[ends]
+  precision = tp / (ends + 1)
+  recall = tp / tp[-1]
+  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-  """Mean over classes with positives of the average precision (area under the PR steps)."""
-  aps = []
-  for c in range(scores.shape[1]):
-    y = targets[:, c] > 0.5
-    if not y.any():
-      continue
-    order = np.argsort(-scores[:, c], kind="stable")
-    hits = y[order]
-    precision_at_hit = np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)
-    aps.append(precision_at_hit.mean())
+  """The mean over classes of `average_precision` (a class without positives counts 0)."""
+  aps = [average_precision(targets[:, c], scores[:, c]) for c in range(scores.shape[1])]
   return float(np.mean(aps)) if aps else 0.0

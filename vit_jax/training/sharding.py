@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -119,6 +120,13 @@ def local_rows(x: jax.Array) -> np.ndarray:
   for shard in x.addressable_shards:
     starts.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
   return np.concatenate([starts[k] for k in sorted(starts)])
+
+
+def all_rows(x: jax.Array) -> np.ndarray:
+  """Every row of a batch-sharded global array, on every host, in order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def maybe_initialize_distributed(

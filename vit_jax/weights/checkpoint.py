@@ -142,7 +142,8 @@ def load_pretrained(
   """Params for `model` from an original checkpoint, adapted and strictly checked.
 
   Position embeddings are resized when the grid differs; the head is kept when
-  its shape matches and zeroed when the class count differs (or `reset_head`);
+  its shape matches and re-initialised as the model initialises it (a zero kernel, biases at
+  `model.head_bias_init`) when the class count differs (or `reset_head`);
   `pre_logits` is dropped when the model has no `representation_size`. Every
   file key is used or dropped for a logged reason, every model parameter is
   filled, every shape checked. Returns host (numpy) arrays in the model's
@@ -171,8 +172,10 @@ def load_pretrained(
         if key not in have
         else f"class count differs: file {_shape(have[key])}, model {expected}"
       )
-      log.info("checkpoint: %s re-initialised to zeros (%s)", key, why)
-      out[key] = np.zeros(expected, np.float32)
+      # As the model initialises a head: a zero kernel, every bias at head_bias_init.
+      value = model.head_bias_init if key == "head/bias" else 0.0
+      log.info("checkpoint: %s re-initialised to %g (%s)", key, value, why)
+      out[key] = np.full(expected, value, np.float32)
       continue
     if key not in have:
       raise CheckpointError(f"{path}: missing key {key!r} (shape {expected}) that the model needs")

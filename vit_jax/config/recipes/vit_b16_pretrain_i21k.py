@@ -11,11 +11,18 @@ The loss is a sigmoid cross-entropy over the 21,843 classes, as in big_vision's
 ImageNet-21k recipe (big_vision/configs/vit_i21k.py: loss 'sigmoid_xent',
 init_head_bias -10); the -10 bias starts every class near probability 0.
 
-Weight decay: optax's `adamw` subtracts lr * 0.03 * param each step, which is
-what the original code's optimizer did with weight_decay 0.03 (the Adam of
-flax's retired optim package: `new_param -= learning_rate * weight_decay *
-param`). That optimizer decayed every parameter; here only kernels decay (not
-biases, norms or embeddings).
+Weight decay, decoupled: each step subtracts lr * 0.03 * param from the
+parameters `wd_mults` names, by default every kernel (`.*/kernel$`, big_vision's
+default in big_vision/optax.py): the patch embedding, q/k/v/out, the MLP,
+pre_logits and the head. Not the biases (the q/k/v ones are [heads, head_dim]),
+the LayerNorms, the class token or the position embedding. Which parameters the
+released checkpoints' pre-training decayed is not public: the original repository
+holds fine-tuning code only, with no weight decay anywhere; its maintainers give
+weight decay 0.03 with Adam (issue #2), and flax's Adam of that time
+(`flax.optim.Adam`) applied its weight_decay to every parameter it optimised,
+subtracting lr * weight_decay * param. To decay every parameter as it would:
+`--config.wd_mults='((".*", 1.0),)'`. tests/test_training_parity.py checks this
+update against PyTorch's AdamW with the matrices decayed.
 
 Speed and memory on v3-8 (the paper's TPUv3), as `vit-jax aot --config
 vit_b16_pretrain_i21k --topology v3-8 --search` chose them (libtpu 0.0.50.1): 512
