@@ -152,6 +152,12 @@ def lr_multipliers(params: Any, config: ml_collections.ConfigDict) -> dict[str, 
   return out
 
 
+def frozen(params: Any, config: ml_collections.ConfigDict) -> Any:
+  """A tree of bools like `params`: True where the learning-rate multiplier is 0 throughout."""
+  mults = lr_multipliers(params, config)
+  return layout.unflatten({k: bool(np.all(np.asarray(m) == 0)) for k, m in mults.items()})
+
+
 def wd_multipliers(params: Any, config: ml_collections.ConfigDict) -> dict[str, float]:
   """Each parameter's weight-decay multiplier by name (`wd_mults`; no match: no decay)."""
   rules = _rules(config.wd_mults, "wd_mults")

@@ -89,6 +89,7 @@ class Setup:
     self.param_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
     self.param_shapes = nn.meta.unbox(boxed)
     self.tx, self.lr_schedule = optim.make_optimizer(c, self.param_shapes)
+    self.frozen = optim.frozen(self.param_shapes, c)
     opt_shapes = jax.eval_shape(self.tx.init, self.param_shapes)
     # Optimizer state mirrors the params it belongs to; scalars (counts) are replicated.
     self.state_shardings = TrainState(
@@ -136,8 +137,14 @@ class Setup:
     smoothing = self.config.label_smoothing
     sigmoid = self.sigmoid_loss
     micro_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))
+    frozen = self.frozen
 
     def loss(params, images, labels, rng):
+      # No gradient flows into frozen parameters: their backward pass is not computed at all
+      # (a linear probe runs the backbone forward only).
+      params = jax.tree_util.tree_map(
+        lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen
+      )
       logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
       return metrics.loss_fn(logits, labels, sigmoid=sigmoid, label_smoothing=smoothing).mean()
 
