@@ -56,7 +56,7 @@ def write_jpegs(root: str, n: int, seed: int = 0) -> None:
 
 
 def tf_batches(root: str, threads: int):
-  from vit_jax import data as input_pipeline  # noqa: PLC0415  # each loader runs in a fresh process that imports only its own libraries
+  from vit_jax import data  # noqa: PLC0415  # each loader runs in a fresh process that imports only its own libraries
   from vit_jax.config import schema  # noqa: PLC0415  # each loader runs in a fresh process that imports only its own libraries
 
   c = schema.base()
@@ -64,7 +64,7 @@ def tf_batches(root: str, threads: int):
   c.batch_size = BATCH
   c.data_threads = threads
   c.augment.update(dict(inception_crop=True, hflip=0.5))
-  return input_pipeline.host_batches(c, process_index=0, process_count=1)
+  return data.host_batches(c, process_index=0, process_count=1)
 
 
 def _crop_box(rng: np.random.Generator, w: int, h: int) -> tuple[int, int, int, int]:

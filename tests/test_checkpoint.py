@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import errors
 from vit_jax import models
 from vit_jax.models import layout
 from vit_jax.platform import files
@@ -162,7 +163,7 @@ def test_pre_logits_kept_or_dropped(tmp_path):
   np.testing.assert_array_equal(kept["pre_logits"]["kernel"], arrays["pre_logits/kernel"])
   dropped = checkpoint.load_pretrained(path, _model(num_classes=10))
   assert "pre_logits" not in dropped and not dropped["head"]["kernel"].any()
-  with pytest.raises(checkpoint.CheckpointError, match="missing key 'pre_logits/"):
+  with pytest.raises(errors.CheckpointError, match="missing key 'pre_logits/"):
     checkpoint.load_pretrained(str(_write(tmp_path, cf.Spec())), _model(representation_size=192))
 
 
@@ -227,7 +228,7 @@ def test_posemb_resize_is_the_corner_aligned_order_1_zoom(g_old, g_new):
 def test_shape_mismatch_names_key_and_shapes(tmp_path):
   path = _write(tmp_path, cf.Spec(mlp=256))
   with pytest.raises(
-    checkpoint.CheckpointError,
+    errors.CheckpointError,
     match=r"Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias has shape \(256,\), "
     r"expected \(384,\)",
   ):
@@ -239,19 +240,17 @@ def test_missing_and_unexpected_keys(tmp_path):
   del arrays["Transformer/encoderblock_1/LayerNorm_2/scale"]
   np.savez(tmp_path / "missing.npz", **arrays)
   with pytest.raises(
-    checkpoint.CheckpointError,
+    errors.CheckpointError,
     match=r"missing key 'Transformer/encoderblock_1/LayerNorm_1/scale' \(shape \(192,\)\)",
   ):
     checkpoint.load_pretrained(str(tmp_path / "missing.npz"), _model())
   arrays = cf.original_arrays(SPEC)
   arrays["Transformer/extra/kernel"] = np.zeros((3,), np.float32)
   np.savez(tmp_path / "extra.npz", **arrays)
-  with pytest.raises(checkpoint.CheckpointError, match="unexpected key 'Transformer/extra/kernel'"):
+  with pytest.raises(errors.CheckpointError, match="unexpected key 'Transformer/extra/kernel'"):
     checkpoint.load_pretrained(str(tmp_path / "extra.npz"), _model())
   # A deeper file does not silently load into a shallower model.
-  with pytest.raises(
-    checkpoint.CheckpointError, match="unexpected key 'Transformer/encoderblock_2/"
-  ):
+  with pytest.raises(errors.CheckpointError, match="unexpected key 'Transformer/encoderblock_2/"):
     checkpoint.load_pretrained(str(_write(tmp_path, cf.Spec(layers=3), "deep.npz")), _model())
 
 
@@ -259,20 +258,18 @@ def test_non_square_grid_and_wrong_width(tmp_path):
   arrays = cf.original_arrays(SPEC)
   arrays["Transformer/posembed_input/pos_embedding"] = np.zeros((1, 1 + 6, 192), np.float32)
   np.savez(tmp_path / "rect.npz", **arrays)
-  with pytest.raises(
-    checkpoint.CheckpointError, match="6 patch positions do not form a square grid"
-  ):
+  with pytest.raises(errors.CheckpointError, match="6 patch positions do not form a square grid"):
     checkpoint.load_pretrained(str(tmp_path / "rect.npz"), _model(image_size=48))
   arrays["Transformer/posembed_input/pos_embedding"] = np.zeros((1, 5, 64), np.float32)
   np.savez(tmp_path / "narrow.npz", **arrays)
   with pytest.raises(
-    checkpoint.CheckpointError, match=r"has shape \(1, 5, 64\), expected \(1, 5, 192\)"
+    errors.CheckpointError, match=r"has shape \(1, 5, 64\), expected \(1, 5, 192\)"
   ):
     checkpoint.load_pretrained(str(tmp_path / "narrow.npz"), _model())
 
 
 def _one_line_error(path, match):
-  with pytest.raises(checkpoint.CheckpointError, match=match) as info:
+  with pytest.raises(errors.CheckpointError, match=match) as info:
     checkpoint.load(str(path))
   assert "\n" not in str(info.value) and str(path) in str(info.value)
 
@@ -303,7 +300,7 @@ def test_non_float_arrays_are_refused(tmp_path):
   arrays = cf.original_arrays(SPEC)
   arrays["cls"] = np.zeros((1, 1, 192), np.int32)
   np.savez(tmp_path / "int.npz", **arrays)
-  with pytest.raises(checkpoint.CheckpointError, match="cls has dtype int32"):
+  with pytest.raises(errors.CheckpointError, match="cls has dtype int32"):
     checkpoint.load_pretrained(str(tmp_path / "int.npz"), _model())
 
 
@@ -347,11 +344,11 @@ def test_remote_paths_go_through_the_file_layer(original, tmp_path, monkeypatch,
       assert set(saved.files) == set(arrays)  # the original layout and names
       assert {saved[k].dtype for k in saved.files} == {np.dtype(np.float32)}
     assert files.list_dir(root) == ([], ["orig.npz", "out.npz"])  # no temporary left
-    with pytest.raises(checkpoint.CheckpointError, match=f"^{root}/none.npz: no such file$"):
+    with pytest.raises(errors.CheckpointError, match=f"^{root}/none.npz: no such file$"):
       checkpoint.load(f"{root}/none.npz")
   assert not os.listdir(".")  # nothing local
   with pytest.raises(
-    checkpoint.CheckpointError, match="^gs://nobucket/x.npz: no such bucket gs://nobucket$"
+    errors.CheckpointError, match="^gs://nobucket/x.npz: no such bucket gs://nobucket$"
   ):
     checkpoint.load("gs://nobucket/x.npz")
 
@@ -397,5 +394,5 @@ def test_failed_save_leaves_the_old_file(tmp_path, original):
 
 def test_image_size_argument_must_match_the_model(original):
   path, _ = original
-  with pytest.raises(checkpoint.CheckpointError, match="image_size=64 differs"):
+  with pytest.raises(errors.CheckpointError, match="image_size=64 differs"):
     checkpoint.load_pretrained(path, _model(), image_size=64)

@@ -12,7 +12,7 @@ from vit_jax import errors
 from vit_jax.apps import demo
 from vit_jax.apps import fewshot
 from vit_jax.data import sources
-from vit_jax.training import evaluation
+from vit_jax.training import state
 
 
 @pytest.mark.parametrize("n,d", [(30, 96), (200, 24)])  # fewer shots than features, and more
@@ -67,8 +67,8 @@ def test_pretrained_digits_model_is_well_above_chance_on_new_digits(digits):
 @pytest.mark.slow
 def test_support_sets_are_disjoint_from_the_test_examples(digits):
   config = demo.digits_config(str(digits / "b"), 16, 300, None)
-  setup, data = evaluation.prepare(config)
-  params = evaluation.load_params(setup, str(digits / "pre" / "final.npz"))
+  setup, data = state.prepare(config)
+  params = state.load_params(setup, str(digits / "pre" / "final.npz"))
   train = fewshot.extract(setup, data, params, "train")
   test = fewshot.extract(setup, data, params, "test")
   paths = {

@@ -2,7 +2,7 @@
 
 The checkpoint loader, the image decoder, the config overrides and the server's
 request parsing each get random, mutated, truncated and bit-flipped input. The
-only exceptions allowed out are `checkpoint.CheckpointError`,
+only exceptions allowed out are `errors.CheckpointError`,
 `preprocess.ImageError`, a one-line `ValueError` for config overrides and a 4xx
 `protocol.RequestError` for request bodies; anything else fails the test.
 
@@ -32,6 +32,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from vit_jax import errors
 from vit_jax import models
 from vit_jax.apps.serving import app as serve
 from vit_jax.apps.serving import protocol
@@ -89,7 +90,7 @@ def check_loads_or_refuses(data: bytes, tmp_path) -> None:
   path.write_bytes(data)
   try:
     load_all(str(path))
-  except checkpoint.CheckpointError as e:
+  except errors.CheckpointError as e:
     assert str(e) and "\n" not in str(e)
 
 
@@ -195,7 +196,7 @@ def test_valid_variants_load(tmp_path_factory, variant):
 
 def test_an_object_array_is_refused_not_unpickled(tmp_path):
   (tmp_path / "obj.npz").write_bytes(savez({**VALID, "cls": np.array([{"a": 1}], dtype=object)}))
-  with pytest.raises(checkpoint.CheckpointError, match="pickled"):
+  with pytest.raises(errors.CheckpointError, match="pickled"):
     checkpoint.load(str(tmp_path / "obj.npz"))
 
 
@@ -261,7 +262,7 @@ FIXED = {
 def test_inputs_that_used_to_crash_the_loader(tmp_path, case):
   data, message = FIXED[case]
   (tmp_path / "c.npz").write_bytes(data)
-  with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
+  with pytest.raises(errors.CheckpointError, match=re.escape(message)):
     load_all(str(tmp_path / "c.npz"))
 
 

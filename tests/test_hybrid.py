@@ -18,6 +18,7 @@ import ckpt_fixtures as cf
 import numpy as np
 import pytest
 
+from vit_jax import errors
 from vit_jax import models
 from vit_jax.apps import classifier
 from vit_jax.models import spec as spec_lib
@@ -153,7 +154,7 @@ def test_a_hybrid_file_with_a_missing_unit_is_refused(tmp_path):
   arrays = cf.original_arrays(spec)
   np.savez(tmp_path / "cut.npz", **{k: v for k, v in arrays.items() if "unit2/conv3" not in k})
   with pytest.raises(
-    checkpoint.CheckpointError, match=r"cut.npz: missing key 'block1/unit2/conv3/kernel'"
+    errors.CheckpointError, match=r"cut.npz: missing key 'block1/unit2/conv3/kernel'"
   ):
     classifier.load_classifier(str(tmp_path / "cut.npz"))
 

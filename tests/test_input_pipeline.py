@@ -511,26 +511,24 @@ def test_corrupt_files_skipped_counted_and_logged(tmp_path, caplog):
   for name, data in df.odd_images(label=1).items():  # class b's colour
     df.write_file(os.path.join(root, "train", "b", "odd_" + name), data)
   c = cfg(dataset="folder", folder=root)
-  assert ip.get_info(c).num_examples["train"] == 8 + len(corrupt) + len(df.odd_images())
-  before = ip.decode_errors()
+  pipe = ip.Pipeline(c)
+  assert pipe.info.num_examples["train"] == 8 + len(corrupt) + len(df.odd_images())
   with caplog.at_level(logging.WARNING, logger="vit_jax.data"):
-    ev = list(ip.host_batches(c, "eval", process_index=0, process_count=1))
-  assert ip.decode_errors() - before == 1 and cat(ev, "mask").sum() == 4
+    ev = list(pipe.host_batches("eval", process_index=0, process_count=1))
+  assert pipe.decode_errors == 1 and cat(ev, "mask").sum() == 4
   assert "truncated.jpg" in caplog.text
   files = split_files(root, "train")
   bad = {i for i, f in enumerate(files) if os.path.basename(f) in corrupt}
-  before = ip.decode_errors()
+  before = pipe.decode_errors
   with caplog.at_level(logging.WARNING, logger="vit_jax.data"):
-    batches = take(
-      ip.host_batches(c, process_index=0, process_count=1), 12
-    )  # 48 of 16 good per epoch
+    batches = take(pipe.host_batches(process_index=0, process_count=1), 12)  # 48 of 16 good/epoch
   idx = cat(batches, "index")
   assert not bad & set(idx.tolist()) and set(idx.tolist()) == set(range(len(files))) - bad
   coloured = np.array(["gray" not in files[i] and "la.png" not in files[i] for i in idx])
   np.testing.assert_array_equal(
     colour(cat(batches, "image"))[coloured], cat(batches, "label")[coloured]
   )
-  assert 2 * len(bad) <= ip.decode_errors() - before <= 3 * len(bad)
+  assert 2 * len(bad) <= pipe.decode_errors - before <= 3 * len(bad)
   assert f"train epoch 0: {len(bad)} undecodable images skipped" in caplog.text
 
 

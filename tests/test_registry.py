@@ -279,7 +279,7 @@ def test_a_mirror_bucket(gcs, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_every_file_family_loads_and_predict_takes_the_readme_name(tmp_path):
   """Full-size files of each family in a mirror: imagenet21k (pre_logits), imagenet21k+imagenet2012,
-  sam, AugReg plain and hybrid; then the issue's command, in a fresh process."""
+  sam, AugReg plain and hybrid; then the README's predict command, in a fresh process."""
   mirror = tmp_path / "mirror"
   names = ["ViT-B_32/i21k", "ViT-B_16/i21k+i1k-224", "ViT-B_32/sam", TI, R_TI]
   for name in names:

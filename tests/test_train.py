@@ -14,10 +14,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import data_fixtures
-from vit_jax import data as input_pipeline
 from vit_jax.config import schema
+from vit_jax.data import sources as data_sources
 from vit_jax.models import layout
 from vit_jax.training import evaluation
+from vit_jax.training import state
 from vit_jax.training import train
 from vit_jax.weights import checkpoint
 
@@ -60,8 +61,8 @@ def test_a_run_makes_its_dataset_source_once(tmp_path, monkeypatch):
     root, {"train": {"a": 8, "b": 8}, "val": {"a": 3, "b": 2}, "test": {"a": 2, "b": 3}}
   )
   made = []
-  real = input_pipeline.sources.make_source
-  monkeypatch.setattr(input_pipeline.sources, "make_source", lambda c: made.append(c) or real(c))
+  real = data_sources.make_source
+  monkeypatch.setattr(data_sources, "make_source", lambda c: made.append(c) or real(c))
   cfg = tiny_config(
     root,
     total_steps=4,
@@ -106,8 +107,8 @@ def test_fine_tuning_from_a_checkpoint_learns(digits, pretrained, tmp_path):
   # evaluate() on the exported file and on the Orbax checkpoint gives the same numbers: both
   # keep the float32 params as they are, and the eval step is the same program on the same
   # images, so the counts are equal.
-  from_npz = train.evaluate(cfg, str(tmp_path / "final.npz"), "test")
-  from_orbax = train.evaluate(cfg, str(tmp_path), "test")
+  from_npz = evaluation.evaluate(cfg, str(tmp_path / "final.npz"), "test")
+  from_orbax = evaluation.evaluate(cfg, str(tmp_path), "test")
   assert from_npz["accuracy"] == test["accuracy"]
   assert from_orbax["accuracy"] == test["accuracy"]
 
@@ -235,8 +236,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path):
     if os.path.basename(d).isdigit()
   )
   assert saved[-1] == 10, saved  # nothing was saved after the loss went bad
-  setup, _ = evaluation.prepare(cfg)
-  params = layout.flatten(jax.device_get(evaluation.load_params(setup, str(tmp_path))))
+  setup, _ = state.prepare(cfg)
+  params = layout.flatten(jax.device_get(state.load_params(setup, str(tmp_path))))
   for k, v in before.items():
     np.testing.assert_array_equal(np.asarray(params[k]), v, err_msg=k)
 
@@ -298,7 +299,7 @@ def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp
   accuracy = float((out["logits"].argmax(-1) == out["labels"]).mean())
   # Ratios of counts. The predict and eval programs differ in the logits by rounding only,
   # 8e-6 of the largest logit (see below): 5e-5, against 0.016 for the closest top-2 gap.
-  assert accuracy == pytest.approx(train.evaluate(cfg, pretrained, "test")["accuracy"])
+  assert accuracy == pytest.approx(evaluation.evaluate(cfg, pretrained, "test")["accuracy"])
   np.testing.assert_array_equal(out["top_k"][:, 0], out["logits"].argmax(-1))
   emb = split_predictions.predict_dataset(
     cfg, pretrained, str(tmp_path / "emb.npz"), split="test", embeddings=True

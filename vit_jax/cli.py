@@ -409,6 +409,13 @@ def _add_aot(p: argparse.ArgumentParser) -> None:
     default=None,
     help="write the recommended setting as a config file that imports --config",
   )
+  g.add_argument(
+    "--jobs",
+    type=int,
+    default=None,
+    help="compiles at once, each in its own process (default: the first alone, then as many "
+    "as half the available memory holds at its peak; at most one per mesh)",
+  )
 
 
 def _run_aot(args: argparse.Namespace) -> int:
@@ -440,25 +447,32 @@ def _run_aot_search(args: argparse.Namespace) -> int:
     args.num_classes or aot.default_classes(args.config),
     args.headroom,
     args.max_accum,
+    jobs=args.jobs,
   )
   total = len(aot_search.variants(search.accums))
-  rows = []
+  if not args.json_only:
+    print(aot_search.TABLE_HEADER, flush=True)
   with tqdm.tqdm(
     total=total, desc=f"aot --search {args.topology}", unit="variant", file=sys.stderr, disable=None
   ) as bar:
 
     def progress(variant, row):
+      # Each row as its variant finishes, so that a stopped search keeps what it found.
+      line = aot_search.to_json(row) if args.json_only else aot_search.table_row(row)
+      bar.clear()
+      print(line, flush=True)
       bar.set_postfix_str(variant.label() + (" (skipped)" if "skipped" in row else ""))
       bar.update(1)
 
-    for row in search.run(exhaustive=args.exhaustive, progress=progress):
-      rows.append(row)
-      if args.json_only:
-        print(aot_search.to_json(row), flush=True)
+    rows = list(search.run(exhaustive=args.exhaustive, progress=progress))
   result = aot_search.summary(rows, search)
   if args.exhaustive:
     result["rule_violations"] = aot_search.check_rules(rows)
   if not args.json_only:
+    print(
+      f"\nin search order ({search.slice.name}, compile peaks "
+      f"{max(search.compile_peaks, default=0) / 2**30:.1f} GiB per process):"
+    )
     print(aot_search.table(rows))
     for row in rows:
       print(aot_search.to_json(row))

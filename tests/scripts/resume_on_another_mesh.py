@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 
 from vit_jax.config.recipes import tiny  # noqa: E402
 from vit_jax.models import layout  # noqa: E402
-from vit_jax.training import evaluation  # noqa: E402
 from vit_jax.training import sharding  # noqa: E402
+from vit_jax.training import state  # noqa: E402
 from vit_jax.training import train  # noqa: E402
 from vit_jax.weights import checkpoint  # noqa: E402
 
@@ -39,8 +39,8 @@ data2_model2 = sharding.make_mesh({"data": 2, "model": 2})
 train.train_and_evaluate(config(10), work, mesh=data4)
 
 # The restore puts every array where the new mesh wants it; the values are the saved ones.
-setup, _ = evaluation.prepare(config(20), data2_model2)
-params = evaluation.load_params(setup, work)
+setup, _ = state.prepare(config(20), data2_model2)
+params = state.load_params(setup, work)
 kernel = params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
 assert kernel.sharding.spec[1] == "model", kernel.sharding
 assert kernel.addressable_shards[0].data.shape == (kernel.shape[0], kernel.shape[1] // 2)

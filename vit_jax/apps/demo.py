@@ -1,4 +1,4 @@
-"""`vit-jax demo`: the whole mission offline, on scikit-learn's handwritten digits.
+"""`vit-jax demo`: transfer learning end to end, offline, on scikit-learn's handwritten digits.
 
 1. Write the 8x8 digits as an image folder (upsampled PNGs), split by class:
    digits 0-4 for pre-training, digits 5-9 as the new task.

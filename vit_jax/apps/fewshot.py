@@ -20,8 +20,8 @@ import numpy as np
 from vit_jax import errors
 from vit_jax.data import sources
 from vit_jax.models import spec as spec_lib
-from vit_jax.training import evaluation
 from vit_jax.training import sharding
+from vit_jax.training import state
 from vit_jax.weights import checkpoint
 from vit_jax.weights import registry
 
@@ -155,7 +155,7 @@ def evaluate(
     # The model is read off the file, as `predict` does; the config gives the data.
     tree = checkpoint.load(checkpoint_path)
     config = _with_model(config, spec_lib.ModelSpec.from_params(tree, checkpoint_path))
-  setup, data = evaluation.prepare(config)
+  setup, data = state.prepare(config)
   info = data.info
   if info.multilabel:
     raise errors.ConfigError(
@@ -173,7 +173,7 @@ def evaluate(
       "would overlap the test examples"
     )
   if tree is None:
-    params = evaluation.load_params(setup, checkpoint_path)
+    params = state.load_params(setup, checkpoint_path)
   else:  # the head, sized for other classes, is reset and never used
     params = sharding.put_global(
       checkpoint.load_pretrained(tree, setup.model, source=checkpoint_path), setup.param_shardings

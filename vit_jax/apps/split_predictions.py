@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 
 from vit_jax.platform import files
-from vit_jax.training import evaluation
 from vit_jax.training import sharding
+from vit_jax.training import state
 
 
 def _host_path(output: str) -> str:
@@ -37,9 +37,9 @@ def predict_dataset(
   top_k: int = 5,
 ) -> dict[str, Any]:
   """Runs the model over `split` and writes this host's results; returns what was written."""
-  setup, data = evaluation.prepare(config)
+  setup, data = state.prepare(config)
   info = data.info
-  params = evaluation.load_params(setup, checkpoint_path)
+  params = state.load_params(setup, checkpoint_path)
   fn = setup.jit_predict(embedding=embeddings)
   outs, labels = [], []
   for batch in data.eval_iterator(split, setup.batch_sharding):

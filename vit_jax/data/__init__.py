@@ -41,20 +41,19 @@ epochs are skipped outright, the records of the current one are read again).
 
 Evaluation (`eval_iterator`): each example once; the last batches are padded
 and carry `mask` (False on padding), with the same number of batches on every
-host; `with_index=True` adds each row's example index in the split. `config.eval_crop`: False for
-the original plain resize, True (or a crop
+host; `with_index=True` adds each row's example index in the split.
+`config.eval_crop`: False for the original plain resize, True (or a crop
 fraction such as 0.875) to resize the short side and cut out the centre.
 
-Undecodable images are skipped, never fatal: `decode_errors()` is the number
-skipped by this process so far (training and evaluation); the first ten are
-logged one by one (with the file name, for folders and lists), and each
-epoch's or evaluation pass's total is logged when it ends. A training set whose first 32 images all
-fail to decode is an error
-(rather than a stream that never yields). Images are decoded as RGB
-(grayscale, palette, CMYK and alpha converted, as `preprocess.decode_rgb`
-does; JPEGs with the same IDCT as PIL, so evaluation numbers equal `vit-jax
-predict`'s). Resuming a stream that had skipped images before the resume
-point shifts its batches by that many examples.
+Undecodable images are skipped, never fatal: a pipeline's `decode_errors` is the
+number it skipped so far (training and evaluation); the first ten are logged one
+by one (with the file name, for folders and lists), and each epoch's or
+evaluation pass's total is logged when it ends. A training set whose first 32
+images all fail to decode is an error (rather than a stream that never yields).
+Images are decoded as RGB (grayscale, palette, CMYK and alpha converted, as
+`preprocess.decode_rgb` does; JPEGs with the same IDCT as PIL, so evaluation
+numbers equal `vit-jax predict`'s). Resuming a stream that had skipped images
+before the resume point shifts its batches by that many examples.
 
 `host_batches(config, split=None)` is the same data per host as numpy, before
 device placement: the training stream (split None) or one evaluation pass,
@@ -67,7 +66,6 @@ The config keys read are the data section of `schema.SCHEMA` (`vit-jax train
 """
 
 from vit_jax.data.pipeline import Pipeline
-from vit_jax.data.pipeline import decode_errors
 from vit_jax.data.pipeline import eval_iterator
 from vit_jax.data.pipeline import get_info
 from vit_jax.data.pipeline import host_batches
@@ -79,7 +77,6 @@ from vit_jax.data.sources import write_class_names
 __all__ = [
   "DatasetInfo",
   "LABELS_FILE",
-  "decode_errors",
   "eval_iterator",
   "get_info",
   "host_batches",

@@ -12,7 +12,6 @@ Positions also reveal undecodable images: decoding errors drop the element
 
 from __future__ import annotations
 
-import atexit
 import collections
 import dataclasses
 import logging
@@ -49,15 +48,23 @@ def _key(seed: int, salt: int) -> int:
 
 # -- undecodable images ------------------------------------------------------------
 
-_lock = threading.Lock()
-_skipped = 0
-_named = 0
 
+class _DecodeErrors:
+  """One pipeline's count of undecodable images (training and evaluation), and how many of them
+  the log has named; its streams' threads add to it."""
 
-def decode_errors() -> int:
-  """Images skipped as undecodable by this process so far, training and evaluation together."""
-  with _lock:
-    return _skipped
+  def __init__(self):
+    self.lock = threading.Lock()
+    self.skipped = 0
+    self.named = 0
+
+  def add(self, n: int) -> int:
+    """Counts `n` more; returns how many of them to name in the log."""
+    with self.lock:
+      self.skipped += n
+      to_name = max(0, min(n, _NAMED_SKIPS - self.named))
+      self.named += to_name
+      return to_name
 
 
 class _SkipCounter:
@@ -67,10 +74,12 @@ class _SkipCounter:
     self,
     start: int,
     what: str,
+    errors: _DecodeErrors,
     epoch_length: int | None = None,
     describe: Callable[[int], str] | None = None,
   ):
     self.next, self.what, self.epoch_length, self.describe = start, what, epoch_length, describe
+    self.errors = errors
     self.per_epoch: collections.Counter[int] = collections.Counter()
     self.epoch = start // epoch_length if epoch_length else 0
 
@@ -88,11 +97,11 @@ class _SkipCounter:
       for e in range(self.epoch, done):
         if self.per_epoch.get(e):
           log.warning(
-            "%s epoch %d: %d undecodable images skipped (%d in this process so far)",
+            "%s epoch %d: %d undecodable images skipped (%d in this pipeline so far)",
             self.what,
             e,
             self.per_epoch.pop(e),
-            decode_errors(),
+            self.errors.skipped,
           )
       self.epoch = max(self.epoch, done)
 
@@ -105,11 +114,7 @@ class _SkipCounter:
       log.warning("%s: %d undecodable images skipped", self.what, total)
 
   def _missing(self, lo: int, hi: int) -> None:
-    global _skipped, _named
-    with _lock:
-      _skipped += hi - lo
-      to_name = max(0, min(hi - lo, _NAMED_SKIPS - _named))
-      _named += to_name
+    to_name = self.errors.add(hi - lo)
     for p in range(lo, lo + to_name):
       log.warning(
         "%s: skipped an undecodable image%s",
@@ -187,17 +192,6 @@ def _options(config: Any):
 
 # -- streams -----------------------------------------------------------------------
 
-# Open batch generators. A tf.data iterator with work in flight, destroyed during
-# interpreter shutdown, can deadlock in its destructor (seen with TF 2.21), so the
-# ones still open are closed at exit, before the teardown starts.
-_open: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_streams() -> None:
-  for gen in list(_open):
-    gen.close()
-
 
 @dataclasses.dataclass
 class _Stream:
@@ -206,10 +200,12 @@ class _Stream:
   dataset: Any
   counter: _SkipCounter
   end: int | None = None  # evaluation: the positions due on this host
+  owner: Any = None  # the Pipeline: alive while its streams are, to close them at exit
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     gen = self._batches()
-    _open.add(gen)
+    if self.owner is not None:
+      self.owner._open.add(gen)
     return gen
 
   def _batches(self) -> Iterator[dict[str, np.ndarray]]:
@@ -381,7 +377,9 @@ def _check_decodable(ds, describe: Callable[[int], str] | None) -> None:
     )
 
 
-def _train_stream(config: Any, source: Any, start_step: int, index: int, count: int) -> _Stream:
+def _train_stream(
+  config: Any, source: Any, start_step: int, index: int, count: int, owner: Pipeline
+) -> _Stream:
   tf = tf_setup.tf()
   host_batch = _host_batch(config.batch_size, count, "batch_size")
   size = _image_size(config)
@@ -434,11 +432,12 @@ def _train_stream(config: Any, source: Any, start_step: int, index: int, count: 
 
     ds = ds.map(tf.autograph.experimental.do_not_convert(mix))
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(config))
-  return _Stream(ds, _SkipCounter(start, "train", length, describe))
+  counter = _SkipCounter(start, "train", owner.errors, length, describe)
+  return _Stream(ds, counter, owner=owner)
 
 
 def _eval_stream(
-  config: Any, source: Any, split: str, index: int, count: int
+  config: Any, source: Any, split: str, index: int, count: int, owner: Pipeline
 ) -> tuple[_Stream, int]:
   """This host's share of `split`, padded with masked examples to the same batch count on every
   host.
@@ -493,11 +492,17 @@ def _eval_stream(
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   ds = ds.take(batches * host_batch).batch(host_batch).prefetch(tf.data.AUTOTUNE)
   ds = ds.with_options(_options(config))
-  return _Stream(ds, _SkipCounter(0, f"{split} split {spec!r}", describe=describe), n_host), batches
+  counter = _SkipCounter(0, f"{split} split {spec!r}", owner.errors, describe=describe)
+  return _Stream(ds, counter, n_host, owner), batches
 
 
 # The keys outside the data section that the pipeline reads.
 _ALSO_READS = ("batch_size", "eval_batch_size", "seed")
+
+
+def _close_all(open_streams: weakref.WeakSet) -> None:
+  for gen in list(open_streams):
+    gen.close()
 
 
 class Pipeline:
@@ -507,6 +512,22 @@ class Pipeline:
     self.config = schema.section(config, "data", *_ALSO_READS)
     self.source = sources.make_source(self.config)
     self._info: sources.DatasetInfo | None = None
+    self.errors = _DecodeErrors()
+    # Open batch generators. A tf.data iterator with work in flight, destroyed during
+    # interpreter shutdown, can deadlock in its destructor (seen with TF 2.21): `close`
+    # closes them, and so does the interpreter's exit for a pipeline still alive then.
+    self._open: weakref.WeakSet = weakref.WeakSet()
+    weakref.finalize(self, _close_all, self._open)
+
+  @property
+  def decode_errors(self) -> int:
+    """Images this pipeline skipped as undecodable so far, training and evaluation together."""
+    with self.errors.lock:
+      return self.errors.skipped
+
+  def close(self) -> None:
+    """Stops this pipeline's open streams."""
+    _close_all(self._open)
 
   @property
   def info(self) -> sources.DatasetInfo:
@@ -532,8 +553,8 @@ class Pipeline:
     """
     index, count = _processes(process_index, process_count)
     if split is None:
-      return iter(_train_stream(self.config, self.source, start_step, index, count))
-    return iter(_eval_stream(self.config, self.source, split, index, count)[0])
+      return iter(_train_stream(self.config, self.source, start_step, index, count, self))
+    return iter(_eval_stream(self.config, self.source, split, index, count, self)[0])
 
   def train_iterator(
     self,
@@ -548,7 +569,7 @@ class Pipeline:
     index, count = _processes(process_index, process_count)
     host_batch = _host_batch(config.batch_size, count, "batch_size")
     rows = devices.global_rows(int(config.batch_size), host_batch, count, sharding, "batch_size")
-    stream = iter(_train_stream(config, self.source, start_step, index, count))
+    stream = iter(_train_stream(config, self.source, start_step, index, count, self))
     return devices.to_devices(stream, ("image", "label"), sharding, rows, int(config.prefetch))
 
   def eval_iterator(
@@ -571,7 +592,7 @@ class Pipeline:
     rows = devices.global_rows(
       int(config.eval_batch_size), host_batch, count, sharding, "eval_batch_size"
     )
-    stream, _ = _eval_stream(config, self.source, split, index, count)
+    stream, _ = _eval_stream(config, self.source, split, index, count, self)
     keys = ("image", "label", "mask") + (("index",) if with_index else ())
     return devices.to_devices(iter(stream), keys, sharding, rows, int(config.prefetch))
 

@@ -407,12 +407,14 @@ def attention_weights(
   return logits, [sown(encoder[f"encoderblock_{i}"]) for i in range(model.num_layers)]
 
 
-def init_params(model: VisionTransformer, rng: Array | int = 0) -> dict:
-  """Freshly initialised params as a plain pytree (logical-axis boxes removed)."""
+def init_params(model: VisionTransformer, rng: Array | int = 0, *, boxed: bool = False) -> dict:
+  """Freshly initialised params as a plain pytree; with `boxed`, each still carries its logical
+  axis names (`nn.LogicallyPartitioned`), which `sharding.logical_shardings` reads."""
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
   dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-  return nn.meta.unbox(model.init(rng, dummy, train=False)["params"])
+  params = model.init(rng, dummy, train=False)["params"]
+  return params if boxed else nn.meta.unbox(params)
 
 
 def param_shapes(model: VisionTransformer) -> dict:

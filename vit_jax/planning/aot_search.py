@@ -28,11 +28,15 @@ its results.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import itertools
 import json
 import math
+import multiprocessing
+import resource
+import threading
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
@@ -168,9 +172,69 @@ def ruled_out(v: Variant, results: dict[Variant, dict[str, Any]]) -> str | None:
 Compile = Callable[[Variant], dict[str, Any]]
 
 
+def compile_variant(
+  config: ml_collections.ConfigDict,
+  slice_: tpus.Topology,
+  num_classes: int,
+  variant: Variant,
+  model_axis: int,
+  try_chip: bool,
+) -> dict[str, Any]:
+  """One variant's compiler report, with what the search keeps of the model, and this process's
+  peak resident memory. Runs in a child process of its own (`Search.run`)."""
+  config = variant.apply(config, model_axis)
+  try:
+    program = aot.Program(config, slice_, num_classes)
+    report = program.train()
+  except (jax.errors.JaxRuntimeError, errors.UserError) as e:
+    # A variant the compiler (or the mesh) rejects for another reason than memory: the
+    # row says why. A bug in this code is not caught: it shows its traceback.
+    report = {
+      "fits": False,
+      "hbm_peak_bytes": None,
+      "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+    }
+  else:
+    report["model_flops_per_image"] = aot.model_flops_per_image(program.setup.model, train=True)
+    if report["fits"] and report.get("estimated_step_seconds") is None:
+      # One chip's estimate, where the compiler gives one for this generation; once it
+      # has given none, the roofline (a compile saved per variant: minutes on v4).
+      report.update(
+        aot.derived_step_seconds(config, slice_, num_classes, report, try_chip=try_chip)
+      )
+  report.setdefault("hbm_limit_bytes", aot.usable_hbm_bytes(slice_))
+  report["compile_peak_rss_bytes"] = peak_rss_bytes()
+  return report
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_memory_bytes() -> int | None:
+  """MemAvailable of /proc/meminfo: what new processes can take without swapping out others."""
+  try:
+    with open("/proc/meminfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
 @dataclasses.dataclass
 class Search:
-  """The search's inputs: the config, the slice, and how one variant is compiled."""
+  """The search's inputs: the config, the slice, and how one variant is compiled.
+
+  Each variant compiles in a child process that exits when it is done, so the search holds
+  no compiled program, and its memory is one compile's, per compile running at once: the TPU
+  compiler kept what each compile took (the pre-training search on v3-8 reached 24 GB in
+  one process and was killed). `jobs` compiles run at once, at most one per mesh; None
+  (the default) runs the first alone, then as many as half the available memory holds at
+  that compile's peak.
+  """
 
   config: ml_collections.ConfigDict
   slice: tpus.Topology
@@ -178,47 +242,40 @@ class Search:
   headroom: float = 0.10
   max_accum: int = 16
   compile_fn: Compile | None = None  # tests pass a model of the compiler
+  jobs: int | None = None
 
   def __post_init__(self):
+    if self.jobs is not None and self.jobs < 1:
+      raise errors.ConfigError(f"--jobs {self.jobs}: at least 1 compile at a time")
     self.model_axis = model_axis(self.config, self.slice.devices, self.num_classes)
     self.data_devices = self.slice.devices // self.model_axis
     self.accums = accum_choices(self.config.batch_size, self.data_devices, self.max_accum)
     self.flops_per_image = None
     self._chip_estimates: bool | None = None  # does one chip of this generation get estimates?
+    self.compile_peaks: list[int] = []  # each child's peak resident memory, in bytes
 
-  def _compile(self, v: Variant) -> dict[str, Any]:
+  def _compile(self, v: Variant, pool: concurrent.futures.Executor | None) -> dict[str, Any]:
     if self.compile_fn is not None:
       return self.compile_fn(v)
-    config = v.apply(self.config, self.model_axis)
-    try:
-      program = aot.Program(config, self.slice, self.num_classes)
-      report = program.train()
-    except (jax.errors.JaxRuntimeError, errors.UserError) as e:
-      # A variant the compiler (or the mesh) rejects for another reason than memory: the
-      # row says why. A bug in this code is not caught: it shows its traceback.
-      return {
-        "fits": False,
-        "hbm_peak_bytes": None,
-        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
-      }
+    args = (
+      self.config,
+      self.slice,
+      self.num_classes,
+      v,
+      self.model_axis,
+      self._chip_estimates is not False,
+    )
+    report = pool.submit(compile_variant, *args).result()
+    self.compile_peaks.append(report["compile_peak_rss_bytes"])
     if self.flops_per_image is None:
-      self.flops_per_image = aot.model_flops_per_image(program.setup.model, train=True)
-    if report["fits"] and report.get("estimated_step_seconds") is None:
-      # One chip's estimate, where the compiler gives one for this generation; once it
-      # has given none, the roofline (a compile saved per variant: minutes on v4).
-      derived = aot.derived_step_seconds(
-        config, self.slice, self.num_classes, report, try_chip=self._chip_estimates is not False
-      )
-      if self._chip_estimates is None:
-        self._chip_estimates = derived["chip_step_source"] == "compiler"
-      report.update(derived)
+      self.flops_per_image = report.get("model_flops_per_image")
+    if self._chip_estimates is None and report.get("chip_step_source"):
+      self._chip_estimates = report["chip_step_source"] == "compiler"
     return report
 
   def row(self, v: Variant, report: dict[str, Any]) -> dict[str, Any]:
     """One variant's result, as printed and as JSON."""
-    usable = (
-      aot.usable_hbm_bytes(self.slice) if self.compile_fn is None else report["hbm_limit_bytes"]
-    )
+    usable = report["hbm_limit_bytes"]
     peak = report.get("hbm_peak_bytes")
     seconds = report.get("estimated_step_seconds") or report.get("derived_step_seconds")
     eligible = bool(
@@ -255,16 +312,30 @@ class Search:
       "error": report.get("error"),
     }
 
+  def _auto_jobs(self) -> int:
+    """Compiles at once after the first: as many as half the available memory holds (at least
+    one, at most one per mesh)."""
+    available, peak = available_memory_bytes(), max(self.compile_peaks, default=0)
+    if not available or not peak:
+      return 1
+    return max(1, min(len(MESHES), available // 2 // peak))
+
   def run(
     self, exhaustive: bool = False, progress: Callable[[Variant, dict | None], None] | None = None
   ) -> Iterator[dict[str, Any]]:
-    """One row per variant (skipped ones say why), in search order.
+    """One row per variant (skipped ones say why), in search order; `progress` sees each row
+    as its variant finishes.
 
-    No rule crosses meshes, so the two meshes are searched side by side, one thread
-    each: the compiler releases the GIL, and one compile keeps about 1.4 of 2 cores busy.
+    No rule crosses meshes, so each mesh is searched in a thread of its own; a semaphore
+    lets `jobs` of them compile at once, each compile in a fresh child process.
     """
+    gate = threading.Semaphore(self.jobs or 1)
+    first = threading.Event()
+    if self.jobs:
+      first.set()
+    lock = threading.Lock()
 
-    def search_mesh(mesh: str) -> dict[Variant, dict[str, Any]]:
+    def search_mesh(mesh: str, pool) -> dict[Variant, dict[str, Any]]:
       results: dict[Variant, dict[str, Any]] = {}
       for v in (v for v in variants(self.accums) if v.mesh == mesh):
         reason = None if exhaustive else ruled_out(v, results)
@@ -278,14 +349,37 @@ class Search:
             "skipped": reason,
           }
         else:
-          row = self.row(v, self._compile(v))
+          with gate:
+            report = self._compile(v, pool)
+          if not first.is_set():
+            first.set()  # the first compile measured one compile's memory: open the gate
+            for _ in range(self._auto_jobs() - 1):
+              gate.release()
+          row = self.row(v, report)
         results[v] = row
         if progress:
-          progress(v, row)
+          with lock:
+            progress(v, row)
       return results
 
-    with concurrent.futures.ThreadPoolExecutor(len(MESHES)) as pool:
-      by_mesh = dict(zip(MESHES, pool.map(search_mesh, MESHES), strict=True))
+    # A fresh process per compile: it exits, and gives back all it took.
+    context = multiprocessing.get_context("spawn")
+    with (
+      concurrent.futures.ProcessPoolExecutor(
+        max_workers=len(MESHES), mp_context=context, max_tasks_per_child=1
+      )
+      if self.compile_fn is None
+      else contextlib.nullcontext() as pool
+    ):
+      with concurrent.futures.ThreadPoolExecutor(len(MESHES)) as threads:
+        # The first mesh's first compile runs alone when `jobs` is to be measured.
+        futures = {}
+        for mesh in MESHES:
+          futures[mesh] = threads.submit(search_mesh, mesh, pool)
+          if not first.is_set():
+            while not first.wait(0.1) and not futures[mesh].done():
+              pass
+        by_mesh = {mesh: f.result() for mesh, f in futures.items()}
     for v in variants(self.accums):
       yield by_mesh[v.mesh][v]
 
@@ -344,37 +438,37 @@ def check_rules(rows: list[dict[str, Any]]) -> list[str]:
   return broken
 
 
+TABLE_HEADER = (
+  f"{'dtype':9} {'remat':5} {'accum':>5} {'mesh':5} {'HBM GiB':>8} {'headroom':>8} "
+  f"{'TFLOP/dev':>9} {'step s':>7} {'MFU':>6}  note"
+)
+
+
+def table_row(r: dict[str, Any]) -> str:
+  """One row of the text table."""
+  gib = lambda x: "-" if x is None else f"{x / aot.GiB:.2f}"
+  head = f"{r['dtype']:9} {r['remat']:5} {r['accum_steps']:>5} {r['mesh']:5} "
+  if "skipped" in r:
+    return head + f"{'':>8} {'':>8} {'':>9} {'':>7} {'':>6}  skipped: {r['skipped']}"
+  note = (
+    "eligible" if r["eligible"] else ("fits, under the headroom" if r["fits"] else "does not fit")
+  )
+  if r.get("error") and not r["fits"]:
+    note += f" ({r['error'][:120]})"
+  if r["step_seconds_source"] not in (None, "compiler"):
+    note += f", {r['step_seconds_source']} step time"
+  return head + (
+    f"{gib(r['hbm_peak_bytes']):>8} "
+    f"{'-' if r['headroom'] is None else format(r['headroom'], '.1%'):>8} "
+    f"{'-' if not r['flops_per_device'] else format(r['flops_per_device'] / 1e12, '.1f'):>9} "
+    f"{'-' if r['step_seconds'] is None else format(r['step_seconds'], '.3f'):>7} "
+    f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%'):>6}  {note}"
+  )
+
+
 def table(rows: list[dict[str, Any]]) -> str:
   """The rows as a text table."""
-  gib = lambda x: "-" if x is None else f"{x / aot.GiB:.2f}"
-  head = (
-    f"{'dtype':9} {'remat':5} {'accum':>5} {'mesh':5} {'HBM GiB':>8} {'headroom':>8} "
-    f"{'TFLOP/dev':>9} {'step s':>7} {'MFU':>6}  note"
-  )
-  lines = [head]
-  for r in rows:
-    if "skipped" in r:
-      lines.append(
-        f"{r['dtype']:9} {r['remat']:5} {r['accum_steps']:>5} {r['mesh']:5} "
-        f"{'':>8} {'':>8} {'':>9} {'':>7} {'':>6}  skipped: {r['skipped']}"
-      )
-      continue
-    note = (
-      "eligible" if r["eligible"] else ("fits, under the headroom" if r["fits"] else "does not fit")
-    )
-    if r.get("error") and not r["fits"]:
-      note += f" ({r['error'][:120]})"
-    if r["step_seconds_source"] not in (None, "compiler"):
-      note += f", {r['step_seconds_source']} step time"
-    lines.append(
-      f"{r['dtype']:9} {r['remat']:5} {r['accum_steps']:>5} {r['mesh']:5} "
-      f"{gib(r['hbm_peak_bytes']):>8} "
-      f"{'-' if r['headroom'] is None else format(r['headroom'], '.1%'):>8} "
-      f"{'-' if not r['flops_per_device'] else format(r['flops_per_device'] / 1e12, '.1f'):>9} "
-      f"{'-' if r['step_seconds'] is None else format(r['step_seconds'], '.3f'):>7} "
-      f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%'):>6}  {note}"
-    )
-  return "\n".join(lines)
+  return "\n".join([TABLE_HEADER, *(table_row(r) for r in rows)])
 
 
 def config_file(spec: str, config: ml_collections.ConfigDict, result: dict[str, Any]) -> str:

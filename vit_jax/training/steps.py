@@ -82,10 +82,7 @@ class Setup:
       )
     sharding.check_divisible(c.eval_batch_size, self.mesh, "config.eval_batch_size")
     self.rules = list(c.logical_rules or sharding.LOGICAL_RULES)
-    dummy = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
-    boxed = jax.eval_shape(
-      lambda: self.model.init(jax.random.PRNGKey(0), dummy, train=False)["params"]
-    )
+    boxed = jax.eval_shape(lambda: models.init_params(self.model, 0, boxed=True))
     self.param_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
     self.param_shapes = nn.meta.unbox(boxed)
     self.tx, self.lr_schedule = optim.make_optimizer(c, self.param_shapes)
@@ -118,11 +115,10 @@ class Setup:
     """A fresh state, created already sharded; `params` (host arrays) replace the random init."""
     if params is not None:
       params = sharding.put_global(params, self.param_shardings)
-    dummy = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
 
     def init(rng, params):
       if params is None:
-        params = nn.meta.unbox(self.model.init(rng, dummy, train=False)["params"])
+        params = models.init_params(self.model, rng)
       return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
       )

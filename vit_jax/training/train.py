@@ -1,5 +1,4 @@
-"""Fine-tuning and evaluation: `train_and_evaluate(config, workdir)` and `evaluate(config,
-checkpoint)`.
+"""The training loop: `train_and_evaluate(config, workdir)`.
 
 Every host runs this same program. Checkpoints (Orbax) hold the params, the
 optimizer state and the step, which is also the input pipeline's position, so
@@ -12,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -23,11 +21,12 @@ import ml_collections
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from vit_jax import data as input_pipeline
 from vit_jax import errors
+from vit_jax.data import sources
 from vit_jax.platform import files
 from vit_jax.training import evaluation
 from vit_jax.training import metric_writer
+from vit_jax.training import state
 from vit_jax.weights import checkpoint
 from vit_jax.weights import head_record
 from vit_jax.weights import registry
@@ -35,23 +34,162 @@ from vit_jax.weights import registry
 log = logging.getLogger(__name__)
 
 
-# `vit_jax.training.train.evaluate` predates the evaluation module; it stays an alias.
-evaluate = evaluation.evaluate
-
-
 class NonFiniteLossError(errors.UserError, RuntimeError):
   """Training produced a NaN or Inf loss."""
 
 
-def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=config.keep_checkpoints,
-    create=True,
-    save_interval_steps=config.checkpoint_every,
-    enable_async_checkpointing=config.async_checkpointing,
-  )
-  root = workdir if files.is_remote(workdir) else os.path.abspath(workdir)
-  return ocp.CheckpointManager(files.join(root, "checkpoints"), options=options)
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None
+) -> dict[str, Any]:
+  """Trains as `config` says, evaluating and checkpointing on the way; returns the final metrics
+  (nothing when a preemption notice stopped the run: rerun to resume)."""
+  run = _Run(config, workdir, mesh)
+  train_state = run.restore_or_init()
+  start, total = int(jax.device_get(train_state.step)), config.total_steps
+  train_step = run.setup.jit_train_step()
+  batches = run.data.train_iterator(run.setup.batch_sharding, start_step=start)
+  # Closed on the way out of an error too, so that the error's line starts a line of its own.
+  with run.progress(start) as progress, _Profile(workdir, start, config.profile_steps) as profile:
+    for step in range(start + 1, total + 1):
+      profile.before(step)
+      train_state, step_metrics = train_step(train_state, next(batches), run.step_rng)
+      profile.after(step, train_state)
+      run.log(step, step_metrics, progress)
+      if step % config.eval_every == 0 or step == total:
+        run.evaluate(step, train_state)
+      if run.save(step, train_state):
+        return {}  # preempted: the checkpoint of this step is saved
+  return run.finish(train_state)
+
+
+class _Run:
+  """One training run's parts: its Setup and data, its outputs in the workdir, and its logs."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh):
+    self.config, self.workdir = config, workdir
+    self.setup, self.data = state.prepare(config, mesh)
+    info = self.data.info
+    # What the exported .npz files' head scores, and its classes, recorded beside each.
+    self.head = head_record.HeadRecord(
+      "sigmoid" if self.setup.sigmoid_loss else "softmax",
+      tuple(info.class_names) if info.class_names else None,
+    )
+    self.is_main = jax.process_index() == 0
+    if self.is_main:
+      with files.atomic_write(files.join(workdir, "config.json")) as f:
+        f.write(config.to_json_best_effort(indent=2).encode())
+      sources.write_class_names(info, workdir)
+    self.writer = metric_writer.MetricWriter(workdir)
+    self.mngr = state.checkpoint_manager(workdir, config)
+    self.init_rng, self.step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    self.eval_step = self.setup.jit_eval_step()
+    self.best_path = files.join(workdir, "best.json")
+    self.best = (
+      json.loads(files.read_bytes(self.best_path))["value"]
+      if files.exists(self.best_path)
+      else None
+    )
+    self.pending: dict[str, jax.Array] | None = None  # the last step's metrics, not yet checked
+    self.t0, self.seen = time.perf_counter(), 0
+
+  def restore_or_init(self):
+    """The last checkpoint's state, or a fresh one (from `config.pretrained` when given)."""
+    latest = self.mngr.latest_step()
+    if latest is not None:
+      log.info("resumed from %s at step %d", self.mngr.directory, latest)
+      return state.restore(self.mngr, latest, self.setup)
+    pretrained = None
+    if self.config.pretrained:
+      pretrained = checkpoint.load_pretrained(
+        registry.resolve(self.config.pretrained),
+        self.setup.model,
+        reset_head=self.config.reset_head,
+      )
+    return self.setup.init_state(self.init_rng, pretrained)
+
+  def progress(self, start: int):
+    return tqdm(
+      total=self.config.total_steps,
+      initial=start,
+      disable=not self.is_main,
+      desc="train",
+      unit="step",
+      dynamic_ncols=True,
+    )
+
+  def log(self, step: int, step_metrics: dict[str, jax.Array], progress) -> None:
+    """Checks the previous step's loss (while this one runs: no stall per step), and writes the
+    training metrics every `log_every` steps."""
+    if self.pending is not None:
+      _check_finite(self.pending, step - 1)
+    self.pending = step_metrics
+    self.seen += self.config.batch_size
+    if step % self.config.log_every == 0 or step == self.config.total_steps:
+      vals = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      _check_finite(step_metrics, step)
+      dt = time.perf_counter() - self.t0
+      vals["images_per_sec"] = self.seen / dt if dt > 0 else 0.0
+      self.writer.write(step, "train", vals)
+      progress.set_postfix(
+        loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}", img_s=f"{vals['images_per_sec']:.1f}"
+      )
+      self.t0, self.seen = time.perf_counter(), 0
+    progress.update(1)
+
+  def evaluate(self, step: int, train_state) -> None:
+    """The eval split's metrics; `best.npz` when `best_metric` improved."""
+    _check_finite(self.pending, step)
+    result = evaluation.run_eval(self.setup, self.data, train_state.params, "eval", self.eval_step)
+    self.writer.write(step, "eval", result)
+    metric = self.config.best_metric
+    # The metrics are the same on every host, so all hosts join the gather.
+    if _better(metric, result[metric], self.best):
+      self.best = result[metric]
+      self._export(train_state.params, "best.npz")
+      if self.is_main:
+        with files.atomic_write(self.best_path) as f:
+          f.write(json.dumps({"step": step, "metric": metric, "value": self.best}).encode())
+
+  def save(self, step: int, train_state) -> bool:
+    """An Orbax checkpoint every `checkpoint_every` steps or on a preemption notice; True when
+    preempted (the checkpoint is then written: the run stops)."""
+    preempted = self.mngr.reached_preemption(step)
+    if step % self.config.checkpoint_every == 0 or preempted:
+      _check_finite(self.pending, step)
+      self.mngr.save(step, args=ocp.args.StandardSave(train_state), force=preempted)
+      if preempted:
+        self.mngr.wait_until_finished()
+        log.warning("preempted at step %d: checkpoint saved, exiting", step)
+    return preempted
+
+  def finish(self, train_state) -> dict[str, Any]:
+    """The last checkpoint, the final metrics (eval, and test when there is a test split) and
+    `final.npz`."""
+    total = self.config.total_steps
+    if self.pending is not None:
+      _check_finite(self.pending, total)
+    if self.mngr.latest_step() != total:
+      self.mngr.save(total, args=ocp.args.StandardSave(train_state), force=True)
+    self.mngr.wait_until_finished()
+    params = train_state.params
+    result = {"eval": evaluation.run_eval(self.setup, self.data, params, "eval", self.eval_step)}
+    if self.data.info.num_examples.get("test"):
+      result["test"] = evaluation.run_eval(self.setup, self.data, params, "test", self.eval_step)
+      self.writer.write(total, "test", result["test"])
+    self._export(params, "final.npz")
+    skipped = self.data.decode_errors
+    if skipped:
+      log.warning("%d images could not be decoded and were skipped", skipped)
+    self.writer.close()
+    self.mngr.close()
+    return result
+
+  def _export(self, params, name: str) -> None:
+    """WORKDIR/NAME in the original layout, with its head record (every host gathers)."""
+    host = state.host_params(self.setup, params)
+    if self.is_main:
+      checkpoint.save(host, files.join(self.workdir, name))
+      head_record.write(files.join(self.workdir, name), self.head)
 
 
 def _better(metric: str, new: float, best: float | None) -> bool:
@@ -60,119 +198,9 @@ def _better(metric: str, new: float, best: float | None) -> bool:
   return new < best if metric == "loss" else new > best
 
 
-def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None
-) -> dict[str, Any]:
-  """Trains as `config` says, evaluating and checkpointing on the way; returns the final metrics."""
-  setup, data = evaluation.prepare(config, mesh)
-  info = data.info
-  # What the exported .npz files' head scores, and its classes, recorded beside each.
-  head = head_record.HeadRecord(
-    "sigmoid" if setup.sigmoid_loss else "softmax",
-    tuple(info.class_names) if info.class_names else None,
-  )
-  is_main = jax.process_index() == 0
-  if is_main:
-    with files.atomic_write(files.join(workdir, "config.json")) as f:
-      f.write(config.to_json_best_effort(indent=2).encode())
-    input_pipeline.write_class_names(info, workdir)
-  writer = metric_writer.MetricWriter(workdir)
-  mngr = _checkpoint_manager(workdir, config)
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-
-  latest = mngr.latest_step()
-  if latest is not None:
-    state = evaluation.restore(mngr, latest, setup)
-    log.info("resumed from %s at step %d", mngr.directory, latest)
-  else:
-    pretrained = None
-    if config.pretrained:
-      pretrained = checkpoint.load_pretrained(
-        registry.resolve(config.pretrained), setup.model, reset_head=config.reset_head
-      )
-    state = setup.init_state(init_rng, pretrained)
-  start = int(jax.device_get(state.step))
-  total = config.total_steps
-  train_step = setup.jit_train_step()
-  eval_step = setup.jit_eval_step()
-  best_metric = config.best_metric
-  best_path = files.join(workdir, "best.json")
-  best = json.loads(files.read_bytes(best_path))["value"] if files.exists(best_path) else None
-
-  batches = data.train_iterator(setup.batch_sharding, start_step=start)
-  log_every, eval_every = config.log_every, config.eval_every
-  pending, t0, seen = None, time.perf_counter(), 0
-  step = start
-  # Closed on the way out of an error too, so that the error's line starts a line of its own.
-  with (
-    _progress(start, total, is_main) as progress,
-    _Profile(workdir, start, config.profile_steps) as profile,
-  ):
-    for step in range(start + 1, total + 1):
-      batch = next(batches)
-      profile.before(step)
-      state, m = train_step(state, batch, step_rng)
-      profile.after(step, state)
-      # Check the previous step's loss while this one runs: no stall per step.
-      if pending is not None:
-        _check_finite(pending, step - 1)
-      pending = m
-      seen += config.batch_size
-      if step % log_every == 0 or step == total:
-        vals = {k: float(v) for k, v in jax.device_get(m).items()}
-        _check_finite(m, step)
-        dt = time.perf_counter() - t0
-        vals["images_per_sec"] = seen / dt if dt > 0 else 0.0
-        writer.write(step, "train", vals)
-        progress.set_postfix(
-          loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}", img_s=f"{vals['images_per_sec']:.1f}"
-        )
-        t0, seen = time.perf_counter(), 0
-      progress.update(1)
-      if step % eval_every == 0 or step == total:
-        _check_finite(m, step)
-        result = evaluation.run_eval(setup, data, state.params, "eval", eval_step)
-        writer.write(step, "eval", result)
-        # The metrics are the same on every host, so all hosts join the gather.
-        if _better(best_metric, result[best_metric], best):
-          best = result[best_metric]
-          host = evaluation.host_params(setup, state.params)
-          if is_main:
-            checkpoint.save(host, files.join(workdir, "best.npz"))
-            head_record.write(files.join(workdir, "best.npz"), head)
-            with files.atomic_write(best_path) as f:
-              f.write(json.dumps({"step": step, "metric": best_metric, "value": best}).encode())
-      preempted = mngr.reached_preemption(step)
-      if step % config.checkpoint_every == 0 or preempted:
-        _check_finite(m, step)
-        mngr.save(step, args=ocp.args.StandardSave(state), force=preempted)
-        if preempted:
-          mngr.wait_until_finished()
-          log.warning("preempted at step %d: checkpoint saved, exiting", step)
-          return {}
-  if pending is not None:
-    _check_finite(pending, step)
-  if mngr.latest_step() != total:
-    mngr.save(total, args=ocp.args.StandardSave(state), force=True)
-  mngr.wait_until_finished()
-  final = evaluation.host_params(setup, state.params)
-  result = {"eval": evaluation.run_eval(setup, data, state.params, "eval", eval_step)}
-  if info.num_examples.get("test"):
-    result["test"] = evaluation.run_eval(setup, data, state.params, "test", eval_step)
-    writer.write(total, "test", result["test"])
-  if is_main:
-    checkpoint.save(final, files.join(workdir, "final.npz"))
-    head_record.write(files.join(workdir, "final.npz"), head)
-  skipped = input_pipeline.decode_errors()
-  if skipped:
-    log.warning("%d images could not be decoded and were skipped", skipped)
-  writer.close()
-  mngr.close()
-  return result
-
-
-def _check_finite(m: dict[str, jax.Array], step: int) -> None:
+def _check_finite(m: dict[str, jax.Array] | None, step: int) -> None:
+  if m is None:
+    return
   loss = float(jax.device_get(m["loss"]))
   if not math.isfinite(loss):
     raise NonFiniteLossError(
@@ -188,11 +216,8 @@ class _Profile:
   AFTER = 4
 
   def __init__(self, workdir: str, start: int, steps: int):
-    self.workdir, self.first, self.last = (
-      workdir,
-      start + 1 + self.AFTER,
-      start + self.AFTER + steps,
-    )
+    self.workdir = workdir
+    self.first, self.last = start + 1 + self.AFTER, start + self.AFTER + steps
     self.local = None
 
   def __enter__(self) -> _Profile:
@@ -203,9 +228,9 @@ class _Profile:
       self.local = tempfile.mkdtemp(prefix="vit-jax-profile-")
       jax.profiler.start_trace(self.local)
 
-  def after(self, step: int, state: Any) -> None:
+  def after(self, step: int, train_state: Any) -> None:
     if step == self.last and self.local:
-      jax.block_until_ready(state)  # the traced steps end inside the trace
+      jax.block_until_ready(train_state)  # the traced steps end inside the trace
       self._stop()
 
   def _stop(self) -> None:
@@ -225,10 +250,3 @@ class _Profile:
   def __exit__(self, *exc) -> None:
     if self.local:  # the run ended (or failed) inside the traced steps
       self._stop()
-
-
-def _progress(start: int, total: int, enabled: bool):
-
-  return tqdm(
-    total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True
-  )

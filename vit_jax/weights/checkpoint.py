@@ -50,10 +50,6 @@ _GROUPNORM = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
 _PREFIXES = ("opt/target/",)  # checkpoints saved with the optimizer wrap params like this
 
 
-CheckpointError = errors.CheckpointError
-POSEMB = layout.POSEMB
-
-
 def _shape(x: Any) -> tuple[int, ...]:
   return tuple(int(d) for d in x.shape)
 
@@ -63,28 +59,32 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   try:
     data = files.read_bytes(path)
   except FileNotFoundError as e:
-    raise CheckpointError(str(e)) from None
+    raise errors.CheckpointError(str(e)) from None
   except OSError as e:
-    raise CheckpointError(f"{path}: cannot read ({e})") from None
+    raise errors.CheckpointError(f"{path}: cannot read ({e})") from None
   if data[:2] == b"\x80\x02" or data[:1] == b"\x80":
-    raise CheckpointError(f"{path}: is a pickle, not an .npz archive; pickles are never loaded")
+    raise errors.CheckpointError(
+      f"{path}: is a pickle, not an .npz archive; pickles are never loaded"
+    )
   if not data.startswith(b"PK"):
     kind = "a single .npy array" if data.startswith(b"\x93NUMPY") else "not an .npz (zip) archive"
-    raise CheckpointError(f"{path}: {kind}; expected an np.savez checkpoint")
+    raise errors.CheckpointError(f"{path}: {kind}; expected an np.savez checkpoint")
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
       return {k: npz[k] for k in npz.files}
   except ValueError as e:
     if "pickle" in str(e):
-      raise CheckpointError(
+      raise errors.CheckpointError(
         f"{path}: holds pickled (object) arrays; pickles are never loaded"
       ) from None
-    raise CheckpointError(f"{path}: corrupt .npz archive ({e})") from None
+    raise errors.CheckpointError(f"{path}: corrupt .npz archive ({e})") from None
   except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
-    raise CheckpointError(f"{path}: truncated or corrupt .npz archive ({e})") from None
+    raise errors.CheckpointError(f"{path}: truncated or corrupt .npz archive ({e})") from None
   except Exception as e:
     # Corrupt members fail deeper in zlib and numpy's header parser, with their own types.
-    raise CheckpointError(f"{path}: corrupt .npz archive ({e.__class__.__name__}: {e})") from None
+    raise errors.CheckpointError(
+      f"{path}: corrupt .npz archive ({e.__class__.__name__}: {e})"
+    ) from None
 
 
 def _to_linen(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
@@ -111,15 +111,17 @@ def _to_linen(flat: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
     if m and m.group(1) in pre_linen_blocks and m.group(2) in PRE_LINEN_TO_LINEN:
       key = f"{m.group(1)}/{PRE_LINEN_TO_LINEN[m.group(2)]}{m.group(3)}"
     if key in out:
-      raise CheckpointError(f"{path}: key {key!r} appears twice (mixed pre-Linen and Linen names)")
+      raise errors.CheckpointError(
+        f"{path}: key {key!r} appears twice (mixed pre-Linen and Linen names)"
+      )
     out[key] = value
   for key in out:  # 'a' and 'a/b' cannot both be arrays of one tree
     parts = key.split("/")
     clash = next((p for p in ("/".join(parts[:i]) for i in range(1, len(parts))) if p in out), None)
     if clash is not None:
-      raise CheckpointError(f"{path}: key {clash!r} is an array and also holds {key!r}")
+      raise errors.CheckpointError(f"{path}: key {clash!r} is an array and also holds {key!r}")
   if "embedding/kernel" not in out or not any(k.startswith("Transformer/") for k in out):
-    raise CheckpointError(
+    raise errors.CheckpointError(
       f"{path}: not a ViT checkpoint (no 'embedding/kernel' and "
       f"'Transformer/...' keys; found {sorted(out)[:5]}...)"
     )
@@ -152,7 +154,7 @@ def load_pretrained(
   errors then name `source` (the file it came from).
   """
   if image_size is not None and image_size != model.image_size:
-    raise CheckpointError(
+    raise errors.CheckpointError(
       f"image_size={image_size} differs from the model's image_size="
       f"{model.image_size}; create the model at the size you want"
     )
@@ -178,17 +180,21 @@ def load_pretrained(
       out[key] = np.full(expected, value, np.float32)
       continue
     if key not in have:
-      raise CheckpointError(f"{path}: missing key {key!r} (shape {expected}) that the model needs")
+      raise errors.CheckpointError(
+        f"{path}: missing key {key!r} (shape {expected}) that the model needs"
+      )
     value = have[key]
-    if key == POSEMB and _shape(value) != expected:
+    if key == layout.POSEMB and _shape(value) != expected:
       if value.ndim != 3 or value.shape[-1] != expected[-1]:
-        raise CheckpointError(f"{path}: {key} has shape {_shape(value)}, expected {expected}")
+        raise errors.CheckpointError(
+          f"{path}: {key} has shape {_shape(value)}, expected {expected}"
+        )
       log.info("checkpoint: resizing %s from %s to %s", key, _shape(value), expected)
       value = layout.resize_posemb(value, expected[1], has_cls=model.classifier == "token")
     if _shape(value) != expected:
-      raise CheckpointError(f"{path}: {key} has shape {_shape(value)}, expected {expected}")
+      raise errors.CheckpointError(f"{path}: {key} has shape {_shape(value)}, expected {expected}")
     if not np.issubdtype(value.dtype, np.floating):
-      raise CheckpointError(f"{path}: {key} has dtype {value.dtype}, expected a float array")
+      raise errors.CheckpointError(f"{path}: {key} has dtype {value.dtype}, expected a float array")
     out[key] = value
   for key in sorted(set(have) - set(want)):
     if key.startswith("pre_logits/") and model.representation_size is None:
@@ -206,7 +212,7 @@ def load_pretrained(
     elif key.startswith("head/") and model.num_classes is None:
       log.info("checkpoint: dropping %s (the model has no head: num_classes=None)", key)
     else:
-      raise CheckpointError(
+      raise errors.CheckpointError(
         f"{path}: unexpected key {key!r} (shape {_shape(have[key])}) "
         "that the model has no place for"
       )

@@ -34,7 +34,6 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
-import dataclasses
 import io
 import json
 import logging
@@ -72,18 +71,133 @@ _DATA_URI = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
 _FIELDS = ("input_data", "top_k")
 
 
-@dataclasses.dataclass
-class _State:
-  """What the handlers share: readiness, the batcher, counters."""
+class _Server:
+  """What the handlers share: the classifier and the options, readiness, the batcher, counters.
 
-  status: str = "starting"
-  error: str | None = None
-  batcher: Batcher | None = None
-  fetcher: UrlFetcher | None = None  # when URLs are allowed
-  requests: int = 0
-  in_flight: int = 0  # /score requests begun and not yet answered
-  images: int = 0
-  errors: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
+  One per app, as `app.state.server`; the handlers below are module functions that read it.
+  """
+
+  def __init__(self, clf: classifier.Classifier, options: Options):
+    self.clf, self.options, self.sizes = clf, options, options.sizes
+    self.status: str = "starting"
+    self.error: str | None = None
+    self.batcher: Batcher | None = None
+    self.fetcher: UrlFetcher | None = None  # when URLs are allowed
+    self.requests = 0
+    self.in_flight = 0  # /score requests begun and not yet answered
+    self.images = 0
+    self.errors: collections.Counter[int] = collections.Counter()
+
+  def run_batch(self, images: list[np.ndarray]) -> np.ndarray:
+    return self.clf.probs(np.stack(images), self.sizes)
+
+  def warm_up(self) -> None:
+    # eval_resize imports TensorFlow on first use: pay that here, not in the first request.
+    size = self.clf.image_size
+    preprocess.eval_resize(np.zeros((size, size, 3), np.uint8), size)
+    self.clf.compile_batches(self.sizes)
+
+  def refuse(self, status: int, message: str, headers: Mapping[str, str] | None = None):
+    """A counted error answer in the server's shape: {"error": message}."""
+    self.errors[status] += 1
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+  def check_url(self, url: str, index: int) -> None:
+    if not url.lower().startswith(("http://", "https://")):
+      raise RequestError(400, f"input_data[{index}]: only http(s) URLs can be fetched")
+    if not self.options.allow_urls:
+      raise RequestError(
+        400,
+        f"input_data[{index}]: URL inputs are disabled on this server "
+        "(send the image as base64, or start it with --allow-urls)",
+      )
+    try:
+      parts = urllib.parse.urlsplit(url)
+      if parts.port is not None and not 0 < parts.port < 65536:  # urlsplit accepts port 0
+        raise ValueError(f"port {parts.port}")
+    except ValueError as e:
+      raise RequestError(400, f"input_data[{index}]: not a valid URL ({e})") from None
+    if not parts.hostname:
+      raise RequestError(400, f"input_data[{index}]: not a valid URL (no host)")
+
+  def prepare(self, item: str | bytes, index: int) -> np.ndarray:
+    data = _decode_base64(item, index) if isinstance(item, str) else item
+    return _prepare(data, index, self.clf.image_size, self.options.max_pixels)
+
+  async def score(self, request: Request) -> JSONResponse:
+    options = self.options
+    body = await protocol.read_limited(
+      request.headers, request.stream(), options.max_body_bytes, "request body"
+    )
+    inputs, k = await asyncio.to_thread(_parse, body, options)  # a large body parses off the loop
+    if k is None:
+      query = request.query_params.get("top_k")
+      k = options.top_k if query is None else _top_k(query, "query parameter")
+    urls = [i for i, item in enumerate(inputs) if _URL.match(item)]
+    for i in urls:
+      self.check_url(inputs[i], i)
+    # Places in the queue are held from here: what is fetched and decoded waits for the model too.
+    with self.batcher.admit(len(inputs)) as ticket:
+      fetched = await asyncio.gather(
+        *(self.fetcher.fetch(inputs[i], i, options.max_body_bytes) for i in urls),
+        return_exceptions=True,
+      )
+      _raise_first(fetched)
+      items: list[str | bytes] = list(inputs)
+      for i, data in zip(urls, fetched, strict=True):
+        items[i] = data
+      # Decoding and resizing run in threads, so the event loop goes on accepting; of several
+      # bad inputs, the first in order is named.
+      prepared = await asyncio.gather(
+        *(asyncio.to_thread(self.prepare, item, i) for i, item in enumerate(items)),
+        return_exceptions=True,
+      )
+      _raise_first(prepared)
+      rows = await self.batcher.classify(prepared, ticket)
+    self.images += len(rows)
+    ranked = self.clf.rank(np.stack(rows), k)
+    # A bare list, one ranked list per image: the managed endpoint's answer, which its
+    # clients index directly.
+    return JSONResponse(
+      [[{"label": p["label"], "score": p["score"]} for p in preds] for preds in ranked]
+    )
+
+  def metadata(self) -> dict[str, Any]:
+    clf, options = self.clf, self.options
+    return {
+      "model": clf.model_name,
+      "image_size": clf.image_size,
+      "dtype": clf.dtype,
+      "num_classes": len(clf.class_names),
+      "labels": clf.class_names,
+      # A sigmoid head scores each class on its own; a softmax's scores sum to 1.
+      "head": "sigmoid" if clf.multilabel else "softmax",
+      "threshold": clf.threshold,
+      "batch_sizes": list(self.sizes),
+      "max_wait_ms": options.max_wait_ms,
+      "top_k": options.top_k,
+      "allow_urls": options.allow_urls,
+      "allow_private_urls": options.allow_private_urls,
+      "limits": {
+        "max_body_bytes": options.max_body_bytes,
+        "max_pixels": options.max_pixels,
+        "max_images": options.max_images,
+        "max_queue": options.max_queue,
+      },
+    }
+
+  def stats(self) -> dict[str, Any]:
+    sizes_seen = self.batcher.batch_sizes if self.batcher else collections.Counter()
+    return {
+      "status": self.status,
+      "requests": self.requests,
+      "images": self.images,
+      "queued": self.batcher.waiting if self.batcher else 0,
+      "in_flight": self.in_flight,
+      "errors": {str(k): v for k, v in sorted(self.errors.items())},
+      "batches": sum(sizes_seen.values()),
+      "batch_sizes": {str(k): v for k, v in sorted(sizes_seen.items())},
+    }
 
 
 def _decode_base64(text: str, index: int) -> bytes:
@@ -159,200 +273,121 @@ def _parse(body: bytes, options: Options) -> tuple[list[str], int | None]:
   return inputs, k
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+  """Starts the batcher and compiles every batch size in the background; stops them at exit."""
+  server: _Server = app.state.server
+  options, loop = server.options, asyncio.get_running_loop()
+  # One thread for the model: warm-up first, then one batch at a time, in order.
+  model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vit-jax-model")
+  server.batcher = Batcher(
+    server.run_batch,
+    max(server.sizes),
+    options.max_wait_ms / 1000,
+    model_thread,
+    max_queue=options.max_queue,
+  )
+  worker = asyncio.create_task(server.batcher.serve_forever())
+  if options.allow_urls:
+    server.fetcher = UrlFetcher(options)
+
+  async def become_ready() -> None:
+    try:
+      await loop.run_in_executor(model_thread, server.warm_up)
+    except Exception as e:
+      log.exception("warm-up failed")
+      server.status, server.error = "failed", f"{e.__class__.__name__}: {e}"
+      return
+    server.status = "ready"
+    clf = server.clf
+    log.info(
+      "ready: %s, %dpx, %d classes, %s, batch sizes %s",
+      clf.model_name,
+      clf.image_size,
+      len(clf.class_names),
+      clf.dtype,
+      list(server.sizes),
+    )
+
+  log.info("compiling batch sizes %s", list(server.sizes))
+  ready = asyncio.create_task(become_ready())
+  try:
+    yield
+  finally:
+    for task in (ready, worker):
+      task.cancel()
+    await asyncio.gather(ready, worker, return_exceptions=True)
+    if server.fetcher is not None:
+      await server.fetcher.aclose()
+    model_thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _server(request: Request) -> _Server:
+  return request.app.state.server
+
+
+async def _score(request: Request) -> JSONResponse:
+  server = _server(request)
+  server.requests += 1
+  if server.status != "ready":
+    raise RequestError(503, f"not ready: {server.error or 'compiling'}")
+  batcher = server.batcher
+  if batcher.full:  # refused before its body is read: a flood costs little
+    raise QueueFull(None, batcher.waiting, server.options.max_queue, batcher.retry_after_s())
+  server.in_flight += 1
+  try:
+    return await server.score(request)
+  finally:
+    server.in_flight -= 1
+
+
+async def _healthz(request: Request) -> JSONResponse:
+  server = _server(request)
+  code = {"ready": 200, "starting": 503}.get(server.status, 500)
+  body = {"status": server.status} | ({"error": server.error} if server.error else {})
+  return JSONResponse(body, status_code=code)
+
+
+async def _metadata(request: Request) -> dict[str, Any]:
+  return _server(request).metadata()
+
+
+async def _stats(request: Request) -> dict[str, Any]:
+  return _server(request).stats()
+
+
+async def _request_error(request: Request, e: RequestError) -> JSONResponse:
+  return _server(request).refuse(e.status, e.message, e.headers)
+
+
+async def _queue_full(request: Request, e: QueueFull) -> JSONResponse:
+  return _server(request).refuse(503, str(e), {"Retry-After": str(e.retry_after_s)})
+
+
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+  # Unknown paths and methods, in the same shape.
+  return _server(request).refuse(e.status_code, str(e.detail))
+
+
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+  log.error("internal error: %s: %s", e.__class__.__name__, e)
+  return _server(request).refuse(500, f"internal error ({e.__class__.__name__})")
+
+
 def create_app(clf: classifier.Classifier, options: Options | None = None) -> FastAPI:
   """The FastAPI application serving `clf`; compiles every batch size when it starts."""
-  options = options or Options()
-  sizes = options.sizes
-  state = _State()
-
-  def run_batch(images: list[np.ndarray]) -> np.ndarray:
-    return clf.probs(np.stack(images), sizes)
-
-  def warm_up() -> None:
-    # eval_resize imports TensorFlow on first use: pay that here, not in the first request.
-    preprocess.eval_resize(np.zeros((clf.image_size, clf.image_size, 3), np.uint8), clf.image_size)
-    clf.compile_batches(sizes)
-
-  @contextlib.asynccontextmanager
-  async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-    loop = asyncio.get_running_loop()
-    # One thread for the model: warm-up first, then one batch at a time, in order.
-    model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vit-jax-model")
-    state.batcher = Batcher(
-      run_batch, max(sizes), options.max_wait_ms / 1000, model_thread, max_queue=options.max_queue
-    )
-    worker = asyncio.create_task(state.batcher.serve_forever())
-    if options.allow_urls:
-      state.fetcher = UrlFetcher(options)
-
-    async def become_ready() -> None:
-      try:
-        await loop.run_in_executor(model_thread, warm_up)
-      except Exception as e:
-        log.exception("warm-up failed")
-        state.status, state.error = "failed", f"{e.__class__.__name__}: {e}"
-        return
-      state.status = "ready"
-      log.info(
-        "ready: %s, %dpx, %d classes, %s, batch sizes %s",
-        clf.model_name,
-        clf.image_size,
-        len(clf.class_names),
-        clf.dtype,
-        list(sizes),
-      )
-
-    log.info("compiling batch sizes %s", list(sizes))
-    ready = asyncio.create_task(become_ready())
-    try:
-      yield
-    finally:
-      for task in (ready, worker):
-        task.cancel()
-      await asyncio.gather(ready, worker, return_exceptions=True)
-      if state.fetcher is not None:
-        await state.fetcher.aclose()
-      model_thread.shutdown(wait=False, cancel_futures=True)
-
-  app = FastAPI(title="vit-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-  def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    state.errors[status] += 1
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-  @app.exception_handler(RequestError)
-  async def _request_error(_request: Request, e: RequestError) -> JSONResponse:
-    return error(e.status, e.message, e.headers)
-
-  @app.exception_handler(QueueFull)
-  async def _queue_full(_request: Request, e: QueueFull) -> JSONResponse:
-    return error(503, str(e), {"Retry-After": str(e.retry_after_s)})
-
-  @app.exception_handler(HTTPException)
-  async def _http_error(_request: Request, e: HTTPException) -> JSONResponse:
-    return error(e.status_code, str(e.detail))  # unknown paths and methods, in the same shape
-
-  @app.exception_handler(Exception)
-  async def _internal_error(_request: Request, e: Exception) -> JSONResponse:
-    log.error("internal error: %s: %s", e.__class__.__name__, e)
-    return error(500, f"internal error ({e.__class__.__name__})")
-
-  def check_url(url: str, index: int) -> None:
-    if not url.lower().startswith(("http://", "https://")):
-      raise RequestError(400, f"input_data[{index}]: only http(s) URLs can be fetched")
-    if not options.allow_urls:
-      raise RequestError(
-        400,
-        f"input_data[{index}]: URL inputs are disabled on this server "
-        "(send the image as base64, or start it with --allow-urls)",
-      )
-    try:
-      parts = urllib.parse.urlsplit(url)
-      if parts.port is not None and not 0 < parts.port < 65536:  # urlsplit accepts port 0
-        raise ValueError(f"port {parts.port}")
-    except ValueError as e:
-      raise RequestError(400, f"input_data[{index}]: not a valid URL ({e})") from None
-    if not parts.hostname:
-      raise RequestError(400, f"input_data[{index}]: not a valid URL (no host)")
-
-  def prepare(item: str | bytes, index: int) -> np.ndarray:
-    data = _decode_base64(item, index) if isinstance(item, str) else item
-    return _prepare(data, index, clf.image_size, options.max_pixels)
-
-  @app.post("/score")
-  async def score(request: Request) -> JSONResponse:
-    state.requests += 1
-    if state.status != "ready":
-      raise RequestError(503, f"not ready: {state.error or 'compiling'}")
-    if state.batcher.full:  # refused before its body is read: a flood costs little
-      raise QueueFull(None, state.batcher.waiting, options.max_queue, state.batcher.retry_after_s())
-    state.in_flight += 1
-    try:
-      return await scored(request)
-    finally:
-      state.in_flight -= 1
-
-  async def scored(request: Request) -> JSONResponse:
-    body = await protocol.read_limited(
-      request.headers, request.stream(), options.max_body_bytes, "request body"
-    )
-    inputs, k = await asyncio.to_thread(_parse, body, options)  # a large body parses off the loop
-    if k is None:
-      query = request.query_params.get("top_k")
-      k = options.top_k if query is None else _top_k(query, "query parameter")
-    urls = [i for i, item in enumerate(inputs) if _URL.match(item)]
-    for i in urls:
-      check_url(inputs[i], i)
-    # Places in the queue are held from here: what is fetched and decoded waits for the model too.
-    with state.batcher.admit(len(inputs)) as ticket:
-      fetched = await asyncio.gather(
-        *(state.fetcher.fetch(inputs[i], i, options.max_body_bytes) for i in urls),
-        return_exceptions=True,
-      )
-      _raise_first(fetched)
-      items: list[str | bytes] = list(inputs)
-      for i, data in zip(urls, fetched, strict=True):
-        items[i] = data
-      # Decoding and resizing run in threads, so the event loop goes on accepting; of several
-      # bad inputs, the first in order is named.
-      prepared = await asyncio.gather(
-        *(asyncio.to_thread(prepare, item, i) for i, item in enumerate(items)),
-        return_exceptions=True,
-      )
-      _raise_first(prepared)
-      rows = await state.batcher.classify(prepared, ticket)
-    state.images += len(rows)
-    ranked = clf.rank(np.stack(rows), k)
-    # A bare list, one ranked list per image: the managed endpoint's answer, which its
-    # clients index directly.
-    return JSONResponse(
-      [[{"label": p["label"], "score": p["score"]} for p in preds] for preds in ranked]
-    )
-
-  @app.get("/healthz")
-  async def healthz() -> JSONResponse:
-    code = {"ready": 200, "starting": 503}.get(state.status, 500)
-    body = {"status": state.status} | ({"error": state.error} if state.error else {})
-    return JSONResponse(body, status_code=code)
-
-  @app.get("/metadata")
-  async def metadata() -> dict[str, Any]:
-    return {
-      "model": clf.model_name,
-      "image_size": clf.image_size,
-      "dtype": clf.dtype,
-      "num_classes": len(clf.class_names),
-      "labels": clf.class_names,
-      # A sigmoid head scores each class on its own; a softmax's scores sum to 1.
-      "head": "sigmoid" if clf.multilabel else "softmax",
-      "threshold": clf.threshold,
-      "batch_sizes": list(sizes),
-      "max_wait_ms": options.max_wait_ms,
-      "top_k": options.top_k,
-      "allow_urls": options.allow_urls,
-      "allow_private_urls": options.allow_private_urls,
-      "limits": {
-        "max_body_bytes": options.max_body_bytes,
-        "max_pixels": options.max_pixels,
-        "max_images": options.max_images,
-        "max_queue": options.max_queue,
-      },
-    }
-
-  @app.get("/stats")
-  async def stats() -> dict[str, Any]:
-    sizes_seen = state.batcher.batch_sizes if state.batcher else collections.Counter()
-    return {
-      "status": state.status,
-      "requests": state.requests,
-      "images": state.images,
-      "queued": state.batcher.waiting if state.batcher else 0,
-      "in_flight": state.in_flight,
-      "errors": {str(k): v for k, v in sorted(state.errors.items())},
-      "batches": sum(sizes_seen.values()),
-      "batch_sizes": {str(k): v for k, v in sorted(sizes_seen.items())},
-    }
-
+  app = FastAPI(
+    title="vit-jax", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None
+  )
+  app.state.server = _Server(clf, options or Options())
+  app.add_api_route("/score", _score, methods=["POST"])
+  app.add_api_route("/healthz", _healthz, methods=["GET"])
+  app.add_api_route("/metadata", _metadata, methods=["GET"])
+  app.add_api_route("/stats", _stats, methods=["GET"])
+  app.add_exception_handler(RequestError, _request_error)
+  app.add_exception_handler(QueueFull, _queue_full)
+  app.add_exception_handler(HTTPException, _http_error)
+  app.add_exception_handler(Exception, _internal_error)
   return app
 
 
