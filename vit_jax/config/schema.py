@@ -92,6 +92,24 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
     _f("model.scan", bool, False, "one compiled block scanned over the layers"),
     _f("model.dropout_rate", float, 0.0, "dropout after attention and in the MLP"),
     _f("model.attention_dropout_rate", float, 0.0, "dropout on the attention weights"),
+    _f(
+      "model.drop_path_rate",
+      float,
+      0.0,
+      "stochastic depth on both residual branches of each block (0: off)",
+    ),
+    _f(
+      "model.drop_path_schedule",
+      str,
+      "linear",
+      "linear: from 0 at the first block to the rate at the last (timm's); constant",
+    ),
+    _f(
+      "model.posemb",
+      str,
+      "learn",
+      "learn (a parameter, the original) or sincos2d (fixed, big_vision's; no parameter)",
+    ),
     _f("model.gelu_approximate", bool, True, "tanh GELU, as the original checkpoints"),
     _f("model.representation_size", int, None, "a pre_logits layer of this width; None: none"),
     _f(
@@ -160,7 +178,30 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
     _f("keep_checkpoints", int, 2, "Orbax checkpoints kept"),
     _f("async_checkpointing", bool, True, "write checkpoints while training goes on"),
     _f(
-      "best_metric", str, "loss", "what best.npz is chosen by: loss, accuracy, macro_f1, mAP, ..."
+      "best_metric",
+      str,
+      "loss",
+      "what best.npz is chosen by: a metric of the eval split (loss, accuracy, macro_f1, mAP, "
+      "...) or NAME/metric of an `evals` set",
+    ),
+    _f(
+      "evals",
+      tuple,
+      (),
+      "more evaluation sets, each (name, dataset, split, label_key); None in a field: the "
+      "run's own (dataset, eval split, label key)",
+    ),
+    _f(
+      "ema_decay",
+      float,
+      None,
+      "keep an exponential moving average of the params (e.g. 0.9999); None: off",
+    ),
+    _f(
+      "export_params",
+      str,
+      "raw",
+      "what best.npz and final.npz hold, and best_metric scores: raw or ema params",
     ),
     _f(
       "profile_steps",

@@ -96,6 +96,7 @@ class ModelSpec:
   classifier: str = "token"  # "token" (class token) or "gap" (mean of patch tokens)
   gelu_approximate: bool = True  # tanh GELU, as the original checkpoints
   resnet_layers: tuple[int, ...] | None = None  # a hybrid's ResNet stages; None: plain ViT
+  posemb: str = "learn"  # "learn" (a parameter) or "sincos2d" (fixed, none in the file)
 
   def __post_init__(self):
     if self.resnet_layers is not None:
@@ -118,6 +119,12 @@ class ModelSpec:
     if self.hidden_size % self.num_heads:
       raise errors.ConfigError(
         f"hidden size {self.hidden_size} does not split into {self.num_heads} heads"
+      )
+    if self.posemb not in ("learn", "sincos2d"):
+      raise errors.ConfigError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+    if self.posemb == "sincos2d" and self.hidden_size % 4:
+      raise errors.ConfigError(
+        f"a sin-cos position embedding needs a hidden size divisible by 4, not {self.hidden_size}"
       )
     if self.classifier not in ("token", "gap"):
       raise errors.ConfigError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
@@ -156,8 +163,14 @@ class ModelSpec:
     return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(cls)})
 
   @classmethod
-  def from_params(cls, tree: Mapping[str, Any], path: str = "checkpoint") -> ModelSpec:
-    """The model a checkpoint's params fit (Linen names, unscanned), read off their shapes."""
+  def from_params(
+    cls, tree: Mapping[str, Any], path: str = "checkpoint", image_size: int | None = None
+  ) -> ModelSpec:
+    """The model a checkpoint's params fit (Linen names, unscanned), read off their shapes.
+
+    A file without a position embedding holds a fixed sin-cos one (`posemb="sincos2d"`), and
+    so no image size: `image_size`, else 224.
+    """
     flat = layout.flatten(tree)
     shape = lambda key: tuple(int(d) for d in flat[key].shape)
     layers = None
@@ -177,7 +190,7 @@ class ModelSpec:
       blocks = {k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")}
       _, heads, _ = shape("Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel")
       mlp = shape("Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel")[1]
-      tokens = shape(layout.POSEMB)[1]
+      tokens = shape(layout.POSEMB)[1] if layout.POSEMB in flat else None
     except (KeyError, ValueError, IndexError) as e:
       raise errors.CheckpointError(
         f"{path}: cannot tell the model from the file (missing or odd {e})"
@@ -194,6 +207,9 @@ class ModelSpec:
         + ("an image has 3" if layers is None else f"ResNet stages {layers} give {want_channels}")
       )
     has_cls = "cls" in flat
+    if tokens is None:  # sin-cos: nothing in the file tells the size
+      size = image_size or 224
+      tokens = (size // (patch * resnet.stride(layers))) ** 2 + has_cls
     grid = math.isqrt(max(tokens - has_cls, 0))
     if grid < 1 or grid * grid != tokens - has_cls:
       raise errors.CheckpointError(
@@ -219,6 +235,7 @@ class ModelSpec:
       representation_size=outputs.get("pre_logits/kernel"),
       classifier="token" if has_cls else "gap",
       resnet_layers=layers,
+      posemb="learn" if layout.POSEMB in flat else "sincos2d",
     )
 
   @classmethod

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vit_jax import errors
 from vit_jax.models import resnet
@@ -109,9 +110,22 @@ class Encoder1DBlock(nn.Module):
   # Outputs only the first `query_tokens` tokens (all when None): they attend
   # to every token, but the rest of the block runs on these alone.
   query_tokens: int | None = None
+  drop_path: bool = False  # stochastic depth on both residual branches, at `drop_rate`
+
+  def _drop_path(self, branch: Array, rate: Any, deterministic: bool, name: str) -> Array:
+    """Stochastic depth (Huang et al., 2016; timm's drop_path): each example's branch is kept
+    with probability 1 - rate, and scaled by 1 / (1 - rate) when kept."""
+    if not self.drop_path or deterministic:
+      return branch
+    keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
+    shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
+    keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, shape)
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", f"{name}_kept", keep.reshape(-1))
+    return branch * (keep / keep_prob).astype(branch.dtype)
 
   @nn.compact
-  def __call__(self, inputs: Array, deterministic: bool) -> Any:
+  def __call__(self, inputs: Array, deterministic: bool, drop_rate: Any = 0.0) -> Any:
     # eps 1e-6 is what the original checkpoints were trained with.
     norm = lambda: nn.LayerNorm(
       epsilon=1e-6,
@@ -138,7 +152,7 @@ class Encoder1DBlock(nn.Module):
       attention_fn=dot_product_attention,
     )(x, kv, sow_weights=self.is_mutable_collection("intermediates"))
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    x = x + inputs
+    x = self._drop_path(x, drop_rate, deterministic, "attention") + inputs
     y = norm()(x)
     y = MlpBlock(
       mlp_dim=self.mlp_dim,
@@ -147,8 +161,28 @@ class Encoder1DBlock(nn.Module):
       dropout_rate=self.dropout_rate,
       gelu_approximate=self.gelu_approximate,
     )(y, deterministic=deterministic)
+    y = self._drop_path(y, drop_rate, deterministic, "mlp")
     out = nn.with_logical_constraint(x + y, ("batch", "length", "act_embed"))
     return (out, None) if self.scan_carry else out
+
+
+def posemb_sincos_2d(
+  h: int, w: int, width: int, temperature: float = 10_000.0, dtype: Dtype = jnp.float32
+) -> Array:
+  """The fixed 2-D sin-cos position embedding [1, h * w, width] of MoCo v3 and big_vision
+  (big_vision/models/vit.py `posemb_sincos_2d`): token k is at row k // w, column k % w;
+  frequencies temperature^(-d / (width/4 - 1)) for d < width/4; channels
+  [sin(column f), cos(column f), sin(row f), cos(row f)]."""
+  if width % 4:
+    raise errors.ConfigError(
+      f"a sin-cos position embedding needs a width divisible by 4, not {width}"
+    )
+  y, x = jnp.mgrid[:h, :w]
+  omega = 1.0 / temperature ** (jnp.arange(width // 4) / (width // 4 - 1))
+  y = jnp.einsum("m,d->md", y.flatten(), omega)
+  x = jnp.einsum("m,d->md", x.flatten(), omega)
+  pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+  return jnp.asarray(pe, dtype)[None]
 
 
 class AddPositionEmbs(nn.Module):
@@ -186,11 +220,28 @@ class Encoder(nn.Module):
   # None). The classifier reads only the class token, so the last block's
   # MLP, output projection and queries need only run on it: 7% of ViT-B/16.
   output_tokens: int | None = None
+  learned_posemb: bool = True  # False: the caller has added a fixed one
+  drop_path_rate: float = 0.0
+  drop_path_schedule: str = "linear"
+
+  def drop_path_rates(self) -> np.ndarray:
+    """Stochastic depth per block: rising linearly from 0 to the rate (timm's rule), or constant."""
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise errors.ConfigError(f"drop_path_rate {self.drop_path_rate} must be in [0, 1)")
+    if self.drop_path_schedule == "linear":
+      return np.linspace(0.0, self.drop_path_rate, self.num_layers, dtype=np.float32)
+    if self.drop_path_schedule == "constant":
+      return np.full(self.num_layers, self.drop_path_rate, np.float32)
+    raise errors.ConfigError(
+      f"drop_path_schedule must be linear or constant, got {self.drop_path_schedule!r}"
+    )
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
+    if self.learned_posemb:
+      x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    rates = self.drop_path_rates()
     kw = dict(
       mlp_dim=self.mlp_dim,
       num_heads=self.num_heads,
@@ -199,6 +250,7 @@ class Encoder(nn.Module):
       dropout_rate=self.dropout_rate,
       attention_dropout_rate=self.attention_dropout_rate,
       gelu_approximate=self.gelu_approximate,
+      drop_path=self.drop_path_rate > 0,
     )
     block = Encoder1DBlock
     if self.remat:
@@ -217,11 +269,11 @@ class Encoder(nn.Module):
         block,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=nn.broadcast,
+        in_axes=(nn.broadcast, 0),  # deterministic, and each layer's drop-path rate
         length=self.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, _ = stack(name="encoderblock", scan_carry=True, **kw)(x, not train)
+      x, _ = stack(name="encoderblock", scan_carry=True, **kw)(x, not train, jnp.asarray(rates))
       # Every scanned layer has the same shape, so all tokens run to the end.
       x = x if self.output_tokens is None else x[:, : self.output_tokens]
     else:
@@ -229,7 +281,7 @@ class Encoder(nn.Module):
         last = i == self.num_layers - 1
         x = block(
           name=f"encoderblock_{i}", query_tokens=self.output_tokens if last else None, **kw
-        )(x, not train)
+        )(x, not train, float(rates[i]))
     return nn.LayerNorm(
       epsilon=1e-6,
       dtype=self.dtype,
@@ -268,6 +320,11 @@ class VisionTransformer(nn.Module):
   # Units per ResNet stage before the patches ((3, 4, 9) for R50+ViT-B_16; () the root
   # alone); None: patches of the image itself.
   resnet_layers: tuple[int, ...] | None = None
+  # "learn": a learned position embedding over every token, class token included (the
+  # original); "sincos2d": big_vision's fixed one, added to the patch tokens alone.
+  posemb: str = "learn"
+  drop_path_rate: float = 0.0  # stochastic depth of the last block (or of every block)
+  drop_path_schedule: str = "linear"  # linear: from 0 at the first block; constant
 
   @property
   def spec(self) -> spec_lib.ModelSpec:
@@ -303,6 +360,11 @@ class VisionTransformer(nn.Module):
     )(x)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
+    if self.posemb == "sincos2d":
+      # Before the class token is added, as big_vision adds it: the class token has none.
+      x = x + posemb_sincos_2d(h, w, c, dtype=x.dtype)
+    elif self.posemb != "learn":
+      raise errors.ConfigError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
     if self.classifier == "token":
       cls = self.param(
         "cls", _init(nn.initializers.zeros, (None, None, "embed")), (1, 1, c), self.param_dtype
@@ -324,6 +386,9 @@ class VisionTransformer(nn.Module):
       remat_policy=self.remat_policy,
       scan=self.scan,
       output_tokens=1 if self.classifier == "token" else None,
+      learned_posemb=self.posemb == "learn",
+      drop_path_rate=self.drop_path_rate,
+      drop_path_schedule=self.drop_path_schedule,
       name="Transformer",
     )(x, train=train)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
@@ -362,6 +427,8 @@ RUNTIME_FIELDS = (
   "remat_policy",
   "scan",
   "head_bias_init",
+  "drop_path_rate",
+  "drop_path_schedule",
 )
 
 

@@ -82,6 +82,24 @@ def batch_sums(
   return out
 
 
+def label_set_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """Sums for a single-label model scored against sets of correct classes ([N, C] multi-hot, as
+  ImageNet's ReaL labels): the top class is right when it is in the set; an image whose set is
+  empty counts for nothing (the ReaL paper leaves them out, as big_vision's evaluator does).
+  The loss is big_vision's softmax cross-entropy against the set, -sum(labels * log p)."""
+  y = labels.astype(jnp.float32)
+  valid = mask.astype(jnp.float32) * (y.max(-1) > 0)
+  pred = jnp.argmax(logits, -1)
+  hit = jnp.take_along_axis(y, pred[:, None], axis=-1)[:, 0]
+  loss = -jnp.sum(y * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)
+  return {
+    "loss_sum": jnp.sum(loss * valid),
+    "count": jnp.sum(valid),
+    "correct": jnp.sum(hit * valid),
+    "empty": jnp.sum(mask.astype(jnp.float32) * (y.max(-1) <= 0)),
+  }
+
+
 @dataclasses.dataclass
 class Accumulator:
   """Adds up batch sums (and multi-label scores) into the final metrics.
@@ -122,6 +140,8 @@ class Accumulator:
     s = self.sums
     count = float(s.get("count", 0))
     out: dict[str, Any] = {"loss": float(s["loss_sum"]) / max(count, 1), "count": int(count)}
+    if "empty" in s:  # sets of correct classes (label_set_sums)
+      return out | {"accuracy": float(s["correct"]) / max(count, 1), "left_out": int(s["empty"])}
     if self.multilabel:
       tp, fp, fn = s["tp"].sum(), s["fp"].sum(), s["fn"].sum()
       out["f1@0.5"] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0

@@ -35,6 +35,8 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # An exponential moving average of the params after each step (config.ema_decay), else None.
+  ema_params: Any = None
 
 
 def model_from_config(
@@ -86,6 +88,9 @@ class Setup:
     self.param_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
     self.param_shapes = nn.meta.unbox(boxed)
     self.tx, self.lr_schedule = optim.make_optimizer(c, self.param_shapes)
+    self.ema_decay = c.ema_decay
+    if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+      raise errors.ConfigError(f"config.ema_decay {self.ema_decay} must be in (0, 1), or None")
     self.frozen = optim.frozen(self.param_shapes, c)
     opt_shapes = jax.eval_shape(self.tx.init, self.param_shapes)
     # Optimizer state mirrors the params it belongs to; scalars (counts) are replicated.
@@ -93,6 +98,7 @@ class Setup:
       step=sharding.replicated(self.mesh),
       params=self.param_shardings,
       opt_state=_opt_shardings(opt_shapes, self.param_shapes, self.param_shardings, self.mesh),
+      ema_params=None if self.ema_decay is None else self.param_shardings,
     )
     self.batch_sharding = sharding.batch_sharding(self.mesh)
 
@@ -104,6 +110,7 @@ class Setup:
       step=jax.ShapeDtypeStruct((), jnp.int32),
       params=self.param_shapes,
       opt_state=jax.eval_shape(self.tx.init, self.param_shapes),
+      ema_params=None if self.ema_decay is None else self.param_shapes,
     )
     return jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -120,7 +127,10 @@ class Setup:
       if params is None:
         params = models.init_params(self.model, rng)
       return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=self.tx.init(params),
+        ema_params=None if self.ema_decay is None else params,
       )
 
     return jax.jit(init, out_shardings=self.state_shardings, static_argnums=())(rng, params)
@@ -172,7 +182,10 @@ class Setup:
         value = l_sum / accum
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+      ema = state.ema_params
+      if ema is not None:  # timm's ModelEmaV2: decay * ema + (1 - decay) * params
+        ema = optax.incremental_update(params, ema, step_size=1.0 - self.ema_decay)
+      new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
       return new, {
         "loss": value,
         "grad_norm": optax.tree.norm(grads),
@@ -190,15 +203,23 @@ class Setup:
       donate_argnums=(0,),
     )
 
-  def eval_step_fn(self) -> Callable:
+  def eval_step_fn(self, labels: str | None = None) -> Callable:
     """(params, batch) -> (sums, logits or None); sums over the valid (mask) examples only.
 
-    Logits leave the step only for multi-label data, whose mAP needs every score.
+    `labels` is the evaluation data's kind, by default the training data's: "single" (class
+    indices), "multilabel" (multi-hot, scored by the sigmoid head), or "sets" (multi-hot
+    sets of correct classes for a single-label model, as ImageNet's ReaL labels: right when
+    the top class is in the set). Logits leave the step only for multi-label data, whose
+    mAP needs every score.
     """
-    model, multilabel, sigmoid = self.model, self.multilabel, self.sigmoid_loss
+    model, sigmoid = self.model, self.sigmoid_loss
+    labels = labels or ("multilabel" if self.multilabel else "single")
 
     def step(params, batch):
       logits = model.apply({"params": params}, batch["image"], train=False)
+      if labels == "sets":
+        return metrics.label_set_sums(logits, batch["label"], batch["mask"]), None
+      multilabel = labels == "multilabel"
       sums = metrics.batch_sums(
         logits, batch["label"], batch["mask"], multilabel=multilabel, sigmoid=sigmoid
       )
@@ -206,12 +227,13 @@ class Setup:
 
     return step
 
-  def jit_eval_step(self) -> Callable:
+  def jit_eval_step(self, labels: str | None = None) -> Callable:
     rep = sharding.replicated(self.mesh)
+    multilabel = (labels or ("multilabel" if self.multilabel else "single")) == "multilabel"
     return jax.jit(
-      self.eval_step_fn(),
+      self.eval_step_fn(labels),
       in_shardings=(self.param_shardings, self.batch_sharding),
-      out_shardings=(rep, self.batch_sharding if self.multilabel else None),
+      out_shardings=(rep, self.batch_sharding if multilabel else None),
     )
 
   def jit_predict(self, embedding: bool = False) -> Callable:

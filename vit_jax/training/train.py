@@ -83,6 +83,13 @@ class _Run:
     self.mngr = state.checkpoint_manager(workdir, config)
     self.init_rng, self.step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     self.eval_step = self.setup.jit_eval_step()
+    self.eval_sets = evaluation.eval_sets(config, self.setup, self.data)
+    self.export = config.export_params
+    if self.export not in ("raw", "ema") or (self.export == "ema" and config.ema_decay is None):
+      raise errors.ConfigError(
+        f"config.export_params {self.export!r} must be raw, or ema with config.ema_decay set"
+      )
+    self.best_set, self.best_metric = evaluation.parse_metric(config.best_metric, self.eval_sets)
     self.best_path = files.join(workdir, "best.json")
     self.best = (
       json.loads(files.read_bytes(self.best_path))["value"]
@@ -137,18 +144,49 @@ class _Run:
     progress.update(1)
 
   def evaluate(self, step: int, train_state) -> None:
-    """The eval split's metrics; `best.npz` when `best_metric` improved."""
+    """Every evaluation set's metrics, of the raw params and (when kept) of their average;
+    `best.npz` when `best_metric` improved."""
     _check_finite(self.pending, step)
-    result = evaluation.run_eval(self.setup, self.data, train_state.params, "eval", self.eval_step)
-    self.writer.write(step, "eval", result)
-    metric = self.config.best_metric
+    results = self._eval_all(step, train_state, "eval")
+    name = self.best_set + ("_ema" if self.export == "ema" else "")
+    value = results[name][self.best_metric]
     # The metrics are the same on every host, so all hosts join the gather.
-    if _better(metric, result[metric], self.best):
-      self.best = result[metric]
-      self._export(train_state.params, "best.npz")
+    if _better(self.best_metric, value, self.best):
+      self.best = value
+      self._export(self._exported(train_state), "best.npz")
       if self.is_main:
         with files.atomic_write(self.best_path) as f:
-          f.write(json.dumps({"step": step, "metric": metric, "value": self.best}).encode())
+          record = {
+            "step": step,
+            "metric": self.config.best_metric,
+            "value": value,
+            "params": self.export,
+          }
+          f.write(json.dumps(record).encode())
+
+  def _eval_all(
+    self, step: int, train_state, split: str, write: bool = True
+  ) -> dict[str, dict[str, Any]]:
+    """{NAME: metrics, NAME_ema: metrics} of each evaluation set (the test split: `test`,
+    `test_ema`), written as they come."""
+    params = {"": train_state.params}
+    if train_state.ema_params is not None:
+      params["_ema"] = train_state.ema_params
+    out = {}
+    for eval_set in self.eval_sets:
+      if split == "test" and eval_set.name != "eval":
+        continue
+      for suffix, p in params.items():
+        name = ("test" if split == "test" else eval_set.name) + suffix
+        out[name] = evaluation.run_eval(
+          self.setup, eval_set.data, p, eval_set.split if split != "test" else "test", eval_set.step
+        )
+        if write:
+          self.writer.write(step, name, out[name])
+    return out
+
+  def _exported(self, train_state):
+    return train_state.ema_params if self.export == "ema" else train_state.params
 
   def save(self, step: int, train_state) -> bool:
     """An Orbax checkpoint every `checkpoint_every` steps or on a preemption notice; True when
@@ -171,12 +209,10 @@ class _Run:
     if self.mngr.latest_step() != total:
       self.mngr.save(total, args=ocp.args.StandardSave(train_state), force=True)
     self.mngr.wait_until_finished()
-    params = train_state.params
-    result = {"eval": evaluation.run_eval(self.setup, self.data, params, "eval", self.eval_step)}
+    result = self._eval_all(total, train_state, "eval", write=False)  # evaluate() wrote these
     if self.data.info.num_examples.get("test"):
-      result["test"] = evaluation.run_eval(self.setup, self.data, params, "test", self.eval_step)
-      self.writer.write(total, "test", result["test"])
-    self._export(params, "final.npz")
+      result |= self._eval_all(total, train_state, "test")
+    self._export(self._exported(train_state), "final.npz")
     skipped = self.data.decode_errors
     if skipped:
       log.warning("%d images could not be decoded and were skipped", skipped)

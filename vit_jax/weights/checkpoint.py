@@ -209,6 +209,10 @@ def load_pretrained(
           "checkpoint: keeping a head trained on pre_logits features without them; "
           "pass reset_head=True to fine-tune from a fresh head"
         )
+    elif key == layout.POSEMB and model.posemb != "learn":
+      log.info(
+        "checkpoint: dropping %s (the model's position embedding is fixed: %s)", key, model.posemb
+      )
     elif key.startswith("head/") and model.num_classes is None:
       log.info("checkpoint: dropping %s (the model has no head: num_classes=None)", key)
     else:

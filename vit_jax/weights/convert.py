@@ -332,6 +332,11 @@ def npz_to_transformers(
       "has no class for ResNet+ViT hybrids (timm's vit_base_r50_s16_384 and "
       "friends load the .npz itself)"
     )
+  if found.posemb != "learn":
+    raise ConversionError(
+      f"{src} has a fixed {found.posemb} position embedding (none in the file); "
+      "ViTForImageClassification has only a learned one"
+    )
   if found.representation_size and not drop_pre_logits:
     raise ConversionError(
       f"{src} has a pre_logits layer, which ViTForImageClassification "
