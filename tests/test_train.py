@@ -345,12 +345,23 @@ def test_sharded_predict_over_a_split_matches_evaluation(digits, pretrained, tmp
   assert list(four["class_names"]) == [f"digit_{i}" for i in range(5)]
 
 
+# Today's regularisation, every piece on: the resumed run must still see the same random draws.
+REGULARISED = {
+  "model.drop_path_rate": 0.1,
+  "ema_decay": 0.9,
+  "export_params": "ema",  # final.npz holds the average: its resume is checked too
+  "augment.mixup_alpha": 0.2,
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-  "model", [{}, dict(scan=True, remat=True, dtype="bfloat16")], ids=["plain", "scan_remat_bf16"]
+  "changes",
+  [{}, {"model.scan": True, "model.remat": True, "model.dtype": "bfloat16"}, REGULARISED],
+  ids=["plain", "scan_remat_bf16", "regularised"],
 )
 def test_preemption_saves_and_exits_then_the_rerun_ends_like_a_straight_run(
-  digits, tmp_path, monkeypatch, caplog, model
+  digits, tmp_path, monkeypatch, caplog, changes
 ):
   def cfg():
     c = tiny_config(
@@ -361,7 +372,9 @@ def test_preemption_saves_and_exits_then_the_rerun_ends_like_a_straight_run(
       log_every=5,
       async_checkpointing=True,
     )
-    c.model.update(model)
+    for key, value in changes.items():
+      parent, _, leaf = key.rpartition(".")
+      (c[parent] if parent else c)[leaf] = value
     return c
 
   straight = train.train_and_evaluate(cfg(), str(tmp_path / "straight"))
