@@ -1,0 +1,240 @@
+"""RandAugment.
+
+Each RandAugment op is checked at a fixed magnitude against PIL (ImageOps, ImageEnhance,
+Image.rotate/transform) or numpy written out here, with the magnitude's argument computed
+here from big_vision's formulas; the ops run as the pipeline runs them, in a traced graph.
+"""
+
+import data_fixtures as df
+import numpy as np
+import pytest
+from PIL import Image
+from PIL import ImageEnhance
+from PIL import ImageOps
+
+from vit_jax.data import randaugment as ra
+from vit_jax.platform import tf_setup
+
+tf = tf_setup.tf()
+H, W = 24, 32  # not square: swapped axes show
+SEEDS = range(8)
+
+
+def _seed(k: int, base: int = 17):
+  return tf.constant([base, k], tf.int64)
+
+
+def sample_image(avoid_fill: bool = False) -> np.ndarray:
+  """uint8 [24, 32, 3]: smooth colour with fine grain, levels 20-230 (so AutoContrast has work).
+
+  Asymmetric, so a flip, a turn the other way, or a wrong sign gives another image.
+  """
+  a = df.class_image(0, 5, H, W).astype(np.int64)
+  grain = np.random.default_rng(1).integers(-30, 31, a.shape)
+  a = np.clip(a * 3 // 4 + 20 + grain, 20, 230)
+  if avoid_fill:  # Cutout's fill must tell from the image
+    a[a == ra.FILL] = ra.FILL - 1
+  return a.astype(np.uint8)
+
+
+_traced = {}
+
+
+def run_op(image: np.ndarray, name: str, magnitude: float, seeds=SEEDS) -> list[np.ndarray]:
+  """The op at `magnitude` in a traced graph (as tf.data runs it), for each seed."""
+  key = (name, magnitude)
+  if key not in _traced:
+    _traced[key] = tf.function(lambda im, s: ra.apply_op(im, name, magnitude, s))
+  return [_traced[key](tf.constant(image), _seed(k)).numpy() for k in seeds]
+
+
+def pil(a: np.ndarray) -> Image.Image:
+  return Image.fromarray(a)
+
+
+def affine(a: np.ndarray, data) -> np.ndarray:
+  """PIL's nearest-neighbour affine map, out-of-image pixels 128 (output (x, y) <- data . (x, y,
+  1) in PIL's continuous coordinates, pixel centres at +0.5)."""
+  fill = (ra.FILL,) * 3
+  return np.asarray(
+    pil(a).transform((a.shape[1], a.shape[0]), Image.AFFINE, data, Image.NEAREST, fillcolor=fill)
+  )
+
+
+def shear_x(a, level):
+  # big_vision's shear maps pixel index x to x + level * y; in PIL's coordinates (index + 0.5)
+  # that is x' = x + level * y - level / 2.
+  return affine(a, (1, level, -level / 2, 0, 1, 0))
+
+
+def shear_y(a, level):
+  return affine(a, (1, 0, 0, level, 1, -level / 2))
+
+
+def enhance(kind):
+  return lambda a, f: np.asarray(kind(pil(a)).enhance(f))
+
+
+# (op, magnitude, the argument big_vision's level_to_arg gives, a reference for one sign).
+# The magnitudes keep the ops away from identities and exact nearest-neighbour ties:
+# shear 0.21 * y never reaches a half-integer for y < 50 rows (at 0.3, y = 5 does, and float32
+# and PIL's float64 then round a tie to different sides).
+UNSIGNED = [
+  ("AutoContrast", 7, None, lambda a, _: np.asarray(ImageOps.autocontrast(pil(a)))),
+  ("Equalize", 7, None, lambda a, _: np.asarray(ImageOps.equalize(pil(a)))),
+  ("Invert", 7, None, lambda a, _: np.asarray(ImageOps.invert(pil(a)))),
+  ("Posterize", 5, 5 / 10 * 4, lambda a, b: np.asarray(ImageOps.posterize(pil(a), int(b)))),
+  ("Posterize", 7.5, 7.5 / 10 * 4, lambda a, b: np.asarray(ImageOps.posterize(pil(a), int(b)))),
+  # 0 bits, which PIL refuses: one bit kept, as big_vision's clamped shift.
+  ("Posterize", 0, 0, lambda a, _: a & 0x80),
+  ("Solarize", 5, 5 / 10 * 256, lambda a, t: np.asarray(ImageOps.solarize(pil(a), int(t)))),
+  ("Solarize", 7, 7 / 10 * 256, lambda a, t: np.asarray(ImageOps.solarize(pil(a), int(t)))),
+  (
+    "SolarizeAdd",
+    5,
+    5 / 10 * 110,
+    lambda a, n: np.where(a < 128, np.minimum(a.astype(int) + int(n), 255), a),
+  ),
+  (
+    "SolarizeAdd",
+    9.5,
+    9.5 / 10 * 110,
+    lambda a, n: np.where(a < 128, np.minimum(a.astype(int) + int(n), 255), a),
+  ),
+]
+for _name, _kind in [
+  ("Color", ImageEnhance.Color),
+  ("Contrast", ImageEnhance.Contrast),
+  ("Brightness", ImageEnhance.Brightness),
+  ("Sharpness", ImageEnhance.Sharpness),
+]:
+  # factor 0.64 interpolates; 2.44 extrapolates and clips.
+  UNSIGNED += [(_name, m, m / 10 * 1.8 + 0.1, enhance(_kind)) for m in (3, 13)]
+
+SIGNED = [
+  (
+    "Rotate",
+    7,
+    7 / 10 * 30,
+    lambda a, d: np.asarray(pil(a).rotate(d, Image.NEAREST, fillcolor=(ra.FILL,) * 3)),
+  ),
+  ("ShearX", 7, 7 / 10 * 0.3, shear_x),
+  ("ShearY", 7, 7 / 10 * 0.3, shear_y),
+  ("TranslateX", 1, 1 / 10 * 100, lambda a, p: affine(a, (1, 0, p, 0, 1, 0))),
+  ("TranslateY", 1, 1 / 10 * 100, lambda a, p: affine(a, (1, 0, 0, 0, 1, p))),
+  # 5.7 pixels: a fraction, rounded to the nearest pixel (5.5 would be a tie).
+  ("TranslateX", 0.57, 0.57 / 10 * 100, lambda a, p: affine(a, (1, 0, p, 0, 1, 0))),
+]
+
+
+@pytest.mark.parametrize(
+  "name, magnitude, arg, reference", UNSIGNED, ids=[f"{u[0]}-{u[1]}" for u in UNSIGNED]
+)
+def test_colour_ops_equal_pil_at_a_fixed_magnitude(name, magnitude, arg, reference):
+  a = sample_image()
+  want = reference(a, arg).astype(np.uint8)
+  assert not np.array_equal(want, a)  # the op does something to this image
+  for got in run_op(a, name, magnitude, seeds=range(2)):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+  "name, magnitude, arg, reference", SIGNED, ids=[f"{s[0]}-{s[1]}" for s in SIGNED]
+)
+def test_geometric_ops_equal_pil_with_either_sign(name, magnitude, arg, reference):
+  a = sample_image()
+  plus, minus = reference(a, arg), reference(a, -arg)
+  assert not np.array_equal(plus, minus) and not np.array_equal(plus, a)
+  signs = []
+  for got in run_op(a, name, magnitude):
+    signs.append(+1 if np.array_equal(got, plus) else -1 if np.array_equal(got, minus) else 0)
+  assert 0 not in signs, signs
+  # Each sign has chance 1/2: both among 8 seeds unless a 1-in-128 coincidence (seeds fixed).
+  assert set(signs) == {1, -1}, signs
+
+
+def test_cutout_is_a_square_of_128_clipped_at_the_border():
+  a = sample_image(avoid_fill=True)
+  magnitude = 2.5
+  pad = int(magnitude / 10 * 40)  # 10: a 20-pixel square, larger than half the image
+  centres = set()
+  for got in run_op(a, "Cutout", magnitude, seeds=range(24)):
+    filled = np.argwhere((got == ra.FILL).all(-1))
+    (top, left), (bottom, right) = filled.min(0), filled.max(0) + 1
+    # The centre from the box: a box clipped at the top ends at cy + pad, else it starts at
+    # cy - pad (both clipped: any centre fits; take the middle).
+    cy = top + pad if top > 0 else bottom - pad if bottom < H else H // 2
+    cx = left + pad if left > 0 else right - pad if right < W else W // 2
+    assert 0 <= cy < H and 0 <= cx < W
+    want = a.copy()
+    want[max(cy - pad, 0) : cy + pad, max(cx - pad, 0) : cx + pad] = ra.FILL
+    np.testing.assert_array_equal(got, want)
+    centres.add((cy, cx))
+  assert len(centres) > 12  # the centre is drawn afresh for every seed
+
+
+# The ops whose definition makes them the identity at some magnitude (big_vision's mapping):
+# 0 degrees, 0 shear, 0 pixels, a 0-pixel square, 0 added; enhance factor 5/10 * 1.8 + 0.1 = 1;
+# Solarize threshold 256 (nothing is >= 256); Posterize int(20/10 * 4) = 8 bits.
+IDENTITIES = [
+  ("Rotate", 0),
+  ("ShearX", 0),
+  ("ShearY", 0),
+  ("TranslateX", 0),
+  ("TranslateY", 0),
+  ("Cutout", 0),
+  ("SolarizeAdd", 0),
+  ("Color", 5),
+  ("Contrast", 5),
+  ("Brightness", 5),
+  ("Sharpness", 5),
+  ("Solarize", 10),
+  ("Posterize", 20),
+]
+
+
+@pytest.mark.parametrize("name, magnitude", IDENTITIES)
+def test_ops_are_the_identity_where_their_definition_says(name, magnitude):
+  a = sample_image()
+  for got in run_op(a, name, magnitude, seeds=range(4)):
+    np.testing.assert_array_equal(got, a)
+
+
+def test_at_magnitude_0_the_other_ops_still_change_the_image():
+  # big_vision's AugReg configs: 'light1': 'randaug(2,0)',  # Actually not nothing!
+  a = sample_image()
+  changing = [n for n in ra.OPS if not np.array_equal(run_op(a, n, 0, seeds=[0])[0], a)]
+  identity = {n for n, _ in IDENTITIES[:7]}
+  assert sorted(changing) == sorted(set(ra.OPS) - identity)
+
+
+def test_layers_pick_ops_uniformly_with_replacement():
+  n = 1600
+  picks = (
+    tf.data.Dataset.range(n)
+    .map(lambda k: ra.layer_ops(tf.stack([tf.constant(5, tf.int64), k]), 2)[0])
+    .batch(n)
+    .get_single_element()
+    .numpy()
+  )
+  counts = np.bincount(picks.ravel(), minlength=len(ra.OPS))
+  # 3200 picks, 200 expected per op, binomial sd 13.7: +-70 is 5.1 sd (all 16 inside: p > 0.99999).
+  assert len(counts) == 16 and np.abs(counts - 200).max() <= 70, counts
+  # With replacement the two layers repeat an op 1/16 of the time: 100 expected, sd 9.7.
+  repeats = int((picks[:, 0] == picks[:, 1]).sum())
+  assert 50 <= repeats <= 150, repeats
+
+
+def test_randaugment_applies_each_picked_op_in_turn():
+  a = sample_image()
+  magnitude = 9  # no op is the identity at 9
+  f = tf.function(lambda im, s: ra.randaugment(im, s, 2, magnitude))
+  seen = set()
+  for k in range(6):
+    ops, seeds = ra.layer_ops(_seed(k), 2)
+    want = a
+    for op, s in zip(ops.numpy(), seeds, strict=True):
+      want = ra.apply_op(tf.constant(want), ra.OPS[op], magnitude, s).numpy()
+      seen.add(int(op))
+    np.testing.assert_array_equal(f(tf.constant(a), _seed(k)).numpy(), want)
+  assert len(seen) >= 6  # 12 picks of 16 ops: the composition covers many of them
