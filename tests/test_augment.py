@@ -1,8 +1,9 @@
-"""RandAugment.
+"""RandAugment, CutMix and random erasing.
 
 Each RandAugment op is checked at a fixed magnitude against PIL (ImageOps, ImageEnhance,
 Image.rotate/transform) or numpy written out here, with the magnitude's argument computed
 here from big_vision's formulas; the ops run as the pipeline runs them, in a traced graph.
+CutMix and erasing are checked by what they did to the pixels.
 """
 
 import data_fixtures as df
@@ -12,6 +13,8 @@ from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageOps
 
+from vit_jax.data import cutmix
+from vit_jax.data import erasing
 from vit_jax.data import randaugment as ra
 from vit_jax.platform import tf_setup
 
@@ -238,3 +241,105 @@ def test_randaugment_applies_each_picked_op_in_turn():
       seen.add(int(op))
     np.testing.assert_array_equal(f(tf.constant(a), _seed(k)).numpy(), want)
   assert len(seen) >= 6  # 12 picks of 16 ops: the composition covers many of them
+
+
+# -- CutMix and the switch ---------------------------------------------------------------------
+
+
+def _distinct_batch(b: int, h: int, w: int) -> np.ndarray:
+  """float32 [b, h, w, 3]: every image different from every other at every pixel."""
+  rng = np.random.default_rng(b * 1000 + h)
+  noise = rng.uniform(0.0, 0.05, (b, h, w, 3))
+  return (np.arange(b)[:, None, None, None] * 0.1 - 0.5 + noise).astype(np.float32)
+
+
+def _pasted(out: np.ndarray, images: np.ndarray) -> np.ndarray:
+  """bool [B, h, w]: the pixels of each output that are its partner's (image B-1-i)."""
+  partner = images[::-1]
+  own = (out == images).all(-1)
+  theirs = (out == partner).all(-1)
+  assert (own ^ theirs).all()  # every pixel is one or the other, never a blend
+  return theirs
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_cutmix_label_weights_equal_the_pasted_area(multilabel):
+  b, h, w = 6, 16, 20
+  images = _distinct_batch(b, h, w)
+  if multilabel:
+    targets = (np.random.default_rng(3).uniform(size=(b, 5)) < 0.4).astype(np.float32)
+  else:
+    targets = np.eye(b, dtype=np.float32)
+  f = tf.function(lambda s: cutmix.cutmix(tf.constant(images), tf.constant(targets), s, 1.0))
+  areas, clipped, sides = [], 0, []
+  for k in range(60):
+    out, mixed = (x.numpy() for x in f(_seed(k)))
+    pasted = _pasted(out, images)
+    assert (pasted == pasted[:1]).all()  # one box for the whole batch
+    frac = pasted[0].mean()
+    if frac:
+      rows, cols = np.flatnonzero(pasted[0].any(1)), np.flatnonzero(pasted[0].any(0))
+      # A rectangle: consecutive rows and columns, and every pixel where they cross.
+      assert np.ptp(rows) == len(rows) - 1 and np.ptp(cols) == len(cols) - 1
+      assert pasted[0].sum() == len(rows) * len(cols)
+      touches = rows[0] == 0 or cols[0] == 0 or rows[-1] == h - 1 or cols[-1] == w - 1
+      clipped += touches
+      if not touches:  # timm's sides: int(h * r), int(w * r) for one r = sqrt(1 - lambda)
+        bh, bw = len(rows), len(cols)
+        assert max(bh / h, bw / w) < min((bh + 1) / h, (bw + 1) / w), (bh, bw)
+        sides.append((bh, bw))
+    # Label weight of the partner = the pasted fraction. float32: lambda = 1 - area / (h w) and
+    # the mix lambda * t + (1 - lambda) * t' each round once (2.4e-7 at most for values <= 1).
+    want = (1 - frac) * targets + frac * targets[::-1]
+    np.testing.assert_allclose(mixed, want, rtol=0, atol=3e-7)
+    areas.append(frac)
+  # Beta(1, 1): lambda uniform; the boxes vary, some clip at the border, some are unclipped.
+  assert np.ptp(areas) > 0.5 and clipped >= 5 and len(sides) >= 5, (np.ptp(areas), clipped)
+
+
+def _mixed_by_cutmix(out: np.ndarray, images: np.ndarray) -> bool:
+  """CutMix leaves every pixel its own or its partner's; mixup blends every pixel."""
+  partner = images[::-1]
+  return bool(((out == images) | (out == partner)).all())
+
+
+# -- random erasing ----------------------------------------------------------------------------
+
+
+def test_random_erasing_rate_boxes_and_noise():
+  h, w, n, p = 64, 48, 800, 0.25
+  image = tf.fill([h, w, 3], 0.5)  # a level the N(0, 1) noise never hits exactly
+  out = (
+    tf.data.Dataset.range(n)
+    .map(lambda k: erasing.random_erase(image, tf.stack([tf.constant(4, tf.int64), k]), p))
+    .batch(n)
+    .get_single_element()
+    .numpy()
+  )
+  changed = (out != 0.5).any(-1)
+  erased = changed.any((1, 2))
+  # Every attempt fits unless area * aspect >= 1 (or area / aspect >= 1) of a side: below 3% of
+  # attempts, so all 10 fail with chance < 1e-15 and the rate is p. 800 images: 200 expected,
+  # binomial sd 12.2; +-61 is 5 sd.
+  assert abs(int(erased.sum()) - n * p) <= 61, erased.sum()
+  boxes, values = [], []
+  for img, mask in zip(out[erased], changed[erased], strict=True):
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    bh, bw = len(rows), len(cols)
+    assert np.ptp(rows) == bh - 1 and np.ptp(cols) == bw - 1 and mask.sum() == bh * bw
+    assert (img[mask] != 0.5).all()  # every channel of the box is noise
+    values.append(img[mask].ravel())
+    boxes.append((bh, bw))
+  bh, bw = np.array(boxes, float).T
+  assert (bh < h).all() and (bw < w).all()
+  # h = round(sqrt(a * r)), w = round(sqrt(a / r)) with a in [0.02, 1/3] of the image and r in
+  # [0.3, 1/0.3]: each side is within half a pixel of the unrounded one.
+  assert ((bh + 0.5) * (bw + 0.5) >= 0.02 * h * w).all()
+  assert ((bh - 0.5) * (bw - 0.5) <= h * w / 3).all()
+  assert ((bh + 0.5) / (bw - 0.5) >= 0.3).all() and ((bh - 0.5) / (bw + 0.5) <= 1 / 0.3).all()
+  area, aspect = bh * bw / (h * w), bh / bw
+  # Spread over the ranges (200 draws: each bound fails by chance < 1e-6).
+  assert area.min() < 0.04 and area.max() > 0.28, (area.min(), area.max())
+  assert aspect.min() < 0.45 and aspect.max() > 2.2, (aspect.min(), aspect.max())
+  v = np.concatenate(values)  # ~3e5 values of N(0, 1): mean sd 0.002, std sd 0.0013
+  assert abs(v.mean()) < 0.01 and abs(v.std() - 1) < 0.01, (v.mean(), v.std())
