@@ -1,21 +1,27 @@
-"""RandAugment, CutMix and random erasing.
+"""RandAugment, CutMix, the mixup/CutMix switch and random erasing.
 
 Each RandAugment op is checked at a fixed magnitude against PIL (ImageOps, ImageEnhance,
 Image.rotate/transform) or numpy written out here, with the magnitude's argument computed
 here from big_vision's formulas; the ops run as the pipeline runs them, in a traced graph.
-CutMix and erasing are checked by what they did to the pixels.
+CutMix and erasing are checked by what they did to the pixels; the pipeline tests run the
+real tf.data stream on small image folders.
 """
 
 import data_fixtures as df
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageOps
 
+from vit_jax import data as ip
+from vit_jax import errors
+from vit_jax.config import schema
 from vit_jax.data import cutmix
 from vit_jax.data import erasing
 from vit_jax.data import randaugment as ra
+from vit_jax.data import transforms
 from vit_jax.platform import tf_setup
 
 tf = tf_setup.tf()
@@ -303,6 +309,32 @@ def _mixed_by_cutmix(out: np.ndarray, images: np.ndarray) -> bool:
   return bool(((out == images) | (out == partner)).all())
 
 
+def test_mix_switch_picks_cutmix_with_its_probability():
+  images = _distinct_batch(2, 8, 8)
+  targets = np.eye(2, dtype=np.float32)
+  n = 600
+
+  def cutmix_count(p: float) -> int:
+    aug = transforms.Augment(mixup_alpha=1.0, cutmix_alpha=1.0, mix_switch_prob=p)
+    out = (
+      tf.data.Dataset.range(n)
+      .map(
+        lambda k: transforms.mix_batch(
+          tf.constant(images), tf.constant(targets), tf.stack([tf.constant(9, tf.int64), k]), aug
+        )[0]
+      )
+      .batch(n)
+      .get_single_element()
+      .numpy()
+    )
+    return sum(_mixed_by_cutmix(o, images) for o in out)
+
+  # Beta(1, 1) mixup leaves a pixel unblended only if 1 - lambda < 1e-7 (chance 1e-7 a batch),
+  # so every batch is told right. 600 batches at p = 0.3: 180 expected, sd 11.2; +-56 is 5 sd.
+  assert abs(cutmix_count(0.3) - 180) <= 56
+  assert cutmix_count(0.0) == 0 and cutmix_count(1.0) == n
+
+
 # -- random erasing ----------------------------------------------------------------------------
 
 
@@ -343,3 +375,124 @@ def test_random_erasing_rate_boxes_and_noise():
   assert aspect.min() < 0.45 and aspect.max() > 2.2, (aspect.min(), aspect.max())
   v = np.concatenate(values)  # ~3e5 values of N(0, 1): mean sd 0.002, std sd 0.0013
   assert abs(v.mean()) < 0.01 and abs(v.std() - 1) < 0.01, (v.mean(), v.std())
+
+
+# -- config and pipeline -----------------------------------------------------------------------
+
+
+def cfg(folder: str, **aug):
+  c = schema.base()
+  c.dataset, c.folder = "folder", folder
+  c.image_size, c.batch_size, c.data_threads, c.seed = 16, 4, 2, 3
+  c.augment = ml_collections.ConfigDict({**c.augment.to_dict(), **aug})
+  return c
+
+
+def take(c, n: int, start: int = 0) -> list[dict]:
+  it = ip.host_batches(c, start_step=start, process_index=0, process_count=1)
+  return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("randaug_layers", -1),
+    ("randaug_magnitude", -0.5),
+    ("randaug_magnitude", float("nan")),
+    ("cutmix_alpha", -1.0),
+    ("mix_switch_prob", 1.5),
+    ("erase_prob", 1.5),
+  ],
+)
+def test_bad_values_are_one_line_errors_naming_the_key(key, value):
+  aug = cfg("unused").augment
+  aug[key] = value
+  with pytest.raises(errors.ConfigError, match=rf"^augment\.{key} {value!r}[^\n]*$"):
+    transforms.Augment.from_config(aug)
+
+
+@pytest.fixture(scope="module")
+def square_folder(tmp_path_factory):
+  """16x16 images for a 16-pixel model: without a crop the resize changes nothing."""
+  root = str(tmp_path_factory.mktemp("square"))
+  df.write_folder(root, {"train": {"a": 6, "b": 5, "c": 5}}, size=(16, 16))
+  return root
+
+
+def test_the_pipeline_randaugments_the_uint8_pixels(square_folder):
+  plain = dict(inception_crop=False, hflip=False)
+  base = take(cfg(square_folder, **plain), 8)
+  got = take(cfg(square_folder, **plain, randaug_layers=1, randaug_magnitude=0.0), 8)
+  ops = set()
+  for b, g in zip(base, got, strict=True):
+    np.testing.assert_array_equal(b["index"], g["index"])
+    for x, y in zip(b["image"], g["image"], strict=True):
+      pixels = np.round(x * 127.5 + 127.5).astype(np.uint8)  # integer levels: exact
+      after = np.round(y * 127.5 + 127.5).astype(np.uint8)
+      np.testing.assert_array_equal(y, (after.astype(np.float32) - 127.5) / np.float32(127.5))
+      # At M = 0 no op draws anything that matters: each is one image.
+      match = [n for n in ra.OPS if np.array_equal(run_op(pixels, n, 0, seeds=[0])[0], after)]
+      assert match, "not any RandAugment op of the image"
+      ops.add(match[0] if len(match) == 1 else "identity")
+  # 32 images, 10 outcomes: 9 ops that change the image, and the 7 that do not (7/16). All 32 in
+  # 4 outcomes has chance below 84 * (10/16)^32 + 126 * (4/16)^32 = 2.5e-5.
+  assert len(ops) >= 5, ops
+
+
+def test_the_pipeline_cutmixes_batches_with_area_weights(square_folder):
+  base = take(cfg(square_folder, batch_size=8), 4)
+  got = take(cfg(square_folder, batch_size=8, cutmix_alpha=1.0), 4)
+  fractions = []
+  for b, g in zip(base, got, strict=True):
+    pasted = _pasted(g["image"], b["image"])
+    frac = pasted[0].mean()
+    onehot = np.eye(3, dtype=np.float32)[b["label"]]
+    np.testing.assert_allclose(  # float32 rounding of lambda and the mix, as above
+      g["label"], (1 - frac) * onehot + frac * onehot[::-1], rtol=0, atol=3e-7
+    )
+    fractions.append(frac)
+  assert len(set(fractions)) > 1
+
+
+@pytest.fixture(scope="module")
+def folder_all(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("folder"))
+  df.write_folder(root, {"train": {"a": 7, "b": 5, "c": 4}})
+  return root
+
+
+@pytest.mark.slow
+def test_two_passes_and_a_resumed_run_see_the_same_batches_with_every_augmentation(folder_all):
+  c = cfg(
+    folder_all,
+    batch_size=4,
+    vflip=0.5,
+    rot90=0.5,
+    rrc_prob=0.5,
+    randaug_layers=2,
+    randaug_magnitude=10.0,
+    mixup_alpha=0.4,
+    cutmix_alpha=1.0,
+    mix_switch_prob=0.5,
+    erase_prob=0.5,
+  )
+  first = take(c, 10)  # 16 images, 4 batches an epoch: 10 cross two epoch boundaries
+  again = take(c, 10)
+  resumed = {start: take(c, 10 - start, start=start) for start in (3, 6)}
+
+  def same(a, b):
+    return all(
+      np.array_equal(x[k], y[k])
+      for x, y in zip(a, b, strict=True)
+      for k in ("image", "label", "index")
+    )
+
+  assert same(first, again)
+  for start, batches in resumed.items():
+    assert same(batches, first[start:]), start
+  c.seed = 4
+  assert not same(take(c, 2), first[:2])
+  images = np.concatenate([b["image"] for b in first])
+  labels = np.concatenate([b["label"] for b in first])
+  assert (np.abs(images) > 1).any()  # erased boxes of N(0, 1) noise
+  assert ((labels > 0) & (labels < 1)).any()  # mixed targets
