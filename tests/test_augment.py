@@ -147,6 +147,14 @@ def test_colour_ops_equal_pil_at_a_fixed_magnitude(name, magnitude, arg, referen
     np.testing.assert_array_equal(got, want)
 
 
+def test_autocontrast_leaves_a_flat_channel_as_pil_does():
+  a = sample_image()
+  a[..., 1] = 77
+  want = np.asarray(ImageOps.autocontrast(pil(a)))
+  assert (want[..., 1] == 77).all() and not np.array_equal(want, a)
+  np.testing.assert_array_equal(run_op(a, "AutoContrast", 0, seeds=[0])[0], want)
+
+
 @pytest.mark.parametrize(
   "name, magnitude, arg, reference", SIGNED, ids=[f"{s[0]}-{s[1]}" for s in SIGNED]
 )

@@ -42,10 +42,10 @@ def cutmix(images, targets, seed, alpha: float):
   tf = tf_setup.tf()
   shape = tf.shape(images)
   top, bottom, left, right = tf.unstack(box(shape[1], shape[2], seed, alpha))
-  rows = tf.range(shape[1])[:, None]
-  cols = tf.range(shape[2])[None, :]
-  pasted = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
-  images = tf.where(pasted[None, :, :, None], tf.reverse(images, [0]), images)
+  pad = [[0, 0], [top, shape[1] - bottom], [left, shape[2] - right], [0, 0]]
+  m = tf.pad(tf.ones([shape[0], bottom - top, right - left, shape[3]], images.dtype), pad)
+  # Exact (x * 0 + y * 1 = y), and cheaper than tf.where on CPU (randaugment.box_mask).
+  images = images * (1 - m) + tf.reverse(images, [0]) * m
   area = tf.cast((bottom - top) * (right - left), tf.float32)
   lam = 1.0 - area / tf.cast(shape[1] * shape[2], tf.float32)
   targets = lam * targets + (1.0 - lam) * tf.reverse(targets, [0])

@@ -53,9 +53,13 @@ def random_erase(image, seed, prob: float):
   coin_seed, box_seed, noise_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   shape = tf.shape(image)
   top, left, h, w = tf.unstack(erase_box(shape[0], shape[1], box_seed))
-  rows = tf.range(shape[0])[:, None]
-  cols = tf.range(shape[1])[None, :]
-  inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-  inside &= tf.random.stateless_uniform([], coin_seed) < prob
-  noise = tf.random.stateless_normal(shape, noise_seed, dtype=image.dtype)
-  return tf.where(inside[..., None], noise, image)
+
+  def erase():
+    pad = [[top, shape[0] - top - h], [left, shape[1] - left - w], [0, 0]]
+    noise = tf.pad(tf.random.stateless_normal([h, w, shape[2]], noise_seed, dtype=image.dtype), pad)
+    inside = tf.pad(tf.ones([h, w, shape[2]], image.dtype), pad)
+    # Exact (x * 0 + n = n, x * 1 + 0 = x), and cheaper than tf.where on CPU
+    # (randaugment.box_mask).
+    return image * (1 - inside) + noise
+
+  return tf.cond(tf.random.stateless_uniform([], coin_seed) < prob, erase, lambda: image)
