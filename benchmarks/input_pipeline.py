@@ -5,7 +5,10 @@ generated here): read the file, Inception crop (area 5-100%, aspect ratio
 3/4-4/3), bilinear resize to 224x224, random horizontal flip, scale to
 [-1, 1], and stack batches of 32. tf.data decodes only the crop window of each
 JPEG; PIL decodes the whole image and resizes with `box=` (crop and resize in
-one pass), its fastest plain path.
+one pass), its fastest plain path. A third row is the tf.data pipeline with
+RandAugment(2, 10) after the flip (`augment.randaug_layers=2`,
+`randaug_magnitude=10`: big_vision's AugReg 'light2'), the images per core
+that a RandAugment training run can count on.
 
 Per core: images per CPU-second of the loader's process (user + system time
 of all its threads), so a pipeline that uses every core is compared fairly
@@ -32,6 +35,7 @@ import time
 import numpy as np
 
 SIZE, BATCH = 224, 32
+KINDS = ("tf", "tf_randaug", "pil")
 
 
 def write_jpegs(root: str, n: int, seed: int = 0) -> None:
@@ -52,10 +56,10 @@ def write_jpegs(root: str, n: int, seed: int = 0) -> None:
     Image.fromarray(pixels).save(os.path.join(d, f"{i:05d}.jpg"), quality=90)
 
 
-# -- the two loaders ---------------------------------------------------------------
+# -- the loaders -------------------------------------------------------------------
 
 
-def tf_batches(root: str, threads: int):
+def tf_batches(root: str, threads: int, randaug: bool = False):
   from vit_jax import data  # noqa: PLC0415  # each loader runs in a fresh process that imports only its own libraries
   from vit_jax.config import schema  # noqa: PLC0415  # each loader runs in a fresh process that imports only its own libraries
 
@@ -64,6 +68,8 @@ def tf_batches(root: str, threads: int):
   c.batch_size = BATCH
   c.data_threads = threads
   c.augment.update(dict(inception_crop=True, hflip=0.5))
+  if randaug:
+    c.augment.update(dict(randaug_layers=2, randaug_magnitude=10.0))
   return data.host_batches(c, process_index=0, process_count=1)
 
 
@@ -103,7 +109,7 @@ def pil_batches(root: str, seed: int = 0):
 
 
 def measure(kind: str, root: str, threads: int, warmup: int, batches: int) -> dict:
-  it = tf_batches(root, threads) if kind == "tf" else pil_batches(root)
+  it = pil_batches(root) if kind == "pil" else tf_batches(root, threads, kind == "tf_randaug")
   for _ in range(warmup):
     b = next(it)
   assert (
@@ -162,7 +168,7 @@ def main() -> None:
     help="tf.data threads (default: every CPU this process may use)",
   )
   p.add_argument("--json", default=None, help="also write the summary here")
-  p.add_argument("--worker", choices=["tf", "pil"], help=argparse.SUPPRESS)
+  p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
   p.add_argument("--root", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
@@ -178,9 +184,9 @@ def main() -> None:
       f"batches of {BATCH} each",
       flush=True,
     )
-    runs: dict[str, list[dict]] = {"tf": [], "pil": []}
+    runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
     for r in range(args.repeats):
-      for kind in ("tf", "pil") if r % 2 == 0 else ("pil", "tf"):
+      for kind in KINDS[r % 3 :] + KINDS[: r % 3]:  # each kind first, middle and last in turn
         runs[kind].append(_run_worker(kind, root, args.threads, args.warmup, args.batches))
 
   metrics = ("images_per_s", "images_per_core_s", "cores_busy")
@@ -189,16 +195,26 @@ def main() -> None:
   print()
   print("| loader                         | images/s | cores busy | images/s per core |")
   print("| ------------------------------ | -------: | ---------: | ----------------: |")
-  for k, label in (("tf", f"tf.data ({args.threads} threads)"), ("pil", "PIL + numpy (1 thread)")):
+  labels = {
+    "tf": f"tf.data ({args.threads} threads)",
+    "tf_randaug": "tf.data + RandAugment(2, 10)",
+    "pil": "PIL + numpy (1 thread)",
+  }
+  for k, label in labels.items():
     m = med[k]
     print(
       f"| {label:<30} | {m['images_per_s']:8.1f} | {m['cores_busy']:10.2f} "
       f"| {m['images_per_core_s']:17.1f} |"
     )
   print(f"\ntf.data / PIL per core: {ratio:.2f}x (target >= 1.3x)")
+  randaug_cost = med["tf"]["images_per_core_s"] / med["tf_randaug"]["images_per_core_s"]
+  print(f"RandAugment(2, 10): {randaug_cost:.2f}x the CPU time per image of the plain pipeline")
   summary = {
     "tf_images_per_s": med["tf"]["images_per_s"],
     "tf_images_per_core_s": med["tf"]["images_per_core_s"],
+    "tf_randaug_images_per_s": med["tf_randaug"]["images_per_s"],
+    "tf_randaug_images_per_core_s": med["tf_randaug"]["images_per_core_s"],
+    "randaug_cost_per_image": randaug_cost,
     "pil_images_per_s": med["pil"]["images_per_s"],
     "pil_images_per_core_s": med["pil"]["images_per_core_s"],
     "ratio_per_core": ratio,

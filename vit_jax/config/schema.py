@@ -69,6 +69,11 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
     _f("augment.rrc_prob", float, 0.0, "probability of a RandomResizedCrop"),
     _f("augment.rrc_scale", tuple, (0.05, 1.0), "RandomResizedCrop's area range"),
     _f("augment.mixup_alpha", float, 0.0, "mixup's Beta(alpha, alpha); 0 turns it off"),
+    _f("augment.randaug_layers", int, 0, "RandAugment's ops per image; 0 turns it off"),
+    _f("augment.randaug_magnitude", float, 10.0, "RandAugment's magnitude (AugReg: 0, 10, 15, 20)"),
+    _f("augment.cutmix_alpha", float, 0.0, "CutMix's Beta(alpha, alpha); 0 turns it off"),
+    _f("augment.mix_switch_prob", float, 0.5, "mixup and CutMix both on: CutMix's probability"),
+    _f("augment.erase_prob", float, 0.0, "probability of random erasing (a box of noise)"),
   ),
   "model": (
     _f(

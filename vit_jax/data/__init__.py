@@ -30,8 +30,11 @@ completely every epoch (`shuffle_buffer` is not needed); TFDS datasets read
 their shards in a per-epoch order through a `config.shuffle_buffer` shuffle.
 Augmentation (`config.augment`): Inception crop (area 5-100%, aspect 3/4-4/3;
 JPEGs decode only the crop window), resize, horizontal flip, vertical flip,
-quarter turns, random-resized-crop (`rrc_prob`, `rrc_scale`), mixup
-(`mixup_alpha`; labels become float [B, C] soft targets), scale to [-1, 1].
+quarter turns, random-resized-crop (`rrc_prob`, `rrc_scale`), RandAugment on
+the uint8 pixels (`randaug_layers`, `randaug_magnitude`: big_vision's ops,
+data/randaugment.py), scale to [-1, 1], random erasing (`erase_prob`), then per
+batch mixup (`mixup_alpha`) or CutMix (`cutmix_alpha`; with both, CutMix has
+probability `mix_switch_prob`): labels become float [B, C] soft targets.
 Switches are bools (True: p=0.5) or probabilities. `config.balance_classes`
 repeats minority classes until every class has as many examples per epoch as
 the largest. The stream is a function of `config.seed` and the step only:

@@ -419,14 +419,14 @@ def _train_stream(
     tf.autograph.experimental.do_not_convert(example), num_parallel_calls=tf.data.AUTOTUNE
   )
   ds = ds.ignore_errors().batch(host_batch, drop_remainder=True)
-  if aug.mixup_alpha:
+  if aug.mixup_alpha or aug.cutmix_alpha:
     mix_key = tf.constant(_key(seed, _SALT_MIX), tf.int64)
     num_classes, multilabel = source.num_classes, source.multilabel
 
     def mix(batch):
       targets = batch["label"] if multilabel else tf.one_hot(batch["label"], num_classes)
-      images, targets = transforms.mixup(
-        batch["image"], targets, tf.stack([mix_key, batch["pos"][0]]), aug.mixup_alpha
+      images, targets = transforms.mix_batch(
+        batch["image"], targets, tf.stack([mix_key, batch["pos"][0]]), aug
       )
       return {**batch, "image": images, "label": targets}
 

@@ -1,5 +1,7 @@
 """Per-image ops in TensorFlow graph form: decoding, crops, augmentations, eval resize, mixup.
 
+RandAugment, CutMix and random erasing are in modules of their own (randaugment, cutmix, erasing).
+
 Every random choice is a stateless op driven by a per-example seed (a [2]
 int64 tensor), so an image's augmentation depends only on the run's seed and
 the image's position in the stream, never on threads or on what ran before.
@@ -14,7 +16,10 @@ from typing import Any
 import numpy as np
 
 from vit_jax import errors
+from vit_jax.data import cutmix
+from vit_jax.data import erasing
 from vit_jax.data import preprocess
+from vit_jax.data import randaugment
 from vit_jax.platform import tf_setup
 
 # libjpeg's accurate integer IDCT: the decoder PIL uses, so JPEG pixels equal
@@ -25,7 +30,7 @@ INCEPTION_AREA = (0.05, 1.0)
 INCEPTION_RATIO = (3 / 4, 4 / 3)
 
 
-def _prob(value: Any) -> float:
+def _prob(value: Any, key: str = "augmentation probability") -> float:
   """An augmentation switch as a probability: True means 0.5, False/None 0."""
   if value is True:
     return 0.5
@@ -33,7 +38,7 @@ def _prob(value: Any) -> float:
     return 0.0
   p = float(value)
   if not 0.0 <= p <= 1.0:
-    raise errors.ConfigError(f"augmentation probability {value!r} is not in [0, 1]")
+    raise errors.ConfigError(f"{key} {value!r} is not in [0, 1]")
   return p
 
 
@@ -48,6 +53,11 @@ class Augment:
   rrc_prob: float = 0.0
   rrc_scale: tuple[float, float] = (0.05, 1.0)
   mixup_alpha: float = 0.0
+  randaug_layers: int = 0
+  randaug_magnitude: float = 10.0
+  cutmix_alpha: float = 0.0
+  mix_switch_prob: float = 0.5
+  erase_prob: float = 0.0
 
   @classmethod
   def from_config(cls, aug: Any) -> Augment:
@@ -59,6 +69,17 @@ class Augment:
     alpha = float(aug.mixup_alpha)
     if alpha < 0:
       raise errors.ConfigError(f"augment.mixup_alpha {alpha} is negative")
+    layers, magnitude = int(aug.randaug_layers), float(aug.randaug_magnitude)
+    if layers < 0:
+      raise errors.ConfigError(f"augment.randaug_layers {layers} is negative")
+    if not 0.0 <= magnitude < float("inf"):
+      raise errors.ConfigError(f"augment.randaug_magnitude {magnitude} is not a number >= 0")
+    cut_alpha = float(aug.cutmix_alpha)
+    if not cut_alpha >= 0:
+      raise errors.ConfigError(f"augment.cutmix_alpha {cut_alpha} is not a number >= 0")
+    switch = float(aug.mix_switch_prob)
+    if not 0.0 <= switch <= 1.0:
+      raise errors.ConfigError(f"augment.mix_switch_prob {switch} is not in [0, 1]")
     return cls(
       inception_crop=bool(aug.inception_crop),
       hflip=_prob(aug.hflip),
@@ -67,6 +88,11 @@ class Augment:
       rrc_prob=_prob(aug.rrc_prob),
       rrc_scale=scale,
       mixup_alpha=alpha,
+      randaug_layers=layers,
+      randaug_magnitude=magnitude,
+      cutmix_alpha=cut_alpha,
+      mix_switch_prob=switch,
+      erase_prob=_prob(aug.erase_prob, "augment.erase_prob"),
     )
 
 
@@ -214,7 +240,23 @@ def train_image(encoded, seed, size: int, aug: Augment):
       return tf.image.resize(cut, [size, size], method="bilinear")
 
     image = tf.cond(coin(5, aug.rrc_prob), rrc, lambda: image)
-  return tf.ensure_shape(scale_to_unit(image), [size, size, 3])
+  # RandAugment's and erasing's seeds are folded in, so that the seeds above (and the streams
+  # of runs without them) stay as they were.
+  if aug.randaug_layers:
+    # On uint8, as big_vision's (its crop rounds down; this rounds to nearest).
+    pixels = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+    image = randaugment.randaugment(
+      pixels,
+      tf.random.experimental.stateless_fold_in(seed, 7),
+      aug.randaug_layers,
+      aug.randaug_magnitude,
+    )
+  image = scale_to_unit(image)
+  if aug.erase_prob:
+    image = erasing.random_erase(
+      image, tf.random.experimental.stateless_fold_in(seed, 8), aug.erase_prob
+    )
+  return tf.ensure_shape(image, [size, size, 3])
 
 
 def mixup(images, targets, seed, alpha: float):
@@ -229,3 +271,24 @@ def mixup(images, targets, seed, alpha: float):
   images = lam * images + (1.0 - lam) * tf.reverse(images, [0])
   targets = lam * targets + (1.0 - lam) * tf.reverse(targets, [0])
   return images, targets
+
+
+def mix_batch(images, targets, seed, aug: Augment):
+  """Mixup or CutMix, one per batch: with both on, CutMix has probability `aug.mix_switch_prob`.
+
+  As timm's Mixup (mode 'batch', prob 1): `switch_prob` picks between the two.
+  """
+  tf = tf_setup.tf()
+  if not aug.cutmix_alpha:
+    return mixup(images, targets, seed, aug.mixup_alpha)
+  if not aug.mixup_alpha:
+    return cutmix.cutmix(images, targets, seed, aug.cutmix_alpha)
+  use_cutmix = (
+    tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed, 2))
+    < aug.mix_switch_prob
+  )
+  return tf.cond(
+    use_cutmix,
+    lambda: cutmix.cutmix(images, targets, seed, aug.cutmix_alpha),
+    lambda: mixup(images, targets, seed, aug.mixup_alpha),
+  )
