@@ -13,6 +13,7 @@ import os
 import zlib
 from collections.abc import Mapping
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -263,3 +264,54 @@ def write_digits(
         os.path.join(d, f"{i:04d}.png")
       )
   return {split: len(part) for split, part in parts.items()}
+
+
+IMAGENET_POOL = (3, 17, 250, 500, 999)
+
+
+def build_imagenet_eval_sets(data_dir: str, n: int = 24) -> dict[str, Any]:
+  """Local builds of TFDS's `imagenet2012_real` (validation) and `imagenet_v2` (test), in the
+  registered builders' own formats: their `_generate_examples` fed with generated JPEGs instead
+  of the downloads. Returns each image's original label and ReaL set (some empty, as ~3,500
+  of the real 50,000 are)."""
+  import tensorflow_datasets as tfds
+
+  rng = np.random.default_rng(0)
+  pool = np.array(IMAGENET_POOL)  # a few classes, so that sets and labels share some
+
+  def jpeg(i: int) -> bytes:
+    return encode(class_image(i % 3, i, 32, 32), "JPEG", quality=95)
+
+  names = [f"ILSVRC2012_val_{i:08}.JPEG" for i in range(1, n + 1)]
+  original = {f: int(rng.choice(pool)) for f in names}
+  real = {}
+  for i, f in enumerate(names):
+    if i % 5 == 4:
+      real[f] = []  # no label fits the image: left out of ReaL accuracy
+    else:
+      real[f] = sorted({original[f], *rng.choice(pool, i % 3).tolist()})
+  builder = tfds.builder("imagenet2012_real", data_dir=data_dir)
+  builder._split_generators = lambda dl_manager: [
+    tfds.core.SplitGenerator(
+      name=tfds.Split.VALIDATION,
+      gen_kwargs=dict(
+        archive=[(f, io.BytesIO(jpeg(i))) for i, f in enumerate(names)],
+        original_labels=original,
+        real_labels=real,
+      ),
+    )
+  ]
+  config = tfds.download.DownloadConfig(try_download_gcs=False)
+  builder.download_and_prepare(download_config=config)
+  root = os.path.join(data_dir, "imagenet_v2_images")
+  v2 = {}
+  for i in range(n):
+    label = int(rng.choice(pool))
+    v2[f"{label}/{i}.jpeg"] = label
+    write_file(os.path.join(root, str(label), f"{i}.jpeg"), jpeg(i))
+  builder = tfds.builder("imagenet_v2/matched-frequency", data_dir=data_dir)
+  builder._split_generators = lambda dl_manager: [
+    tfds.core.SplitGenerator(name=tfds.Split.TEST, gen_kwargs={"imagenet_v2_root": root})
+  ]
+  builder.download_and_prepare(download_config=config)
+  return {"original": original, "real": real, "v2": v2}
