@@ -465,6 +465,8 @@ def _run_aot_search(args: argparse.Namespace) -> int:
       bar.update(1)
 
     rows = list(search.run(exhaustive=args.exhaustive, progress=progress))
+  if os.path.exists(search.log_path):  # the children's stderr; the rows say what failed
+    os.remove(search.log_path)
   result = aot_search.summary(rows, search)
   if args.exhaustive:
     result["rule_violations"] = aot_search.check_rules(rows)

@@ -35,7 +35,9 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import resource
+import tempfile
 import threading
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -179,9 +181,15 @@ def compile_variant(
   variant: Variant,
   model_axis: int,
   try_chip: bool,
+  log_path: str | None = None,
 ) -> dict[str, Any]:
   """One variant's compiler report, with what the search keeps of the model, and this process's
-  peak resident memory. Runs in a child process of its own (`Search.run`)."""
+  peak resident memory. Runs in a child process of its own (`Search.run`); libtpu's start-up
+  messages, which every child would print again, go to `log_path`."""
+  if log_path:
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
   config = variant.apply(config, model_axis)
   try:
     program = aot.Program(config, slice_, num_classes)
@@ -253,6 +261,8 @@ class Search:
     self.flops_per_image = None
     self._chip_estimates: bool | None = None  # does one chip of this generation get estimates?
     self.compile_peaks: list[int] = []  # each child's peak resident memory, in bytes
+    # The children's stderr (libtpu's start-up lines, each compile's warnings).
+    self.log_path = os.path.join(tempfile.gettempdir(), f"vit-jax-aot-search-{os.getpid()}.log")
 
   def _compile(self, v: Variant, pool: concurrent.futures.Executor | None) -> dict[str, Any]:
     if self.compile_fn is not None:
@@ -264,6 +274,7 @@ class Search:
       v,
       self.model_axis,
       self._chip_estimates is not False,
+      self.log_path,
     )
     report = pool.submit(compile_variant, *args).result()
     self.compile_peaks.append(report["compile_peak_rss_bytes"])
@@ -310,6 +321,7 @@ class Search:
       if flops_per_image
       else None,
       "error": report.get("error"),
+      "compile_peak_rss_bytes": report.get("compile_peak_rss_bytes"),
     }
 
   def _auto_jobs(self) -> int:
