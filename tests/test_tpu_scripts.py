@@ -366,7 +366,7 @@ def test_install_ships_the_checkout_and_installs_on_every_worker(stub):
     "bash",
     "vit-jax-remote.sh",
     "install",
-    "jax[tpu]>=0.12.0.1,<0.13",
+    "jax[tpu]==0.12.0.1",
   ]
 
 
@@ -376,7 +376,7 @@ def test_install_passes_remote_python_on(stub):
     "bash",
     "vit-jax-remote.sh",
     "install",
-    "jax[tpu]>=0.12.0.1,<0.13",
+    "jax[tpu]==0.12.0.1",
     "/opt/py/bin/python3",
   ]
 
@@ -892,7 +892,7 @@ elif name == "add-apt-repository":
 # What remote.sh needs besides the fake tools (no python among them).
 SYSTEM_TOOLS = ("bash", "hostname", "dirname", "basename", "rm", "tar", "gzip", "cat", "mkdir")
 APT = ["-o", "DPkg::Lock::Timeout=600", "-qq"]
-SPEC = "jax[tpu]>=0.12.0.1,<0.13"
+SPEC = "jax[tpu]==0.12.0.1"
 
 
 class FakeWorker:

@@ -16,7 +16,7 @@ PROG=${0##*/}
 SPOT=${SPOT:-0}                       # 1: a Spot TPU (cheaper, can be preempted)
 QUEUED=${QUEUED:-0}                   # 1: create/delete through a queued resource
 DRY_RUN=${DRY_RUN:-0}                 # 1: print the gcloud commands instead of running them
-JAX_TPU_SPEC=${JAX_TPU_SPEC:-"jax[tpu]>=0.12.0.1,<0.13"}
+JAX_TPU_SPEC=${JAX_TPU_SPEC:-"jax[tpu]==0.12.0.1"}
 # Empty: each worker picks its own Python >= 3.12 (installing python3.12 if it has none),
 # since the TPU VM images differ in which Pythons they carry.
 REMOTE_PYTHON=${REMOTE_PYTHON:-}

@@ -683,6 +683,9 @@ class _PrintVersions(argparse.Action):
 
   def __call__(self, parser, namespace, values, option_string=None) -> None:
     print(_versions())
+    mismatch = jax_setup.libtpu_mismatch()
+    if mismatch:
+      print(f"vit-jax: warning: {mismatch}", file=sys.stderr)
     parser.exit()
 
 

@@ -95,3 +95,32 @@ def compute_dtype(choice: str | None = None) -> tuple[str, str]:
     return choice, "asked for"
   native, why = native_bf16()
   return ("bfloat16" if native else "float32"), f"auto: {why}"
+
+
+def libtpu_mismatch(
+  requires: list[str] | None = None, jax_version: str | None = None, libtpu: str | None = None
+) -> str | None:
+  """Why the installed libtpu is not the one the installed jax pairs with (its `jax[tpu]` extra's
+  libtpu requirement), or None when it is, or when libtpu is not installed. The arguments stand
+  in for the installed packages' metadata (tests)."""
+  from importlib import metadata  # noqa: PLC0415  # the command's start-up imports this module
+
+  from packaging.requirements import Requirement  # noqa: PLC0415  # likewise
+
+  try:
+    libtpu = libtpu or metadata.version("libtpu")
+  except metadata.PackageNotFoundError:
+    return None
+  jax_version = jax_version or metadata.version("jax")
+  requires = metadata.requires("jax") if requires is None else requires
+  for line in requires or ():
+    req = Requirement(line)
+    if req.name == "libtpu" and req.marker is not None and req.marker.evaluate({"extra": "tpu"}):
+      if req.specifier.contains(libtpu, prereleases=True):
+        return None
+      return (
+        f"libtpu {libtpu} is not the one jax {jax_version} pairs with (its jax[tpu] extra asks "
+        f"for libtpu{req.specifier}); install 'jax[tpu]=={jax_version}', or "
+        "pip install -e '.[aot]' for the pair this project pins"
+      )
+  return None
