@@ -184,6 +184,8 @@ def supervise(
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
+  if status == 0 and os.path.getsize(log) == 0:
+    os.remove(log)  # nothing to keep
   return _report(status, command, hosts, log, checkpoints)
 
 
