@@ -227,14 +227,18 @@ def _run_fewshot(args: argparse.Namespace) -> int:
     raise errors.ConfigError(
       f"--shots {args.shots!r}: give whole numbers, e.g. 1,5,10,25"
     ) from None
-  from vit_jax.training import sharding
-
-  sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  code = _on_every_host(args)
+  if code is not None:
+    return code
   import jax
 
   from vit_jax.apps import fewshot
+  from vit_jax.training import hosts
 
-  result = fewshot.evaluate(args.config, args.checkpoint, shots=shots, seeds=args.seeds, l2=args.l2)
+  with hosts.waiting_for_the_service(args.heartbeat_timeout):
+    result = fewshot.evaluate(
+      args.config, args.checkpoint, shots=shots, seeds=args.seeds, l2=args.l2
+    )
   if jax.process_index() == 0:
     if not args.json:
       print(fewshot.table(result))
@@ -321,10 +325,41 @@ def _add_config_help(p: argparse.ArgumentParser) -> None:
 
 
 def _add_distributed(p: argparse.ArgumentParser) -> None:
+  from vit_jax.training import hosts
+
   g = p.add_argument_group("multi-host (TPU pod slices are detected without these)")
   g.add_argument("--coordinator", default=None, help="host:port of process 0, for jax.distributed")
   g.add_argument("--num-processes", type=int, default=None)
   g.add_argument("--process-id", type=int, default=None)
+  g.add_argument(
+    "--heartbeat-timeout",
+    type=int,
+    default=hosts.DEFAULT_HEARTBEAT_TIMEOUT,
+    metavar="SECONDS",
+    help="a process silent this long counts as lost: every other one then stops with one "
+    f"line and exit status {hosts.LOST_PROCESS_EXIT} (default {hosts.DEFAULT_HEARTBEAT_TIMEOUT})",
+  )
+
+
+def _on_every_host(args: argparse.Namespace, checkpoints: str | None = None) -> int | None:
+  """On several hosts, runs the command in a child process and returns its exit status, with
+  one line for a lost process (vit_jax.training.hosts); None where this process is to do the
+  work, jax.distributed then initialized. `checkpoints`: where the run's checkpoints are."""
+  from vit_jax.training import hosts
+
+  if args.heartbeat_timeout < 1:
+    raise errors.ConfigError(f"--heartbeat-timeout {args.heartbeat_timeout}: at least 1 second")
+  run = hosts.multi_host(
+    args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout
+  )
+  if run is not None and not hosts.supervised_child():
+    return hosts.supervise(args.argv, args.command, run, checkpoints)
+  from vit_jax.training import sharding
+
+  sharding.maybe_initialize_distributed(
+    args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout
+  )
+  return None
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -333,12 +368,17 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-  from vit_jax.training import sharding
+  from vit_jax.platform import files
 
-  sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  root = args.workdir if files.is_remote(args.workdir) else os.path.abspath(args.workdir)
+  code = _on_every_host(args, checkpoints=files.join(root, "checkpoints"))
+  if code is not None:
+    return code
+  from vit_jax.training import hosts
   from vit_jax.training import train
 
-  result = train.train_and_evaluate(args.config, args.workdir)
+  with hosts.waiting_for_the_service(args.heartbeat_timeout):
+    result = train.train_and_evaluate(args.config, args.workdir)
   _print_result(result)
   return 0
 
@@ -354,12 +394,15 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-  from vit_jax.training import sharding
-
-  sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  code = _on_every_host(args)
+  if code is not None:
+    return code
   from vit_jax.training import evaluation
+  from vit_jax.training import hosts
 
-  _print_result({args.split: evaluation.evaluate(args.config, args.checkpoint, args.split)})
+  with hosts.waiting_for_the_service(args.heartbeat_timeout):
+    result = evaluation.evaluate(args.config, args.checkpoint, args.split)
+  _print_result({args.split: result})
   return 0
 
 
@@ -742,11 +785,13 @@ def _show_our_logs() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
+  whole = argv
   argv, rest = config_args.split_args(argv)
   first = COMMANDS.get(argv[0]) if argv else None
   if "--help-config" in argv and first is not None and first.config == "required":
     return config_args.print_schema(argv[0], rest)
   args = parser.parse_args(argv)
+  args.argv = whole  # a multi-host command runs itself again, under supervision
   command = COMMANDS[args.command]
   if rest and command.config == "none":
     parser.error(f"{args.command} takes no config: unrecognized arguments: {' '.join(rest)}")

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import errors
+from vit_jax.training import hosts
 
 MESH_AXES = ("data", "fsdp", "model")
 # The batch is split over every axis that holds a different part of the batch.
@@ -130,18 +131,28 @@ def all_rows(x: jax.Array) -> np.ndarray:
 
 
 def maybe_initialize_distributed(
-  coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  heartbeat_timeout: int = hosts.DEFAULT_HEARTBEAT_TIMEOUT,
 ) -> None:
-  """jax.distributed.initialize() on multi-host runs: explicit arguments, or a TPU pod slice."""
+  """jax.distributed.initialize() on multi-host runs: explicit arguments, or a TPU pod slice.
+
+  A process that sends the coordination service no heartbeat for `heartbeat_timeout` seconds
+  counts as lost (vit_jax.training.hosts).
+  """
   if coordinator:
     if "cpu" in os.environ.get("JAX_PLATFORMS", ""):
       # Cross-process collectives on CPU (tests, CPU clusters) go through gloo.
       # (Asking jax for its backend here would start it before initialize.)
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-      coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+      coordinator_address=coordinator,
+      num_processes=num_processes,
+      process_id=process_id,
+      heartbeat_timeout_seconds=heartbeat_timeout,
     )
     return
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if "," in hosts:  # a TPU VM pod slice: the runtime provides the coordinator
-    jax.distributed.initialize()
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    # A TPU VM pod slice: the runtime provides the coordinator.
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
