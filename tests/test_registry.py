@@ -191,8 +191,8 @@ def test_augreg_file_names_parse_into_records():
   assert registry.lookup("ViT-B_16/augreg+i1k-384").top1 == 85.49
 
 
-def test_the_readme_table_is_the_registrys():
-  readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def test_the_docs_table_is_the_registrys():
+  readme = open(os.path.join(ROOT, "docs", "checkpoints.md"), encoding="utf-8").read()
   block = readme.split("<!-- checkpoints:begin -->\n", 1)[1].split("\n<!-- checkpoints:end -->", 1)[
     0
   ]

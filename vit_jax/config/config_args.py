@@ -9,12 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from absl import flags
-from ml_collections import config_flags
-
 from vit_jax import errors
 from vit_jax.config import recipes
-from vit_jax.config import schema
 
 if TYPE_CHECKING:
   import ml_collections
@@ -22,6 +18,9 @@ if TYPE_CHECKING:
 
 def load_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
   """A locked config from `--config RECIPE_OR_FILE [--config.key=value ...]`."""
+  from absl import flags  # noqa: PLC0415  # 80 ms that `vit-jax --help` need not spend
+  from ml_collections import config_flags  # noqa: PLC0415  # likewise
+
   spec, argv = _pop_spec(argv)
   argv, unset = _unset_args(argv)
   fv = flags.FlagValues()
@@ -80,6 +79,8 @@ def _pop_spec(argv: Sequence[str]) -> tuple[str, list[str]]:
 
 def print_schema(command: str, config_args: list[str]) -> int:
   """`--help-config`: every config key, with the values of `--config ...` when given."""
+  from vit_jax.config import schema  # noqa: PLC0415  # ml_collections: 100 ms of start-up
+
   try:
     config = load_config(config_args) if config_args else None
   except ValueError as e:
@@ -95,6 +96,8 @@ def print_schema(command: str, config_args: list[str]) -> int:
 
 def _unset_args(argv: list[str]) -> tuple[list[str], list[str]]:
   """(argv without the `--config.key=None` ones, those keys); only optional keys may be unset."""
+  from vit_jax.config import schema  # noqa: PLC0415  # ml_collections: 100 ms of start-up
+
   rest, unset = [], []
   i = 0
   while i < len(argv):

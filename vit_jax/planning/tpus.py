@@ -170,7 +170,7 @@ TOPOLOGIES: dict[str, Topology] = {
 
 
 def markdown_table() -> str:
-  """The chips' figures as a markdown table (the README's)."""
+  """The chips' figures as a markdown table (docs/tpu.md's)."""
   lines = [
     "| generation | peak bf16 per chip | HBM per chip | HBM bandwidth per chip | JAX devices per "
     "chip | "
