@@ -377,3 +377,11 @@ def test_the_search_gives_back_what_each_compile_takes():
     f"{max(search.compile_peaks) / 2**20:.0f} MiB"
   )
   assert growth < 64 * 2**20, growth
+
+
+def test_the_default_jobs_follow_the_machines_memory():
+  """Half the machine at 10 GiB per compile (the largest child measured, 9.4 GiB): one compile at
+  a time on a 24 GiB workstation, both meshes at once from 40 GiB."""
+  gib = 2**30
+  assert [aot_search.default_jobs(n * gib) for n in (8, 24, 39, 40, 64, 512)] == [1, 1, 1, 2, 2, 2]
+  assert aot_search.default_jobs(0) == 1

@@ -220,16 +220,32 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def available_memory_bytes() -> int | None:
-  """MemAvailable of /proc/meminfo: what new processes can take without swapping out others."""
+def total_memory_bytes() -> int | None:
+  """MemTotal of /proc/meminfo."""
   try:
     with open("/proc/meminfo", encoding="utf-8") as f:
       for line in f:
-        if line.startswith("MemAvailable:"):
+        if line.startswith("MemTotal:"):
           return int(line.split()[1]) * 1024
   except OSError:
     pass
   return None
+
+
+# What one compile of the search may take at its peak, for the default of `jobs`: measured,
+# the largest child of the pre-training recipe's search on v3-8 (ViT-B/16, batch 4096,
+# libtpu 0.0.50.1) peaked at 9.4 GiB (bfloat16, full remat, FSDP); variants that do not fit
+# fail at 1.2-1.4 GiB, those that fit take 4.5-9.4.
+COMPILE_MEMORY_BYTES = 10 * 2**30
+
+
+def default_jobs(total: int | None = None) -> int:
+  """Compiles at once by default: as many as half the machine's memory holds at
+  COMPILE_MEMORY_BYTES each, at least one, at most one per mesh (a 24 GiB machine: one)."""
+  total = total_memory_bytes() if total is None else total
+  if not total:
+    return 1
+  return max(1, min(len(MESHES), total // 2 // COMPILE_MEMORY_BYTES))
 
 
 @dataclasses.dataclass
@@ -239,9 +255,8 @@ class Search:
   Each variant compiles in a child process that exits when it is done, so the search holds
   no compiled program, and its memory is one compile's, per compile running at once: the TPU
   compiler kept what each compile took (the pre-training search on v3-8 reached 24 GB in
-  one process and was killed). `jobs` compiles run at once, at most one per mesh; None
-  (the default) runs the first alone, then as many as half the available memory holds at
-  that compile's peak.
+  one process and was killed). `jobs` compiles run at once, at most one per mesh; None:
+  `default_jobs()`, as many as half the machine's memory holds at COMPILE_MEMORY_BYTES each.
   """
 
   config: ml_collections.ConfigDict
@@ -253,7 +268,9 @@ class Search:
   jobs: int | None = None
 
   def __post_init__(self):
-    if self.jobs is not None and self.jobs < 1:
+    if self.jobs is None:
+      self.jobs = default_jobs()
+    if self.jobs < 1:
       raise errors.ConfigError(f"--jobs {self.jobs}: at least 1 compile at a time")
     self.model_axis = model_axis(self.config, self.slice.devices, self.num_classes)
     self.data_devices = self.slice.devices // self.model_axis
@@ -324,14 +341,6 @@ class Search:
       "compile_peak_rss_bytes": report.get("compile_peak_rss_bytes"),
     }
 
-  def _auto_jobs(self) -> int:
-    """Compiles at once after the first: as many as half the available memory holds (at least
-    one, at most one per mesh)."""
-    available, peak = available_memory_bytes(), max(self.compile_peaks, default=0)
-    if not available or not peak:
-      return 1
-    return max(1, min(len(MESHES), available // 2 // peak))
-
   def run(
     self, exhaustive: bool = False, progress: Callable[[Variant, dict | None], None] | None = None
   ) -> Iterator[dict[str, Any]]:
@@ -341,10 +350,7 @@ class Search:
     No rule crosses meshes, so each mesh is searched in a thread of its own; a semaphore
     lets `jobs` of them compile at once, each compile in a fresh child process.
     """
-    gate = threading.Semaphore(self.jobs or 1)
-    first = threading.Event()
-    if self.jobs:
-      first.set()
+    gate = threading.Semaphore(self.jobs)
     lock = threading.Lock()
 
     def search_mesh(mesh: str, pool) -> dict[Variant, dict[str, Any]]:
@@ -363,10 +369,6 @@ class Search:
         else:
           with gate:
             report = self._compile(v, pool)
-          if not first.is_set():
-            first.set()  # the first compile measured one compile's memory: open the gate
-            for _ in range(self._auto_jobs() - 1):
-              gate.release()
           row = self.row(v, report)
         results[v] = row
         if progress:
@@ -384,13 +386,7 @@ class Search:
       else contextlib.nullcontext() as pool
     ):
       with concurrent.futures.ThreadPoolExecutor(len(MESHES)) as threads:
-        # The first mesh's first compile runs alone when `jobs` is to be measured.
-        futures = {}
-        for mesh in MESHES:
-          futures[mesh] = threads.submit(search_mesh, mesh, pool)
-          if not first.is_set():
-            while not first.wait(0.1) and not futures[mesh].done():
-              pass
+        futures = {mesh: threads.submit(search_mesh, mesh, pool) for mesh in MESHES}
         by_mesh = {mesh: f.result() for mesh, f in futures.items()}
     for v in variants(self.accums):
       yield by_mesh[v.mesh][v]
