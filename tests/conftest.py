@@ -13,9 +13,17 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-# The `vit-jax` command keeps compiled programs in ~/.cache; the tests compile afresh and
-# write nothing there (test_cli checks the cache in a directory of its own).
-os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
+# Compiled programs are shared by every process of the suite (this one, the `vit-jax` commands
+# the tests start, pytest-xdist's workers) through JAX's persistent cache: the same tiny models
+# are compiled by many tests. .ci/run keeps the cache between runs; elsewhere it lives in the
+# temporary directory. Nothing is written to the user's ~/.cache (test_cli checks that cache in
+# a directory of its own).
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(tempfile.gettempdir(), f"vit-jax-test-jax-cache-{os.getuid()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 # The commands' --dtype auto takes bf16 on AMX CPUs: the tests compare with float32 results
 # on every CPU, and the dtype tests ask for what they check.
 os.environ["VIT_JAX_DTYPE"] = "float32"
