@@ -70,6 +70,29 @@ def _add_classifier_options(p: argparse.ArgumentParser) -> None:
     "auto (the default, or $VIT_JAX_DTYPE): bfloat16 on TPUs and AMX CPUs, "
     "else float32",
   )
+  g = p.add_argument_group(
+    "int8 (post-training quantization with qwix; pip install 'vit-jax[int8]')"
+  )
+  g.add_argument(
+    "--quantize",
+    choices=("int8",),
+    default=None,
+    help="int8 weights in every matrix multiply; with --calibration, int8 activations too",
+  )
+  g.add_argument(
+    "--calibration",
+    metavar="DATA",
+    default=None,
+    help="images (a directory, searched recursively, or a glob) whose activation ranges "
+    "int8 activations use: pick images like those to classify",
+  )
+  g.add_argument(
+    "--calibration-images",
+    metavar="N",
+    type=int,
+    default=64,
+    help="how many of the --calibration images, spread over their sorted list (default 64)",
+  )
 
 
 def _load_classifier(args: argparse.Namespace, **kw):
@@ -83,6 +106,9 @@ def _load_classifier(args: argparse.Namespace, **kw):
     multilabel=args.multilabel,
     threshold=args.threshold,
     dtype=args.dtype,
+    quantize=args.quantize,
+    calibration=args.calibration,
+    calibration_images=args.calibration_images,
     **kw,
   )
 
