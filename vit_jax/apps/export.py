@@ -2,7 +2,7 @@
 
 Formats (docs/export.md has a command per runtime and the measured bounds):
   * saved_model: a TF SavedModel (orbax-export, jax2tf). `serving_default` takes encoded
-    images (JPEG, PNG, GIF, BMP) and decodes, resizes and scales them in the graph as
+    images (JPEG, PNG, GIF, BMP, WebP) and decodes, resizes and scales them in the graph as
     `predict` does; `serving_float` takes images already scaled to [-1, 1]. Both take any
     number of images and return the top-k `scores`, `classes` (names) and `indices`.
   * stablehlo: `jax.export`'s serialized artifact, for CPU, TPU and CUDA in one file, with
@@ -321,7 +321,7 @@ def _saved_model(job: Export, out: str, chunk: int, *, bytes_signature: bool):
   ExportManager(module, []).save(out, signature_overrides=signatures)
   extra = {
     "signatures": {
-      "serving_default": "image_bytes: string [n] (JPEG, PNG, GIF, BMP)",
+      "serving_default": "image_bytes: string [n] (JPEG, PNG, GIF, BMP, WebP)",
       "serving_float": "images: float32 [n, S, S, 3] in [-1, 1]",
     },
     "compiled_batch": chunk,
@@ -353,13 +353,21 @@ def _litert(job: Export, out: str, chunk: int):
 
 def _stablehlo(job: Export, out: str):
   fn, leaves = job.top_k_fn()
+  # bfloat16 is no NumPy dtype: an .npz would hold it as raw void bytes. Such params are
+  # stored as float32 (exactly) and cast back inside the function.
+  dtypes = [x.dtype for x in leaves]
+  leaves = [x.astype(np.float32) if x.dtype == jnp.bfloat16 else x for x in leaves]
+
+  def portable(stored, images):
+    return fn([x.astype(d) for x, d in zip(stored, dtypes, strict=True)], images)
+
   s = job.size
   if job.batch is None:
     (n,) = jax.export.symbolic_shape("n")
   else:
     n = job.batch
   specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-  exported = jax.export.export(jax.jit(fn), platforms=STABLEHLO_PLATFORMS)(
+  exported = jax.export.export(jax.jit(portable), platforms=STABLEHLO_PLATFORMS)(
     specs, jax.ShapeDtypeStruct((n, s, s, 3), jnp.float32)
   )
   with open(os.path.join(out, "model.jax_exported"), "wb") as f:
