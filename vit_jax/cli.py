@@ -78,6 +78,29 @@ def _add_classifier_options(p: argparse.ArgumentParser) -> None:
     "auto (the default, or $VIT_JAX_DTYPE): bfloat16 on TPUs and AMX CPUs, "
     "else float32",
   )
+  g = p.add_argument_group(
+    "int8 (post-training quantization with qwix; pip install 'vit-jax[int8]')"
+  )
+  g.add_argument(
+    "--quantize",
+    choices=("int8",),
+    default=None,
+    help="int8 weights in every matrix multiply; with --calibration, int8 activations too",
+  )
+  g.add_argument(
+    "--calibration",
+    metavar="DATA",
+    default=None,
+    help="images (a directory, searched recursively, or a glob) whose activation ranges "
+    "int8 activations use: pick images like those to classify",
+  )
+  g.add_argument(
+    "--calibration-images",
+    metavar="N",
+    type=int,
+    default=64,
+    help="how many of the --calibration images, spread over their sorted list (default 64)",
+  )
 
 
 def _load_classifier(args: argparse.Namespace, **kw):
@@ -91,6 +114,9 @@ def _load_classifier(args: argparse.Namespace, **kw):
     multilabel=args.multilabel,
     threshold=args.threshold,
     dtype=args.dtype,
+    quantize=args.quantize,
+    calibration=args.calibration,
+    calibration_images=args.calibration_images,
     **kw,
   )
 
@@ -320,6 +346,51 @@ def _run_convert(args: argparse.Namespace) -> int:
     args.src, args.dst, labels=args.labels, drop_pre_logits=args.drop_pre_logits
   ):
     print(f"wrote {path}")
+  return 0
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+  _add_classifier_options(p)
+  p.add_argument(
+    "--format",
+    required=True,
+    metavar="FORMAT",
+    help="saved_model (TF Serving; takes JPEG/PNG bytes), stablehlo (jax.export: CPU, TPU, "
+    "CUDA), onnx (onnxruntime), litert (TFLite)",
+  )
+  p.add_argument("--output", required=True, metavar="DIR", help="a new (or empty) directory")
+  p.add_argument(
+    "--batch",
+    type=int,
+    default=None,
+    metavar="N",
+    help="stablehlo, onnx: a fixed batch of N (default: any); saved_model, litert: the "
+    "compiled batch that any batch is split into (default 8 and 1)",
+  )
+  p.add_argument("--top-k", type=int, default=5, help="classes per image in the outputs")
+  p.add_argument("--overwrite", action="store_true", help="replace an export in DIR")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+  from vit_jax.apps import export
+
+  export.check_format(args.format)  # before the checkpoint loads: one line, at once
+  # The export runs elsewhere: float32 unless asked, whatever this machine's `auto` would pick.
+  args.dtype = args.dtype or "float32"
+  clf = _load_classifier(args, batch_size=1)
+  manifest = export.export(
+    clf,
+    args.format,
+    args.output,
+    batch=args.batch,
+    top_k=args.top_k,
+    overwrite=args.overwrite,
+  )
+  print(
+    f"wrote {args.output}: {args.format}, batch {manifest['batch']}, top {manifest['top_k']} of "
+    f"{manifest['classes']} classes ({manifest['head']}), {manifest['dtype']}"
+    + (f", {manifest['quantized']}" if manifest["quantized"] else "")
+  )
   return 0
 
 
@@ -700,6 +771,15 @@ COMMANDS: dict[str, Command] = {
     "Transfer learning on scikit-learn's handwritten digits, on CPU.",
     cpu_only=True,
     extra=("demo", ("sklearn", "matplotlib")),
+  ),
+  "export": Command(
+    _add_export,
+    _run_export,
+    "write a checkpoint's classifier for another runtime",
+    "--format saved_model (TF Serving), stablehlo (jax.export), onnx (onnxruntime) or "
+    "litert (TFLite), with predict's preprocessing, labels, head and top-k; "
+    "docs/export.md says how each is run and how closely it matches predict.",
+    keeps_programs=False,
   ),
   "serve": Command(
     _add_serve,

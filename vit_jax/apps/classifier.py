@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import logging
+import os
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Sequence
@@ -49,6 +52,7 @@ class Classifier:
   multilabel: bool = False
   threshold: float | None = None  # leave out classes scored below it
   dtype: str = "float32"  # the compute dtype, and the params' (cast once); logits are float32
+  quantized: str | None = None  # what is int8 (models.quantize.Setting.describe), or None
 
   def __post_init__(self):
     if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -128,6 +132,9 @@ def load_classifier(
   multilabel: bool | None = None,
   threshold: float | None = None,
   dtype: str | None = None,
+  quantize: str | None = None,
+  calibration: str | None = None,
+  calibration_images: int = 64,
   **model_overrides: Any,
 ) -> Classifier:
   """A Classifier for an original-layout checkpoint; the model is read off the file by default.
@@ -137,6 +144,9 @@ def load_classifier(
   Without either, a head is a softmax over ImageNet's classes (1000) or `class_i`.
   `dtype` ('auto', 'float32', 'bfloat16'; None: $VIT_JAX_DTYPE, else auto) is the compute
   dtype: auto takes bf16 where the hardware multiplies it natively (jax_setup.compute_dtype).
+  `quantize` 'int8' quantizes the weights after loading (post-training, qwix), and the
+  activations too with `calibration`: images (a directory or a glob) whose first
+  `calibration_images`, spread over the sorted list, set the activations' static ranges.
   """
   checkpoint_path = registry.resolve(checkpoint_path)
   tree = checkpoint.load(checkpoint_path)
@@ -164,6 +174,9 @@ def load_classifier(
   )
   name = str(model_spec)  # the variant, or "custom ViT (hidden ..., ...)"
   params = checkpoint.load_pretrained(tree, model, source=checkpoint_path)
+  quantized = None
+  if quantize is not None or calibration is not None:
+    model, params, quantized = _quantize(model, params, quantize, calibration, calibration_images)
   record = head_record.read(checkpoint_path)
   names = (
     None if labels_path else head_record.class_names(checkpoint_path, record, model.num_classes)
@@ -180,7 +193,59 @@ def load_classifier(
     multilabel=multilabel,
     threshold=threshold,
     dtype=str(jnp.dtype(model.dtype)),
+    quantized=quantized,
   )
+
+
+CALIBRATION_BATCH = 8
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def calibration_paths(data: str, count: int) -> list[str]:
+  """`count` image files of `data` (a directory, searched recursively, or a glob), spread
+  evenly over their sorted list so that every class folder is drawn from."""
+  if count < 1:
+    raise errors.ConfigError(f"--calibration-images {count}: must be at least 1")
+  if os.path.isdir(data):
+    found = [
+      os.path.join(root, name)
+      for root, dirs, names in os.walk(data)
+      for name in names
+      if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+    ]
+  else:
+    found = [p for p in glob.glob(data, recursive=True) if os.path.isfile(p)]
+  found = sorted(found)
+  if not found:
+    raise errors.DataError(f"--calibration {data}: no image files (a directory or a glob)")
+  n = min(count, len(found))
+  return [found[i * len(found) // n] for i in range(n)]
+
+
+def _quantize(model, params, scheme, calibration, count):
+  """(model, params, description) quantized as `scheme` says, calibrated on `calibration`."""
+  if scheme is None:
+    raise errors.ConfigError("--calibration is for --quantize int8; give both")
+  if importlib.util.find_spec("qwix") is None:
+    raise errors.MissingExtraError("int8", "qwix")
+  from vit_jax.models import quantize as quantize_lib  # noqa: PLC0415  # qwix: the int8 extra
+
+  if scheme not in quantize_lib.SCHEMES:
+    raise errors.ConfigError(
+      f"--quantize {scheme}: choose one of {', '.join(quantize_lib.SCHEMES)}"
+    )
+  batches = None
+  if calibration is not None:
+    paths = calibration_paths(calibration, count)
+    images = np.stack(
+      [preprocess.eval_resize(preprocess.read_rgb(p), model.image_size) for p in paths]
+    )
+    # qwix averages each batch's range over the batches: a fixed batch, so that the ranges
+    # do not depend on --batch-size (predict's and export's programs must agree).
+    batches = [images[i : i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)]
+    log.info("calibrating int8 activations on %d images of %s", len(images), calibration)
+  model, params, setting = quantize_lib.quantize(model, params, batches)
+  return model, params, setting.describe()
 
 
 @dataclasses.dataclass
