@@ -19,6 +19,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.optim._param_groups import param_groups_layer_decay
+from timm.utils import ModelEmaV2
 
 
 def lr_at(step, c):
@@ -96,6 +97,8 @@ def run(spec, npz, data, c):
   else:
     opt = torch.optim.AdamW(groups, lr=c["lr"], betas=(0.9, 0.999), eps=1e-8)
   trainable = [p for g in groups for p in g["params"]]
+  # timm's weight average: a copy of the model, decay * ema + (1 - decay) * params after each step.
+  ema = ModelEmaV2(model, decay=c["ema"]) if c.get("ema") else None
   losses = []
   model.train()
   for step, (x, y) in enumerate(zip(data["images"], data["labels"], strict=True)):
@@ -109,12 +112,17 @@ def run(spec, npz, data, c):
     if c.get("clip"):
       torch.nn.utils.clip_grad_norm_(trainable, c["clip"])
     opt.step()
+    if ema is not None:
+      ema.update(model)
     losses.append(float(loss))
   model.eval()
   with torch.no_grad():
     x = torch.from_numpy(data["eval_images"].transpose(0, 3, 1, 2).copy())
     logits = model(x).numpy()
-  return {"losses": losses, "logits": logits.tolist()}
+    out = {"losses": losses, "logits": logits.tolist()}
+    if ema is not None:
+      out["ema_logits"] = ema.module(x).numpy().tolist()
+  return out
 
 
 def main(cases_json, data_npz, out_json):
