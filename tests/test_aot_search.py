@@ -357,16 +357,21 @@ def _rss() -> int:
 
 
 @pytest.mark.slow
-def test_the_search_gives_back_what_each_compile_takes():
+def test_the_search_gives_back_what_each_compile_takes(monkeypatch):
   """Every variant compiles in a child process that exits: the search's own memory stays where
   it was after the first variant. (Compiled in this process, the TPU compiler kept what each
   compile took: the pre-training search on v3-8 grew to 24 GB.)"""
   config = config_args.load_config(["--config", TINY, "--config.batch_size=64"])
+  every = aot_search.variants
+  # bfloat16 only, to keep the test short: 3 remat x 2 accumulations x 2 meshes.
+  monkeypatch.setattr(
+    aot_search, "variants", lambda a: [v for v in every(a) if v.dtype != "float32"]
+  )
   search = aot_search.Search(config, tpus.TOPOLOGIES["v3-8"], 10, max_accum=2, jobs=1)
   levels = []
   rows = list(search.run(exhaustive=True, progress=lambda v, row: levels.append(_rss())))
   compiled = [r for r in rows if "skipped" not in r]
-  assert len(compiled) == len(rows) == 2 * 3 * 2 * 2  # every variant, none skipped
+  assert len(compiled) == len(rows) == 3 * 2 * 2  # every variant, none skipped
   assert all(r["compile_peak_rss_bytes"] > 0 for r in compiled)
   growth = max(levels) - levels[0]
   # The rows and Python's own allocations: a few MB. Bound: 64 MiB, under one tiny compile's

@@ -9,6 +9,7 @@ import re
 import shlex
 
 import ckpt_fixtures
+import numpy as np
 import pytest
 import test_train
 
@@ -25,7 +26,9 @@ def _blocks(lang: str) -> list[str]:
 
 def test_the_readme_is_short_and_complete():
   assert len(README.splitlines()) <= 450
-  assert not re.search(r"\b[A-Z]{4,}_[A-Z_]{3,}\b(?!=)", README.replace("JAX_", "")), "placeholder"
+  # A figure still to be filled in: a capitalised name in the prose (outside code).
+  prose = re.sub(r"```.*?```|`[^`]*`", "", README, flags=re.S)
+  assert not re.search(r"\b[A-Z]{3,}_[A-Z_]{3,}\b", prose), "placeholder"
   for link in re.findall(r"\]\(((?:docs|tpu)/[^)#]+)\)", README):
     assert os.path.exists(os.path.join(ROOT, link)), link
 
@@ -43,9 +46,12 @@ def _commands():
 @pytest.mark.parametrize("line", sorted(set(_commands())))
 def test_every_command_in_the_readme_parses(line):
   """Each `vit-jax ...` line's flags exist, and its config and overrides load."""
-  argv = shlex.split(line)[1:]
+  argv = shlex.split(line, comments=True)[1:]
   argv, rest = config_args.split_args(argv)
-  cli.build_parser().parse_args(argv)  # exits on an unknown flag
+  if "--help-config" in argv:  # main answers it before the command's own flags are required
+    assert cli.COMMANDS[argv[0]].config == "required", line
+  else:
+    cli.build_parser().parse_args(argv)  # exits on an unknown flag
   if rest:
     config_args.load_config(rest)
 
@@ -68,3 +74,9 @@ def test_the_python_api_block_runs(tmp_path):
   exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
   assert scope["logits"].shape == (2, 1000) and scope["features"].shape == (2, 192)
   assert os.path.exists(tmp_path / "out.npz")
+  # The NNX step trained the module: its head moved off the loaded params.
+  from flax import nnx
+
+  trained = nnx.to_pure_dict(nnx.state(scope["nnx_model"], nnx.Param))
+  assert np.isfinite(float(scope["loss"]))
+  assert not np.array_equal(trained["head"]["kernel"], scope["params"]["head"]["kernel"])
