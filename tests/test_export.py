@@ -101,13 +101,13 @@ def _fresh(code: str, *args, allowed_vit_jax=False) -> dict:
   return {**result, **guard_out}
 
 
-def _check(rows: list[dict], scores, indices, classes=None) -> float:
+def _check(rows: list[dict], scores, indices, classes=None, rtol: float = RTOL) -> float:
   """Asserts the export's top-k equals predict's; returns the largest score difference."""
   want_idx = np.array([[p["index"] for p in r] for r in rows])
   want = np.array([[p["score"] for p in r] for r in rows])
   scores, indices = np.asarray(scores), np.asarray(indices)
   np.testing.assert_array_equal(indices, want_idx)
-  np.testing.assert_allclose(scores, want, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(scores, want, rtol=rtol, atol=ATOL)
   if classes is not None:
     assert np.asarray(classes).tolist() == [[p["label"] for p in r] for r in rows]
   diff = float(np.abs(scores - want).max())
@@ -301,9 +301,11 @@ def test_bfloat16_stablehlo_matches_predict_bfloat16(capsys, setup, tmp_path):
   # The params are stored as float32 (bf16 is no NumPy dtype) and cast back in the function.
   out = _fresh(STABLEHLO_LOAD, tmp_path / "hlo", _floats(setup, tmp_path / "x.npy"))
   n = out[f"n{len(rows)}"]
-  # The same bf16 program as predict's, at another batch: predict's float32 bound held here
-  # (bf16's own would be about 2^-8 relative). Measured: 0.
-  _check(rows, n["scores"], n["indices"])
+  # The same bf16 program as predict's, at another batch, which XLA fuses differently: each
+  # bf16 rounding is up to 2^-9 relative, and the float32 bound's derivation (a few roundings
+  # through two blocks, doubled by the softmax) gives about 5 x 2^-8, so rtol 2e-2.
+  # Measured: 0 on one run, 4.1e-3 relative on another (AMD EPYC, AVX-512).
+  _check(rows, n["scores"], n["indices"], rtol=2e-2)
 
 
 # -- int8 ---------------------------------------------------------------------------------------

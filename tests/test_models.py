@@ -9,6 +9,7 @@ import pytest
 from vit_jax import errors
 from vit_jax import models
 from vit_jax.models import spec
+from vit_jax.models import vit
 
 
 def analytic_params(d, mlp, layers, patch, image_size, classes, rep=None):
@@ -220,7 +221,7 @@ def test_scan_and_remat_give_the_same_outputs_and_gradients():
 
 @pytest.mark.slow
 def test_last_block_on_the_class_token_alone_equals_the_full_block():
-  block = models.Encoder1DBlock(mlp_dim=32, num_heads=2)
+  block = vit.Encoder1DBlock(mlp_dim=32, num_heads=2)
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 16))
   params = _randomize(block.init(jax.random.PRNGKey(1), x, True)["params"])
   pruned = block.clone(query_tokens=1)
@@ -305,17 +306,17 @@ def test_attention_matches_flax_attention():
   # gradients, at most 1.2e-6 beyond the rtol part: 1e-5 leaves 8x.
   q, k, v = _qkv(0)
   np.testing.assert_allclose(
-    models.dot_product_attention(q, k, v), nn.dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5
+    vit.dot_product_attention(q, k, v), nn.dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5
   )
   mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.7, (2, 3, 7, 7)).at[..., 0].set(True)
   np.testing.assert_allclose(
-    models.dot_product_attention(q, k, v, mask),
+    vit.dot_product_attention(q, k, v, mask),
     nn.dot_product_attention(q, k, v, mask=mask),
     atol=1e-5,
     rtol=1e-5,
   )
   loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
-  ours = jax.grad(loss(models.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  ours = jax.grad(loss(vit.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
   theirs = jax.grad(loss(nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(ours, theirs, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -327,9 +328,9 @@ def test_attention_dropout_drops_normalized_weights():
   # v = one-hot over keys, the output rows are the (dropped) weights themselves.
   q, k, _ = _qkv(1, (1, 6, 2, 4))
   v = jnp.broadcast_to(jnp.eye(6)[None, :, None, :], (1, 6, 2, 6))
-  weights = jnp.swapaxes(models.dot_product_attention(q, k, v), 1, 2)  # [1, heads, q, k]
+  weights = jnp.swapaxes(vit.dot_product_attention(q, k, v), 1, 2)  # [1, heads, q, k]
   dropped = jnp.swapaxes(
-    models.dot_product_attention(
+    vit.dot_product_attention(
       q, k, v, dropout_rng=jax.random.PRNGKey(0), dropout_rate=0.5, deterministic=False
     ),
     1,
@@ -342,5 +343,5 @@ def test_attention_dropout_drops_normalized_weights():
   np.testing.assert_allclose(np.asarray(dropped)[kept], np.asarray(weights)[kept] / 0.5, rtol=1e-5)
   # Deterministic (the default) ignores the rate: the same computation, so exactly equal.
   np.testing.assert_array_equal(
-    jnp.swapaxes(models.dot_product_attention(q, k, v, dropout_rate=0.5), 1, 2), weights
+    jnp.swapaxes(vit.dot_product_attention(q, k, v, dropout_rate=0.5), 1, 2), weights
   )
