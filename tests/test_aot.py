@@ -137,6 +137,7 @@ def test_model_flops_of_vit_b16():
   ) == aot.model_flops_per_image(model, train=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ViT-B_16", "ViT-L_16"])  # hybrids: tests/test_hybrid.py
 def test_model_flops_match_xla_cpu_cost_analysis(name):
   # The compiler's own count on this CPU: XLA:CPU's cost analysis of the forward pass.

@@ -78,6 +78,7 @@ def _search(model, batch=4096, headroom=0.1):
   return aot_search.Search(config, tpus.TOPOLOGIES["v3-8"], 10, headroom=headroom, compile_fn=model)
 
 
+@pytest.mark.slow
 def test_pruned_search_finds_the_exhaustive_searchs_answer():
   # 300 random compilers obeying the assumed orders: the pruned search must return the
   # fastest eligible variant of all, having compiled fewer.
@@ -103,6 +104,7 @@ def test_pruned_search_finds_the_exhaustive_searchs_answer():
   assert max(compiled) < 0.4 and sum(compiled) / len(compiled) < 0.2
 
 
+@pytest.mark.slow
 def test_accumulation_grows_only_until_a_variant_fits():
   for seed in range(100):
     model = Model(random.Random(seed))

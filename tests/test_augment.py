@@ -136,6 +136,7 @@ SIGNED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "name, magnitude, arg, reference", UNSIGNED, ids=[f"{u[0]}-{u[1]}" for u in UNSIGNED]
 )
@@ -258,6 +259,7 @@ def test_layers_pick_ops_uniformly_with_replacement():
   assert 50 <= repeats <= 150, repeats
 
 
+@pytest.mark.slow
 def test_randaugment_applies_each_picked_op_in_turn():
   a = sample_image()
   magnitude = 9  # no op is the identity at 9
@@ -333,6 +335,7 @@ def _mixed_by_cutmix(out: np.ndarray, images: np.ndarray) -> bool:
   return bool(((out == images) | (out == partner)).all())
 
 
+@pytest.mark.slow
 def test_mix_switch_picks_cutmix_with_its_probability():
   images = _distinct_batch(2, 8, 8)
   targets = np.eye(2, dtype=np.float32)
@@ -362,6 +365,7 @@ def test_mix_switch_picks_cutmix_with_its_probability():
 # -- random erasing ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_random_erasing_rate_boxes_and_noise():
   h, w, n, p = 64, 48, 800, 0.25
   image = tf.fill([h, w, 3], 0.5)  # a level the N(0, 1) noise never hits exactly
@@ -443,6 +447,7 @@ def square_folder(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 def test_the_pipeline_randaugments_the_uint8_pixels(square_folder):
   plain = dict(inception_crop=False, hflip=False)
   base = take(cfg(square_folder, **plain), 8)
@@ -463,6 +468,7 @@ def test_the_pipeline_randaugments_the_uint8_pixels(square_folder):
   assert len(ops) >= 5, ops
 
 
+@pytest.mark.slow
 def test_the_pipeline_cutmixes_batches_with_area_weights(square_folder):
   base = take(cfg(square_folder, batch_size=8), 4)
   got = take(cfg(square_folder, batch_size=8, cutmix_alpha=1.0), 4)

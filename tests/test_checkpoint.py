@@ -142,6 +142,7 @@ def test_head_is_reset_when_classes_differ_or_when_asked(original):
   np.testing.assert_array_equal(kept["head"]["kernel"], arrays["head/kernel"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reset", [False, True])
 def test_a_reset_head_starts_at_the_models_head_bias_init(original, reset):
   """A sigmoid fine-tune from a checkpoint starts its new head where pre-training starts one:
@@ -316,6 +317,7 @@ def test_local_writes_get_the_permissions_of_any_new_file(tmp_path):
   assert mode("out.bin") == mode("plain.bin") == 0o640
 
 
+@pytest.mark.slow
 def test_remote_paths_go_through_the_file_layer(original, tmp_path, monkeypatch, gcs):
   path, arrays = original
   (tmp_path / "cwd").mkdir()

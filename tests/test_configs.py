@@ -66,6 +66,7 @@ def _other_value(field):
   return "some_value", "some_value"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(schema.FIELDS))
 def test_every_declared_key_is_overridable_and_keeps_its_type(key):
   field = schema.FIELDS[key]

@@ -69,6 +69,7 @@ def test_predict_takes_dtype(imagenet_ckpt, tmp_path, capsys):
     cli.main(["predict", "--checkpoint", imagenet_ckpt, "--dtype", "half", image])
 
 
+@pytest.mark.slow
 def test_the_server_says_which_dtype_it_runs(imagenet_ckpt):
   import httpx
 

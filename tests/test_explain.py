@@ -60,6 +60,7 @@ def _numpy_rollout(weights, classifier="token"):
   return np.stack(out)
 
 
+@pytest.mark.slow
 def test_weights_are_sown_without_changing_the_outputs(params, images):
   model = _model()
   logits, weights = models.attention_weights(model, params, images)
@@ -73,6 +74,7 @@ def test_weights_are_sown_without_changing_the_outputs(params, images):
   ) == {"intermediates"}
 
 
+@pytest.mark.slow
 def test_rollout_equals_plain_numpy(params, images):
   # The scanned encoder runs every token to the end, so its weights are the full matrices
   # the numpy formula needs; the unrolled model's last layer has the class row only.
@@ -87,6 +89,7 @@ def test_rollout_equals_plain_numpy(params, images):
   np.testing.assert_allclose(explain.rollout(scanned, full), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rollout_of_a_gap_model_reads_the_mean_row(images):
   model = _model(classifier="gap")
   p = models.init_params(model, 1)
@@ -149,6 +152,7 @@ def ckpt(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rollout", "last"])
 def test_scanned_and_unrolled_give_the_same_maps(ckpt, images, method):
   plain = explain.Explainer(classifier.load_classifier(ckpt), method)
@@ -159,6 +163,7 @@ def test_scanned_and_unrolled_give_the_same_maps(ckpt, images, method):
       np.testing.assert_allclose(a, b, atol=2e-6)  # one scanned block vs three: fp32 rounding
 
 
+@pytest.mark.slow
 def test_explain_writes_pngs_and_the_json_map(ckpt, tmp_path, capsys):
   photo = df.write_file(str(tmp_path / "in" / "photo.png"), df.encode(df.class_image(1, 0, 48, 64)))
   other = df.write_file(

@@ -215,6 +215,7 @@ def test_saved_model_cli_runs_the_jpeg_signature(capsys, setup, tmp_path):
   _check(rows, got[None], [[p["index"] for p in rows[0]]])
 
 
+@pytest.mark.slow
 def test_stablehlo_runs_without_the_model_code_at_any_batch(capsys, setup, tmp_path):
   rows = _predict(capsys, setup)
   manifest = _export(setup, "stablehlo", tmp_path / "hlo")
@@ -281,6 +282,7 @@ def test_a_multilabel_head_record_gives_sigmoid_scores_and_its_class_names(capsy
   _check(rows, res["bytes"]["scores"], res["bytes"]["indices"], res["bytes"]["classes"])
 
 
+@pytest.mark.slow
 def test_top_k_is_capped_at_the_classes_and_the_labels_go_along(capsys, setup, tmp_path):
   manifest = _export(setup, "stablehlo", tmp_path / "hlo", "--top-k", "9", "--batch", "2")
   assert manifest["top_k"] == 5 and manifest["batch"] == 2
@@ -294,6 +296,7 @@ def test_top_k_is_capped_at_the_classes_and_the_labels_go_along(capsys, setup, t
   capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_bfloat16_stablehlo_matches_predict_bfloat16(capsys, setup, tmp_path):
   rows = _predict(capsys, setup, "--dtype", "bfloat16")
   manifest = _export(setup, "stablehlo", tmp_path / "hlo", "--dtype", "bfloat16")
@@ -311,6 +314,7 @@ def test_bfloat16_stablehlo_matches_predict_bfloat16(capsys, setup, tmp_path):
 # -- int8 ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_int8_stablehlo_matches_predict_int8(capsys, setup, tmp_path):
   """The quantized model exported: the same int8 program as `predict --quantize int8`."""
   cal = ["--quantize", "int8", "--calibration", str(setup["root"] / "img")]
@@ -377,6 +381,7 @@ def test_a_format_whose_extra_is_missing_names_the_extra(
   )
 
 
+@pytest.mark.slow
 def test_an_existing_export_is_kept_unless_overwrite(capsys, setup, tmp_path):
   out = tmp_path / "hlo"
   _export(setup, "stablehlo", out)
@@ -408,6 +413,7 @@ def test_an_existing_export_is_kept_unless_overwrite(capsys, setup, tmp_path):
   capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_a_failed_export_leaves_nothing_that_looks_complete(capsys, setup, tmp_path, monkeypatch):
   out = tmp_path / "hlo"
   _export(setup, "stablehlo", out)
@@ -449,6 +455,7 @@ def test_a_failed_export_leaves_nothing_that_looks_complete(capsys, setup, tmp_p
   capsys.readouterr()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "fmt, extra, message",
   [

@@ -104,6 +104,7 @@ def test_augreg_hybrids_match_timm(tmp_path, name, timm_name, image_size):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "name,params",
   [
@@ -121,6 +122,7 @@ def test_parameter_counts_are_the_original_repositorys(name, params):
   assert models.count_params(models.param_shapes(model)) == params
 
 
+@pytest.mark.slow
 def test_the_model_is_read_off_a_hybrid_file(tmp_path):
   spec = cf.Spec(
     hidden=64, mlp=128, heads=2, layers=2, patch=1, image_size=64, classes=5, resnet=(1, 1)

@@ -151,6 +151,7 @@ def test_folder_info_and_train_batches(folder):
   np.testing.assert_array_equal(cat(batches, "label"), expected)
 
 
+@pytest.mark.slow
 def test_tfds_dataset_by_name_and_data_dir(tfds_dir):
   c = cfg(dataset=df.TFDS_NAME, tfds_data_dir=tfds_dir, batch_size=10)
   info = ip.get_info(c)
@@ -362,6 +363,7 @@ def test_seeded_streams_repeat_and_resume_exactly(folder, tfds_dir, kind):
 # -- augmentations -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_flips_and_quarter_turns_are_exact(folder):
   plain = dict(inception_crop=False, hflip=False)
   base = take(
@@ -573,6 +575,7 @@ def test_multilabel_lists_csv_and_json(tmp_path):
           np.testing.assert_array_equal(target, want)
 
 
+@pytest.mark.slow
 def test_tfds_sequence_of_class_labels_gives_multi_hot(tmp_path):
   name = df.build_tfds(str(tmp_path), num_shards=2, multilabel=True)
   c = cfg(dataset=name, tfds_data_dir=str(tmp_path), batch_size=10)
@@ -653,6 +656,7 @@ def test_class_names_file_reads_back_with_predict_labels(folder, tmp_path):
 # -- devices --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_global_arrays_on_one_device(folder):
   c = cfg(dataset="folder", folder=folder)
   s = sharding.batch_sharding(sharding.make_mesh())

@@ -60,6 +60,7 @@ def test_calibration_images_are_spread_over_the_sorted_folders(setup):
   assert len(classifier.calibration_paths(os.path.join(setup["cal"], "*", "1.png"), 64)) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("calibrated", [False, True], ids=["weights", "weights+activations"])
 def test_predict_int8_is_the_qwix_quantized_model(capsys, setup, calibrated):
   extra = ["--quantize", "int8"] + (["--calibration", setup["cal"]] if calibrated else [])
@@ -94,6 +95,7 @@ def test_predict_int8_is_the_qwix_quantized_model(capsys, setup, calibrated):
   assert (p32.argmax(-1) == probs.argmax(-1)).all() and np.abs(p32 - probs).max() < 0.15
 
 
+@pytest.mark.slow
 def test_serve_takes_the_int8_options(setup):
   args = cli.build_parser().parse_args(
     ["serve", "--checkpoint", setup["ckpt"], "--quantize", "int8", "--calibration", setup["cal"]]
@@ -154,6 +156,7 @@ def test_a_missing_qwix_names_the_int8_extra(capsys, setup, monkeypatch):
   )
 
 
+@pytest.mark.slow
 def test_a_scanned_model_is_refused_in_one_line(setup):
   model = models.create_model("Ti/16", num_classes=3, image_size=32, num_layers=2, scan=True)
   with pytest.raises(errors.ConfigError, match=r"^int8 needs an unrolled model: qwix 0.1.8"):

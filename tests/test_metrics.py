@@ -45,6 +45,7 @@ def _multi(logits, targets, batch=8):
   return acc.result()
 
 
+@pytest.mark.slow
 def test_single_label_metrics_are_sklearns():
   rng = np.random.default_rng(0)
   n, c = 103, 8
@@ -70,6 +71,7 @@ def test_single_label_metrics_are_sklearns():
   assert r["loss"] == pytest.approx(float(ce.mean()), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_multilabel_metrics_are_sklearns():
   rng = np.random.default_rng(1)
   n, c = 61, 5
@@ -90,6 +92,7 @@ def test_multilabel_metrics_are_sklearns():
   assert r["loss"] == pytest.approx(float(bce), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_tied_scores_are_one_threshold_whatever_the_row_order():
   # All scores equal, one positive in four: sklearn's AP is 0.25 (one threshold holding all).
   assert metrics.average_precision(np.array([1.0, 0, 0, 0]), np.zeros(4)) == pytest.approx(0.25)

@@ -17,6 +17,7 @@ def _images(n=4, size=32, seed=0):
   return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)), jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "spec, options",
   [
@@ -51,6 +52,7 @@ def test_the_nnx_module_holds_the_params_and_equals_linen_exactly(tmp_path, spec
   assert kernel.out_sharding == ("embed",)
 
 
+@pytest.mark.slow
 def test_params_that_do_not_fit_are_one_line():
   model = models.create_model("Ti/16", num_classes=3, image_size=32, num_layers=1)
   params = models.init_params(model)
@@ -62,6 +64,7 @@ def test_params_that_do_not_fit_are_one_line():
     models.to_nnx(model, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_the_nnx_module_fine_tunes_with_nnx_optimizer(scan):
   """A few Adam steps on a fixed batch: the loss falls, and Linen sees the trained params."""

@@ -121,6 +121,7 @@ DECAYED = {
 }
 
 
+@pytest.mark.slow
 def test_adamw_decays_the_real_models_kernels_and_nothing_else():
   # Zero gradients: Adam's own update is 0, so what moves is the decoupled decay alone,
   # lr * weight_decay * param, on the decayed parameters only.
@@ -204,6 +205,7 @@ def test_layer_decay_is_timms_grouping():
   assert mults["Transformer/encoderblock_0/LayerNorm_0/scale"] == pytest.approx(4 * d**2)
 
 
+@pytest.mark.slow
 def test_layer_decay_gives_the_same_update_scanned():
   """The scanned model stacks the blocks on a first axis: each layer's slice gets its own factor."""
   cfg = _config(
@@ -240,6 +242,7 @@ def test_bad_rules_are_one_line_errors(key, value, message):
     optim.make_optimizer(cfg, _vit()[1])
 
 
+@pytest.mark.slow
 def test_clipping_at_the_global_norm():
   cfg = _config(momentum=0.0, warmup_steps=1, decay_type="constant", grad_clip_norm=1.0)
   # Global norm sqrt(12 * 9 + 4 * 16 + 4 * 0) = sqrt(172): clipped to norm 1.

@@ -64,6 +64,7 @@ def test_the_parameter_group_flags_are_the_tested_ones():
       assert f"{key}={shlex.quote(value) if '(' in value else value}" in text, flag
 
 
+@pytest.mark.slow
 def test_the_python_api_block_runs(tmp_path):
   (block,) = [b for b in _blocks("python") if "load_pretrained" in b]
   path = str(tmp_path / "tiny.npz")

@@ -90,6 +90,7 @@ def test_paths_are_left_alone(tmp_path):
   )  # the loader says "no such file"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "flipped"])
 def test_a_partial_or_corrupt_cached_copy_is_fetched_again(mirror, damage, caplog):
   path = registry.resolve(TI)
@@ -214,6 +215,7 @@ def test_the_checkpoints_command(mirror, capsys):
   assert any(n.startswith("augreg/Ti_16-") for n in by_name)  # --json lists the long names too
 
 
+@pytest.mark.slow
 def test_names_work_wherever_a_checkpoint_path_goes(mirror, tmp_path, capsys):
   image = df.write_file(str(tmp_path / "img.png"), df.encode(df.class_image(0, 0, 40, 40)))
   assert cli.main(["predict", "--checkpoint", TI, "--json", image]) == 0

@@ -39,6 +39,7 @@ def _kept(model, params, x, rng=1):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("schedule", ["linear", "constant"])
 def test_drop_path_drops_each_layer_at_its_rate(scan, schedule):
@@ -65,6 +66,7 @@ def test_drop_path_drops_each_layer_at_its_rate(scan, schedule):
   assert not np.array_equal(kept[(3, "attention")], kept[(3, "mlp")])  # drawn apart
 
 
+@pytest.mark.slow
 def test_a_kept_branch_is_scaled_by_one_over_keep_probability():
   """With the MLP branch zeroed, a block's training output is x + kept / (1 - rate) * a, where
   x + a is its output at evaluation."""
@@ -90,6 +92,7 @@ def test_a_kept_branch_is_scaled_by_one_over_keep_probability():
   np.testing.assert_allclose(trained, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluation_is_deterministic_and_drop_path_free():
   x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
   plain = models.create_model(None, num_classes=3, image_size=8, **FIELDS)
@@ -127,6 +130,7 @@ def test_sincos_embedding_is_the_formula():
       np.testing.assert_allclose(got[0, k, d::quarter], want, atol=1e-6, err_msg=(k, d))
 
 
+@pytest.mark.slow
 def test_a_sincos_model_adds_it_to_the_patches_not_the_class_token():
   """The same outputs as a learned-embedding model whose table is the sin-cos one with a zero
   row for the class token: big_vision adds it before the class token joins."""
@@ -150,6 +154,7 @@ def test_a_sincos_model_adds_it_to_the_patches_not_the_class_token():
   )
 
 
+@pytest.mark.slow
 def test_a_sincos_model_saves_to_and_loads_from_npz(tmp_path):
   model = models.create_model(None, num_classes=3, image_size=16, posemb="sincos2d", **FIELDS)
   params = jax.tree_util.tree_map(

@@ -43,6 +43,7 @@ def test_from_params_reads_every_field_and_names_the_variant():
   assert got.name == "ViT-Ti_16" and str(got) == "ViT-Ti_16"
 
 
+@pytest.mark.slow
 def test_a_custom_width_has_no_name_and_still_builds_the_model_its_file_fits(tmp_path):
   path = tmp_path / "odd.npz"
   cf.write_original(path, cf.Spec(hidden=48, heads=2, mlp=64, layers=3, pre_logits=8, cls=False))

@@ -54,6 +54,7 @@ def tiny_config(folder, **kw):
   return c
 
 
+@pytest.mark.slow
 def test_a_run_makes_its_dataset_source_once(tmp_path, monkeypatch):
   """Three evaluations, the test split and the training stream all read one source."""
   root = str(tmp_path / "data")
