@@ -13,6 +13,7 @@ from vit_jax import cli
 from vit_jax import errors
 from vit_jax import models
 from vit_jax.apps import classifier
+from vit_jax.commands import apps as apps_commands
 from vit_jax.data import preprocess
 from vit_jax.models import quantize
 
@@ -100,7 +101,7 @@ def test_serve_takes_the_int8_options(setup):
   args = cli.build_parser().parse_args(
     ["serve", "--checkpoint", setup["ckpt"], "--quantize", "int8", "--calibration", setup["cal"]]
   )
-  clf = cli._load_classifier(args)
+  clf = apps_commands.load_classifier(args)
   assert clf.quantized == "int8 weights and activations (static ranges)"
   probs = clf.probs(_images(setup)[:2], sizes=(4,))
   assert probs.shape == (2, 3) and np.allclose(probs.sum(-1), 1, atol=1e-5)
