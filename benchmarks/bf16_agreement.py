@@ -60,25 +60,30 @@ def compare(checkpoint: str, images: np.ndarray, **kw) -> dict:
     t = time.perf_counter()
     out[dtype] = np.asarray(clf.activation(clf.logits(images)))
     out[f"{dtype}_seconds"] = time.perf_counter() - t
-  p32, p16 = out["float32"], out["bfloat16"]
-  top = p32.argmax(-1)
-  agree = top == p16.argmax(-1)
-  # How far float32's top class leads the next: a lead under bf16's own error is a coin toss.
-  ranked = np.sort(p32, axis=-1)
-  margin = ranked[:, -1] - ranked[:, -2]
-  clear = margin > np.abs(p32 - p16).max()
   return {
     "images": len(images),
+    **agreement(out["float32"], out["bfloat16"]),
+    "float32_img_s": len(images) / out["float32_seconds"],
+    "bfloat16_img_s": len(images) / out["bfloat16_seconds"],
+  }
+
+
+def agreement(p32: np.ndarray, q: np.ndarray) -> dict:
+  """How far the probabilities `q` are from float32's `p32` ([N, classes] each)."""
+  top = p32.argmax(-1)
+  agree = top == q.argmax(-1)
+  # How far float32's top class leads the next: a lead under the largest change is a coin toss.
+  ranked = np.sort(p32, axis=-1)
+  margin = ranked[:, -1] - ranked[:, -2]
+  clear = margin > np.abs(p32 - q).max()
+  rows = np.arange(len(top))
+  return {
     "top1_agreement": float(np.mean(agree)),
     "median_top1_margin": float(np.median(margin)),
     "clear_lead_images": int(clear.sum()),
     "clear_lead_agreement": float(np.mean(agree[clear])) if clear.any() else None,
-    "max_prob_diff": float(np.abs(p32 - p16).max()),
-    "median_top_prob_diff": float(
-      np.median(np.abs(p32[np.arange(len(top)), top] - p16[np.arange(len(top)), top]))
-    ),
-    "float32_img_s": len(images) / out["float32_seconds"],
-    "bfloat16_img_s": len(images) / out["bfloat16_seconds"],
+    "max_prob_diff": float(np.abs(p32 - q).max()),
+    "median_top_prob_diff": float(np.median(np.abs(p32[rows, top] - q[rows, top]))),
   }
 
 
@@ -102,20 +107,25 @@ def demo_digits(workdir: str | None) -> dict:
 def random_b16(crops: int) -> dict:
   """A full-size ViT-B/16 (1000 classes, realistic random scales) on crops of real photographs."""
   cf = _fixtures()
-  rng = np.random.default_rng(0)
-  images = []
-  photos = [getattr(data, name)()[..., :3] for name in PHOTOS]
-  for i in range(crops):
-    photo = photos[i % len(photos)]
-    side = int(rng.integers(96, min(photo.shape[:2]) + 1))
-    y, x = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
-    images.append(
-      preprocess.eval_resize(np.ascontiguousarray(photo[y : y + side, x : x + side]), 224)
-    )
+  images = photo_crops(crops, seed=0)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "b16.npz")
     cf.write_original(path, cf.Spec(**cf.B16, image_size=224, classes=1000))
-    return compare(path, np.stack(images))
+    return compare(path, images)
+
+
+def photo_crops(count: int, seed: int) -> np.ndarray:
+  """`count` square crops (96 px to the photograph's short side) of scikit-image's photographs,
+  resized to 224 as evaluation does: [count, 224, 224, 3] in [-1, 1]."""
+  rng = np.random.default_rng(seed)
+  photos = [getattr(data, name)()[..., :3] for name in PHOTOS]
+  out = []
+  for i in range(count):
+    photo = photos[i % len(photos)]
+    side = int(rng.integers(96, min(photo.shape[:2]) + 1))
+    y, x = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
+    out.append(preprocess.eval_resize(np.ascontiguousarray(photo[y : y + side, x : x + side]), 224))
+  return np.stack(out)
 
 
 def machine() -> str:

@@ -28,7 +28,6 @@ import time
 
 import bf16_agreement as bf16
 import numpy as np
-from skimage import data
 
 from vit_jax.apps import classifier
 from vit_jax.apps import demo
@@ -59,25 +58,6 @@ def _speeds(clfs: dict[str, classifier.Classifier], images: np.ndarray, rounds: 
   return {name: len(images) / t for name, t in best.items()}
 
 
-def _agreement(p32: np.ndarray, q: np.ndarray) -> dict:
-  top = p32.argmax(-1)
-  agree = top == q.argmax(-1)
-  # How far float32's top class leads the next (bf16_agreement's measure): a lead under the
-  # largest change is a coin toss, as on random weights' near-uniform 1000 classes.
-  ranked = np.sort(p32, axis=-1)
-  margin = ranked[:, -1] - ranked[:, -2]
-  clear = margin > np.abs(p32 - q).max()
-  rows = np.arange(len(top))
-  return {
-    "top1_agreement": float(np.mean(agree)),
-    "max_prob_diff": float(np.abs(p32 - q).max()),
-    "median_top_prob_diff": float(np.median(np.abs(p32[rows, top] - q[rows, top]))),
-    "median_top1_margin": float(np.median(margin)),
-    "clear_lead_images": int(clear.sum()),
-    "clear_lead_agreement": float(np.mean(agree[clear])) if clear.any() else None,
-  }
-
-
 def _quantized(clf: classifier.Classifier, calibration: np.ndarray | None, **setting):
   """`clf` with int8 weights (and activations, calibrated on `calibration`), as --quantize does."""
   batches = None
@@ -105,7 +85,7 @@ def compare(
   timed = {"float32": clf}
   for name, (cal, setting) in runs.items():
     q = _quantized(clf, cal, **setting)
-    out[name] = _agreement(p32, np.asarray(q.activation(q.logits(images))))
+    out[name] = bf16.agreement(p32, np.asarray(q.activation(q.logits(images))))
     if name in ("int8 weights", "int8 weights+activations"):
       timed[name] = q
   speed = _speeds(timed, images[:64], rounds=5)
@@ -137,18 +117,6 @@ def demo_digits(workdir: str | None, layers: bool) -> dict:
   )
 
 
-def _crops(count: int, seed: int) -> np.ndarray:
-  rng = np.random.default_rng(seed)
-  photos = [getattr(data, name)()[..., :3] for name in bf16.PHOTOS]
-  out = []
-  for i in range(count):
-    photo = photos[i % len(photos)]
-    side = int(rng.integers(96, min(photo.shape[:2]) + 1))
-    y, x = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
-    out.append(preprocess.eval_resize(np.ascontiguousarray(photo[y : y + side, x : x + side]), 224))
-  return np.stack(out)
-
-
 def random_b16(crops: int, layers: bool) -> dict:
   """A full-size ViT-B/16 on crops of the photographs (bf16_agreement's), calibrated on 64 other
   crops."""
@@ -156,7 +124,7 @@ def random_b16(crops: int, layers: bool) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "b16.npz")
     cf.write_original(path, cf.Spec(**cf.B16, image_size=224, classes=1000))
-    return compare(path, _crops(crops, 0), _crops(64, 1), layers)
+    return compare(path, bf16.photo_crops(crops, 0), bf16.photo_crops(64, 1), layers)
 
 
 def cpu_flags() -> str:

@@ -18,9 +18,9 @@ pre_logits and the head. Not the biases (the q/k/v ones are [heads, head_dim]),
 the LayerNorms, the class token or the position embedding. Which parameters the
 released checkpoints' pre-training decayed is not public: the original repository
 holds fine-tuning code only, with no weight decay anywhere; its maintainers give
-weight decay 0.03 with Adam (issue #2), and flax's Adam of that time
-(`flax.optim.Adam`) applied its weight_decay to every parameter it optimised,
-subtracting lr * weight_decay * param. To decay every parameter as it would:
+weight decay 0.03 with Adam (issue #2), and the Adam of flax's optimizer
+package of that time (since removed) applied its weight_decay to every parameter it
+optimised, subtracting lr * weight_decay * param. To decay every parameter as it would:
 `--config.wd_mults='((".*", 1.0),)'`. tests/test_training_parity.py checks this
 update against PyTorch's AdamW with the matrices decayed.
 
