@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import data_fixtures
+from vit_jax import errors
 from vit_jax.models import layout
 from vit_jax.training import hosts
 from vit_jax.weights import checkpoint
@@ -390,3 +391,29 @@ def test_a_taken_coordinator_port_is_one_line_exit_2(tmp_path):
     if m.startswith(f"vit-jax train: error: --coordinator 127.0.0.1:{port}: Address already in use")
   ]
   assert len(_our_lines(proc.stderr)) == 1
+
+
+def test_a_taken_port_raised_in_python_is_the_same_one_line(monkeypatch):
+  """On a loaded machine jaxlib may raise "Failed to start RPC server" for the taken port
+  instead of aborting with the bind error in its log: the same one line, exit 2. With the
+  port free, that error is not the user's and keeps its traceback."""
+  import jax
+
+  from vit_jax.training import sharding
+
+  def refuse(**kwargs):
+    raise jax.errors.JaxRuntimeError("UNKNOWN: Failed to start RPC server")
+
+  monkeypatch.setattr(jax.distributed, "initialize", refuse)
+  monkeypatch.setenv("JAX_PLATFORMS", "")  # no gloo setting in this process's JAX config
+  with socket.socket() as held:
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    address = f"127.0.0.1:{held.getsockname()[1]}"
+    with pytest.raises(
+      errors.ConfigError, match=rf"^--coordinator {address}: Address already in use$"
+    ):
+      sharding.maybe_initialize_distributed(address, 2, 0)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="Failed to start RPC server"):
+    sharding.maybe_initialize_distributed(address, 2, 0)  # the port is free again
+  assert hosts.address_in_use(address) is False

@@ -48,10 +48,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import functools
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -284,6 +286,21 @@ def _report(status: int, command: str, hosts: Hosts, log: str, checkpoints: str 
     _say(f"vit-jax {command}: error: the process ended by {name} (details: {log})")
     return 128 - status
   return status
+
+
+def address_in_use(address: str) -> bool:
+  """Whether another socket listens at host:port (the coordinator's), so that the coordination
+  service cannot. The C++ runtime says so only in its log; in Python, jaxlib raises "Failed to
+  start RPC server" for this and other causes (seen for this one on a loaded machine, where the
+  abort with the bind error in the log is the usual end)."""
+  host, _, port = address.rpartition(":")
+  host = host.strip("[]")
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  try:
+    with socket.create_server((host, int(port)), family=family):
+      return False
+  except OSError as e:
+    return e.errno == errno.EADDRINUSE
 
 
 def _tail(path: str, size: int = 1 << 16) -> str:

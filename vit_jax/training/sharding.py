@@ -146,12 +146,22 @@ def maybe_initialize_distributed(
       # Cross-process collectives on CPU (tests, CPU clusters) go through gloo.
       # (Asking jax for its backend here would start it before initialize.)
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-      coordinator_address=coordinator,
-      num_processes=num_processes,
-      process_id=process_id,
-      heartbeat_timeout_seconds=heartbeat_timeout,
-    )
+    try:
+      jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout,
+      )
+    except jax.errors.JaxRuntimeError as e:
+      # Process 0 runs the service on the coordinator's port.
+      if (
+        process_id == 0
+        and "Failed to start RPC server" in str(e)
+        and hosts.address_in_use(coordinator)
+      ):
+        raise errors.ConfigError(f"--coordinator {coordinator}: Address already in use") from e
+      raise
     return
   if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
     # A TPU VM pod slice: the runtime provides the coordinator.
