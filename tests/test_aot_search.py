@@ -365,15 +365,19 @@ def test_the_search_gives_back_what_each_compile_takes(monkeypatch):
   compile took: the pre-training search on v3-8 grew to 24 GB.)"""
   config = config_args.load_config(["--config", TINY, "--config.batch_size=64"])
   every = aot_search.variants
-  # bfloat16 only, to keep the test short: 3 remat x 2 accumulations x 2 meshes.
+  # bfloat16 without remat, to keep the test short: 2 accumulations x 2 meshes. Each child
+  # starts JAX and libtpu (about 5 s here). Compiled in this process instead, the same four
+  # variants left it 333 MiB larger after the first (measured on an AMD EPYC).
   monkeypatch.setattr(
-    aot_search, "variants", lambda a: [v for v in every(a) if v.dtype != "float32"]
+    aot_search,
+    "variants",
+    lambda a: [v for v in every(a) if v.dtype != "float32" and v.remat == "none"],
   )
   search = aot_search.Search(config, tpus.TOPOLOGIES["v3-8"], 10, max_accum=2, jobs=1)
   levels = []
   rows = list(search.run(exhaustive=True, progress=lambda v, row: levels.append(_rss())))
   compiled = [r for r in rows if "skipped" not in r]
-  assert len(compiled) == len(rows) == 3 * 2 * 2  # every variant, none skipped
+  assert len(compiled) == len(rows) == 2 * 2  # every variant, none skipped
   assert all(r["compile_peak_rss_bytes"] > 0 for r in compiled)
   growth = max(levels) - levels[0]
   # The rows and Python's own allocations: a few MB. Bound: 64 MiB, under one tiny compile's
