@@ -81,3 +81,9 @@ def test_the_python_api_block_runs(tmp_path):
   trained = nnx.to_pure_dict(nnx.state(scope["nnx_model"], nnx.Param))
   assert np.isfinite(float(scope["loss"]))
   assert not np.array_equal(trained["head"]["kernel"], scope["params"]["head"]["kernel"])
+
+
+def test_ci_runs_the_readmes_test_command():
+  (command,) = re.findall(r"pip install -e '\.\[test\]' && (python -m pytest[^\n]*)", README)
+  with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+    assert f.read().strip().splitlines()[-1] == command

@@ -916,6 +916,7 @@ async def _flood(
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # its bound is a multiple of a capacity measured at its start
 def test_under_4x_overload_the_command_refuses_the_excess_and_keeps_latency_and_memory_bounded(
   imagenet_ckpt, images, capsys
 ):
@@ -963,18 +964,19 @@ def test_under_4x_overload_the_command_refuses_the_excess_and_keeps_latency_and_
   call_s = max(batch / capacity, batch * flood_s / max(1, statuses[200] * per_request))
   p99, refused_p99 = np.percentile(accepted, 99), np.percentile(refused, 99)
   health_s = np.array([h[1] for h in health])
+  summary = (
+    f"serve overload: capacity {capacity:.1f} images/s; a call of {batch} as served "
+    f"{call_s * 1000:.0f} ms; {len(answers)} requests in {seconds:g} s: {dict(statuses)}; "
+    f"accepted p50 {np.percentile(accepted, 50):.2f} s, p99 {p99:.2f} s, max "
+    f"{accepted.max():.2f} s; "
+    f"refused p99 {refused_p99 * 1000:.0f} ms; /healthz {len(health)} polls, max "
+    f"{health_s.max() * 1000:.0f} ms; RSS max {max(rss_warm) / 1024:.0f} MiB warm, "
+    f"{max(rss_flood) / 1024:.0f} MiB in the flood (halves: "
+    f"{max(rss_flood[: len(rss_flood) // 2]) / 1024:.0f}, "
+    f"{max(rss_flood[len(rss_flood) // 2 :]) / 1024:.0f})"
+  )
   with capsys.disabled():
-    print(
-      f"\nserve overload: capacity {capacity:.1f} images/s; a call of {batch} as served "
-      f"{call_s * 1000:.0f} ms; {len(answers)} requests in {seconds:g} s: {dict(statuses)}; "
-      f"accepted p50 {np.percentile(accepted, 50):.2f} s, p99 {p99:.2f} s, max "
-      f"{accepted.max():.2f} s; "
-      f"refused p99 {refused_p99 * 1000:.0f} ms; /healthz {len(health)} polls, max "
-      f"{health_s.max() * 1000:.0f} ms; RSS max {max(rss_warm) / 1024:.0f} MiB warm, "
-      f"{max(rss_flood) / 1024:.0f} MiB in the flood (halves: "
-      f"{max(rss_flood[: len(rss_flood) // 2]) / 1024:.0f}, "
-      f"{max(rss_flood[len(rss_flood) // 2 :]) / 1024:.0f})"
-    )
+    print(f"\n{summary}")
   # An accepted request finds at most `queue` images waiting, its own included: they leave in
   # ceil(queue / batch) calls after the one running, so it waits ceil(32 / 8) + 1 = 5 calls.
   # Safety factor 3: the refusals, the clients and the decoding share the 2 cores with the model.
@@ -1004,16 +1006,18 @@ def test_under_4x_overload_the_command_refuses_the_excess_and_keeps_latency_and_
       for retry_after, answer in refusals
     ),
     f"accepted p99 under {bound:.2f} s": p99 < bound,
-    # Flat: no growth through the flood, its second half within 10% of its first half's most;
-    # and near what the warm run, queue full, took. Measured over the warm run: +2% to +6.4%
-    # on one AMD EPYC, +11% on a faster one, where the 4x flood sends twice the requests and
-    # more bodies are read at once; each image queued at 448 px is 2.4 MB of float32.
-    # Unbounded, the queue grows all along: +182% over the warm run.
-    "RSS flat through the flood (2nd half within 10% of the 1st)": max(
+    # Flat: no growth through the flood (a leak), its second half within 20% of its first
+    # half's most; and within 40% of what the warm run, queue full, took. Measured over the
+    # warm run: +2% to +16%, where the 4x flood sends twice the requests and more bodies are
+    # read at once; each image queued at 448 px is 2.4 MB of float32. Halves, on an AMD EPYC:
+    # +0.4% to +7.4% in 5 runs alone, once over 10% in a run of the whole suite. Unbounded, the
+    # queue takes +182% to +323% over the warm run (its halves stay level, 4637 and 4660 MiB:
+    # the samples go on while it drains): the warm run's bound is the one that catches it.
+    "RSS flat through the flood (2nd half within 20% of the 1st)": max(
       rss_flood[len(rss_flood) // 2 :]
     )
-    < 1.10 * max(rss_flood[: len(rss_flood) // 2]),
-    "RSS within 25% of the warm run's": max(rss_flood) < 1.25 * max(rss_warm),
+    < 1.20 * max(rss_flood[: len(rss_flood) // 2]),
+    "RSS within 40% of the warm run's": max(rss_flood) < 1.40 * max(rss_warm),
     # /healthz waits for no model call (test_a_full_queue_refuses_at_once_... has it answer
     # with the model held shut), only for the event loop: every poll answers 200 (measured:
     # max 18-183 ms; once 1.23 s in a stall of the whole process). A loop blocked past the
@@ -1022,7 +1026,7 @@ def test_under_4x_overload_the_command_refuses_the_excess_and_keeps_latency_and_
     and health_s.max() < calls_bound + 1.5,
     "/healthz polled throughout": len(health) >= seconds / (0.05 + bound),
   }
-  assert all(checks.values()), [name for name, ok in checks.items() if not ok]
+  assert all(checks.values()), (summary, [name for name, ok in checks.items() if not ok])
 
 
 @pytest.mark.slow
