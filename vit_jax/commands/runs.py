@@ -12,12 +12,16 @@ from vit_jax import errors
 from vit_jax.config import config_args
 
 
-def add_fewshot(p: argparse.ArgumentParser) -> None:
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--checkpoint",
     required=True,
     help="original-layout .npz, or a training workdir / Orbax checkpoint directory",
   )
+
+
+def add_fewshot(p: argparse.ArgumentParser) -> None:
+  _add_checkpoint(p)
   p.add_argument("--shots", default="1,5,10,25", help="comma-separated examples per class")
   p.add_argument("--seeds", type=int, default=3, help="support sets drawn per shot count")
   p.add_argument("--l2", type=float, default=1024.0, help="ridge regularisation")
@@ -115,11 +119,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_eval(p: argparse.ArgumentParser) -> None:
-  p.add_argument(
-    "--checkpoint",
-    required=True,
-    help="original-layout .npz, or a training workdir / Orbax checkpoint directory",
-  )
+  _add_checkpoint(p)
   p.add_argument("--split", default="eval", help="'eval', 'test', or a split string")
   add_distributed(p)
 
